@@ -1,0 +1,35 @@
+"""iopipe: keep accelerators fed.
+
+Layout (everything public is re-exported here; modules with a leading underscore
+are private):
+
+- ``_pipeline``  Pipeline: the builder API and the runtime that drives stages
+- ``_loop``      the background event-loop thread (uvloop when importable)
+- ``_queue``     bounded queues between stages and the one thread hand-off
+- ``_stats``     per-stage counters and the frozen snapshots of ``stats()``
+- ``_errors``    the exception hierarchy
+- ``stages/``    one stage per module: source, reader, prefetch, decode, batch,
+                 cache, device
+- ``formats/``   file formats: token shards, safetensors checkpoints
+"""
+
+from ._errors import IopipeError, PipelineClosedError, StageError
+from ._pipeline import Pipeline
+from ._stats import PipelineStats, StageStats
+from .formats import CheckpointError, LoadResult, iter_checkpoint, load_checkpoint, load_into
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "IopipeError",
+    "LoadResult",
+    "Pipeline",
+    "PipelineClosedError",
+    "PipelineStats",
+    "StageError",
+    "StageStats",
+    "iter_checkpoint",
+    "load_checkpoint",
+    "load_into",
+]

@@ -1,0 +1,607 @@
+"""Pipeline: the builder API and the runtime that drives the stages.
+
+Threads (see docs/design.md): the consumer calls ``next()`` on the thread that
+iterates; one ``iopipe-loop`` thread per pipeline runs every stage's coroutine;
+workers named after their stage (``iopipe-read_0``, ``iopipe-map_1``) do the
+blocking work.  Data crosses from the loop to the consumer in exactly one place,
+:class:`~iopipe._queue.Handoff`, one group (usually one batch) at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+import weakref
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from ._errors import PipelineClosedError, StageError
+from ._loop import LoopThread
+from ._queue import END, GroupQueue, Handoff
+from ._stats import PipelineStats, snapshot
+from .stages._base import Stage, leaf_errors
+from .stages.batch import Batcher
+from .stages.cache import Cache
+from .stages.decode import Decoder
+from .stages.device import DeviceTransfer
+from .stages.prefetch import Prefetcher
+from .stages.reader import ChunkedReader
+from .stages.source import Source, list_files
+
+__all__ = ["Pipeline"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+#: Items per group when no batcher fixes the group size.
+DEFAULT_GROUP = 64
+_STOP_TIMEOUT_S = 10.0
+
+
+class _Sink:
+    """Adapts the hand-off to the ``put`` interface of a stage's output queue."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        self.handoff = handoff
+
+    async def put(self, group: Any) -> None:
+        if group is END:
+            self.handoff.put_end()
+        else:
+            await self.handoff.put(group)
+
+
+class _Runtime:
+    """What a running pipeline owns: the loop thread and the opened stages."""
+
+    def __init__(
+        self, source: Source, stages: list[Stage], group_size: int, use_uvloop: bool | None
+    ) -> None:
+        self.source = source
+        self.stages = stages
+        self.group_size = group_size
+        self.cache = next((s for s in stages if isinstance(s, Cache)), None)
+        self.loop = LoopThread(use_uvloop=use_uvloop)
+        self.closed = False
+        source.open()
+        weight = 1
+        for s in stages:
+            unit = group_size if weight == 1 else 1
+            s.open(unit)
+            if isinstance(s, Prefetcher):
+                s.capacity = s.n * weight
+            if isinstance(s, Batcher):
+                weight *= s.batch_size
+
+    def shutdown(self, timeout: float = _STOP_TIMEOUT_S) -> None:
+        """Stop the loop, then release every stage's workers (idempotent, any thread)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.stop(timeout)
+        for s in self.stages:
+            s.close(timeout)
+        self.source.close(timeout)
+
+    async def run_epoch(self, ep: _Epoch) -> None:
+        """Run the source and every stage until END reaches the consumer (loop thread)."""
+        self.source.counters.__init__("source", 1)  # type: ignore[misc]
+        for s in self.stages:
+            s.reset_counters()
+        sink: Any = _Sink(ep.handoff)
+        queues: list[Any] = [GroupQueue(self._capacity(s)) for s in self.stages[:-1]]
+        ins: list[Any] = [GroupQueue(2 * self.group_size), *queues] if self.stages else []
+        outs: list[Any] = [*queues, sink] if self.stages else []
+        ep.queues = [*ins, ep.handoff]  # the output queue of the source and of each stage
+        first = ins[0] if self.stages else sink
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(
+                    self.source.produce(
+                        first,
+                        epoch=ep.epoch,
+                        skip=ep.skip,
+                        group_size=self.group_size,
+                        cache=self.cache,
+                    ),
+                    name="source",
+                )
+                for stage, inq, outq in zip(self.stages, ins, outs, strict=True):
+                    tg.create_task(stage.run(inq, outq), name=stage.name)
+        except BaseExceptionGroup as eg:
+            errors = [
+                _as_stage_error(e)
+                for e in leaf_errors(eg)
+                if not isinstance(e, asyncio.CancelledError)
+            ]
+            if errors:
+                ep.handoff.put_error(
+                    errors[0]
+                    if len(errors) == 1
+                    else ExceptionGroup("several iopipe stages failed", errors)
+                )
+        finally:
+            ep.ended = time.perf_counter()
+
+    def _capacity(self, stage: Stage) -> int:
+        return stage.capacity if stage.capacity is not None else 2 * self.group_size
+
+
+def _as_stage_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, StageError):
+        return exc
+    return StageError("pipeline", None, exc)
+
+
+class _Epoch:
+    """One pass over the source, started by ``iter(pipeline)``."""
+
+    def __init__(self, rt: _Runtime, epoch: int, skip: int, handoff_groups: int) -> None:
+        self.rt = rt
+        self.epoch = epoch
+        self.skip = skip
+        self.handoff = Handoff(handoff_groups, rt.loop.call_soon)
+        self.queues: list[Any] = []
+        self.started = time.perf_counter()
+        self.ended: float | None = None
+        self.delivered = 0
+        self.consumed = skip  # source items handed to the consumer, for state_dict
+        self.finished = False
+        self.future: concurrent.futures.Future[None] = rt.loop.submit(rt.run_epoch(self))
+
+    def stop(self) -> None:
+        """Cancel whatever still runs of this epoch and wait for it (bounded)."""
+        self.handoff.close()
+        fut = self.future
+        if not fut.done():
+            fut.cancel()  # cancels the task on the loop thread
+            try:
+                fut.result(_STOP_TIMEOUT_S)
+            except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, Exception):
+                pass
+
+    def stuck_stage(self) -> str:
+        """Name the stage nearest the consumer that still holds work (for timeouts)."""
+        names = [self.rt.source.name] + [s.name for s in self.rt.stages]
+        for i in range(len(self.rt.stages) - 1, -1, -1):
+            s = self.rt.stages[i]
+            limit = getattr(s, "_limit", None)
+            if limit is not None and limit.held:
+                return s.name
+            inq = self.queues[i] if i < len(self.queues) else None
+            if inq is not None and inq.counters.used:
+                return s.name
+        return names[0]
+
+
+class _EpochIterator(Generic[T]):
+    """Iterator over one epoch; dropping it (``break``, ``del``) stops the epoch."""
+
+    def __init__(self, pipe: Pipeline[T], ep: _Epoch, timeout: float | None) -> None:
+        self._pipe = pipe  # keeps the pipeline (and its threads) alive while iterating
+        self._ep = ep
+        self._timeout = timeout
+        self._buf: list[Any] = []
+        self._counts: list[int] | None = None
+        self._i = 0
+        self._finalizer = weakref.finalize(self, ep.stop)
+
+    def __iter__(self) -> _EpochIterator[T]:
+        return self
+
+    def consumed(self) -> int:
+        """Source items handed out so far this epoch."""
+        ep = self._ep
+        if self._counts is None:
+            return ep.consumed + self._i
+        return ep.consumed + sum(self._counts[: self._i])
+
+    def __next__(self) -> T:
+        i = self._i
+        if i < len(self._buf):
+            self._i = i + 1
+            return self._buf[i]  # type: ignore[no-any-return]
+        return self._refill()
+
+    def _refill(self) -> T:
+        ep = self._ep
+        ep.consumed = self.consumed()
+        self._buf, self._i, self._counts = [], 0, None
+        if ep.finished:
+            raise StopIteration
+        try:
+            group = self._get()
+        except BaseException:
+            self._close()
+            raise
+        if group is END:
+            ep.finished = True
+            self._close()
+            raise StopIteration
+        ep.delivered += len(group.items)
+        self._buf = group.items
+        self._counts = group.counts
+        self._i = 1
+        return self._buf[0]  # type: ignore[no-any-return]
+
+    def _get(self) -> Any:
+        ep = self._ep
+        while True:
+            try:
+                group = ep.handoff.get(self._timeout, lambda: ep.rt.loop.alive)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"iopipe: no data within timeout={self._timeout} s; items are stuck in stage "
+                    f"{ep.stuck_stage()!r}"
+                ) from None
+            if group is END or group.items:
+                return group
+
+    def _close(self) -> None:
+        self._finalizer()
+
+
+class Pipeline(Generic[T]):
+    """A chain of stages on a background event loop; iterate it for one epoch.
+
+    Build one with :meth:`from_files` or :meth:`from_iterable` and the chaining
+    methods; each returns a new pipeline and starts nothing.  The first
+    ``iter()`` starts the loop thread and the stages' workers, which stay up
+    across epochs until :meth:`close` (or garbage collection, or interpreter
+    exit).  Each ``iter()`` is one epoch; starting a new one stops the old.
+
+    Thread-safety: iterate a pipeline from one thread at a time; :meth:`stats`
+    and :meth:`close` may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        stages: tuple[Stage, ...] = (),
+        *,
+        timeout: float | None = None,
+        handoff: int = 2,
+        use_uvloop: bool | None = None,
+    ) -> None:
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+        if not isinstance(handoff, int) or handoff < 1:
+            raise ValueError(f"handoff must be an int >= 1, got {handoff!r}")
+        self._source = source
+        self._stages = stages
+        self._timeout = timeout
+        self._handoff = handoff
+        self._use_uvloop = use_uvloop
+        self._rt: _Runtime | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._closed = False
+        self._epoch = 0
+        self._skip = 0
+        self._current: weakref.ref[_EpochIterator[Any]] | None = None
+        self._last: _Epoch | None = None
+
+    # -- construction ------------------------------------------------------------
+    @classmethod
+    def from_files(
+        cls,
+        paths: str | os.PathLike[str] | Iterable[Any],
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shard: str = "pad",
+        **options: Any,
+    ) -> Pipeline[str]:
+        """Start a pipeline over files.
+
+        Args:
+            paths: A glob (``**`` recursive), a directory (every file below it), a
+                file, or a list of paths and ``(path, offset, length)`` byte ranges.
+                Globs and directories are listed once, now, and sorted.
+            shuffle: Visit the files in an order drawn from ``(seed, epoch)``.
+            seed: The shuffle's seed.
+            rank, world_size, shard: This process's share (see :class:`Source`).
+            **options: Pipeline options: ``timeout`` (seconds a ``next()`` may wait),
+                ``handoff`` (groups waiting for the consumer), ``use_uvloop``.
+
+        Raises:
+            FileNotFoundError: a glob or directory matched no file.
+        """
+        if isinstance(paths, str | os.PathLike):
+            items: list[Any] = list_files(paths)
+        else:
+            items = list(paths)
+        src = Source(
+            items, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard
+        )
+        return Pipeline(src, **options)
+
+    @classmethod
+    def from_iterable(
+        cls,
+        items: Iterable[U] | AsyncIterable[U],
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shard: str = "pad",
+        **options: Any,
+    ) -> Pipeline[U]:
+        """Start a pipeline over any iterable or async iterable.
+
+        Sequences (lists, tuples, ranges) have a length and can be shuffled;
+        other iterables are pulled a group at a time in a worker thread, and
+        async iterables on the loop.  See :meth:`from_files` for the arguments.
+        """
+        src = Source(
+            items, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard
+        )
+        return Pipeline(src, **options)
+
+    def _then(self, stage: Stage) -> Pipeline[Any]:
+        names = {s.name for s in self._stages}
+        if stage.name in names:
+            base, n = stage.name, 1
+            while f"{base}_{n}" in names:
+                n += 1
+            stage.name = stage.counters.name = f"{base}_{n}"
+        return Pipeline(
+            self._source,
+            (*self._stages, stage),
+            timeout=self._timeout,
+            handoff=self._handoff,
+            use_uvloop=self._use_uvloop,
+        )
+
+    def read(
+        self, *, chunk_bytes: int = 4 << 20, concurrency: int = 16, with_source: bool = False
+    ) -> Pipeline[Any]:
+        """Read each item (a path or ``(path, offset, length)``) into a ``uint8`` numpy buffer.
+
+        Args:
+            chunk_bytes: Items larger than this are read in pieces of this size,
+                concurrently, into one buffer.
+            concurrency: Reads in flight.
+            with_source: Yield ``(item, buffer)`` pairs instead of buffers.
+        """
+        return self._then(
+            ChunkedReader(chunk_bytes=chunk_bytes, concurrency=concurrency, with_source=with_source)
+        )
+
+    def prefetch(self, n: int) -> Pipeline[T]:
+        """Keep up to ``n`` finished elements ready ahead of the consumer."""
+        return self._then(Prefetcher(n))
+
+    def map(
+        self,
+        fn: Callable[[T], U],
+        *,
+        concurrency: int = 4,
+        executor: str | None = None,
+        ordered: bool = True,
+        name: str | None = None,
+    ) -> Pipeline[U]:
+        """Apply ``fn`` to every element.
+
+        Args:
+            fn: A function of one element.  ``async def`` functions are awaited
+                on the loop.  For ``executor="process"`` it must be picklable.
+            concurrency: Jobs in flight (threads, processes or awaits).
+            executor: ``"thread"`` (default for sync functions), ``"process"``,
+                ``"async"`` (default for async functions) or ``"inline"`` (on
+                the loop thread: for functions that take microseconds).
+            ordered: Keep input order (default); ``False`` yields in completion order.
+            name: Stage name in stats and errors (default ``"map"``).
+        """
+        return self._then(
+            Decoder(fn, concurrency=concurrency, executor=executor, ordered=ordered, name=name)
+        )
+
+    def batch(
+        self,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        collate_fn: Callable[[list[T]], Any] | None = None,
+    ) -> Pipeline[Any]:
+        """Group elements into batches of ``batch_size``, collated by ``collate_fn``.
+
+        Without ``collate_fn`` torch's ``default_collate`` is used, as in
+        ``torch.utils.data.DataLoader``.
+        """
+        return self._then(Batcher(batch_size, drop_last=drop_last, collate_fn=collate_fn))
+
+    def cache(self, *, max_bytes: int) -> Pipeline[T]:
+        """Keep the output of the stages so far in memory, up to ``max_bytes``.
+
+        Later epochs take the cached items without running those stages again.
+        Must come before any ``batch()``.
+
+        Raises:
+            ValueError: a batcher precedes the cache, or a cache already exists.
+        """
+        if any(not s.one_to_one for s in self._stages):
+            raise ValueError("cache() must come before batch(): it keys outputs by source item")
+        if any(isinstance(s, Cache) for s in self._stages):
+            raise ValueError("a pipeline can have only one cache()")
+        return self._then(Cache(max_bytes=max_bytes))
+
+    def to_device(self, device: str | torch.device, *, pin_memory: bool = False) -> Pipeline[T]:
+        """Copy every tensor of each element to ``device`` on a side CUDA stream.
+
+        The copy runs in a worker thread and has completed when the element is
+        handed out.  With ``pin_memory`` tensors are pinned first.  Without CUDA
+        this only accepts ``"cpu"`` and does nothing.
+        """
+        return self._then(DeviceTransfer(device, pin_memory=pin_memory))
+
+    # -- iteration ---------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        """Items per group: the first batch size, else 64 (see docs/design.md)."""
+        for s in self._stages:
+            if isinstance(s, Batcher):
+                return s.batch_size
+        return DEFAULT_GROUP
+
+    def _runtime(self) -> _Runtime:
+        if self._closed:
+            raise PipelineClosedError("this pipeline was closed")
+        if self._rt is None:
+            stages = [s.fresh() for s in self._stages]
+            stages = [s for s in stages if not (isinstance(s, DeviceTransfer) and not s.active)]
+            source = _fresh_source(self._source)
+            self._rt = _Runtime(source, stages, self.group_size, self._use_uvloop)
+            self._finalizer = weakref.finalize(self, self._rt.shutdown)
+        return self._rt
+
+    def __iter__(self) -> Iterator[T]:
+        """Start an epoch and return its iterator (stopping any epoch still running)."""
+        rt = self._runtime()
+        self._stop_current()
+        ep = _Epoch(rt, self._epoch, self._skip, self._handoff)
+        self._epoch += 1
+        self._skip = 0
+        self._last = ep
+        it: _EpochIterator[T] = _EpochIterator(self, ep, self._timeout)
+        self._current = weakref.ref(it)
+        return it
+
+    def _stop_current(self) -> None:
+        it = self._current() if self._current is not None else None
+        if it is not None:
+            it._close()
+
+    def __len__(self) -> int:
+        """Elements per epoch: items, or batches after ``batch()``.
+
+        Raises:
+            TypeError: the source's length is unknown.
+        """
+        n = len(self._source)
+        for s in self._stages:
+            if isinstance(s, Batcher):
+                n = n // s.batch_size if s.drop_last else -(-n // s.batch_size)
+        return n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the number of the next epoch (it seeds the shuffle)."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self._epoch = epoch
+        self._skip = 0
+
+    # -- state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Return where the consumer stands: ``{"epoch": e, "consumed": k}``.
+
+        ``consumed`` counts source items handed to the consumer (not those merely
+        prefetched).  Restoring it with :meth:`load_state_dict` makes the next
+        ``iter()`` continue exactly after them.
+        """
+        it = self._current() if self._current is not None else None
+        if it is not None and not it._ep.finished:
+            return {"epoch": it._ep.epoch, "consumed": it.consumed()}
+        return {"epoch": self._epoch, "consumed": self._skip}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next ``iter()`` resume from ``state`` (see :meth:`state_dict`).
+
+        Raises:
+            ValueError: the state is malformed.
+        """
+        try:
+            epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"not a Pipeline state: {state!r:.200}") from None
+        if epoch < 0 or consumed < 0:
+            raise ValueError(f"not a Pipeline state: {state!r:.200}")
+        self._stop_current()
+        self._epoch, self._skip = epoch, consumed
+
+    # -- introspection and lifecycle --------------------------------------------
+    @property
+    def max_items_in_flight(self) -> int:
+        """Upper bound on source items alive between the source and the consumer.
+
+        The sum of every stage's window and every queue's capacity (each queue
+        may take one group beyond it when empty), plus the consumer's group.
+        """
+        g = self.group_size
+        total = 2 * g + g  # first queue + one group held by the source
+        w = 1
+        for s in self._stages:
+            unit = g if w == 1 else w
+            total += s.window() * unit
+            cap = s.capacity if s.capacity is not None else 2 * g
+            if isinstance(s, Prefetcher):
+                cap = s.n * w
+            total += cap + unit
+            if isinstance(s, Batcher):
+                total += s.batch_size  # items waiting to complete a batch
+                w *= s.batch_size
+        unit = g if w == 1 else w
+        return total + (self._handoff + 1) * unit
+
+    def stats(self) -> PipelineStats:
+        """Return a snapshot of every stage's counters (callable during iteration)."""
+        ep = self._last
+        rt = self._rt
+        if ep is None or rt is None:
+            return PipelineStats((), 0.0, 0, 0.0, self._epoch)
+        snaps = []
+        queues = ep.queues
+        for i, s in enumerate([rt.source, *rt.stages]):
+            q = queues[i] if i < len(queues) else None
+            qc = q.counters if q is not None else None
+            snaps.append(
+                snapshot(
+                    s.counters,
+                    qc.capacity if qc else 0,
+                    qc.mean() if qc else 0.0,
+                    qc.used if qc else 0,
+                    ep.started,
+                    ep.ended,
+                )
+            )
+        elapsed = (ep.ended or time.perf_counter()) - ep.started
+        it = self._current() if self._current is not None else None
+        delivered = ep.delivered if it is None else ep.delivered - len(it._buf) + it._i
+        return PipelineStats(tuple(snaps), elapsed, delivered, ep.handoff.wait_s, ep.epoch)
+
+    def close(self) -> None:
+        """Stop the running epoch, join every thread and release workers (idempotent).
+
+        Bounded: waits at most about 10 s for work in flight to finish.
+        """
+        self._closed = True
+        self._stop_current()
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> Pipeline[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        chain = " -> ".join(["source", *(s.name for s in self._stages)])
+        return f"<iopipe.Pipeline {chain}>"
+
+
+def _fresh_source(src: Source) -> Source:
+    import copy
+
+    clone = copy.copy(src)
+    from ._stats import StageCounters
+
+    clone.counters = StageCounters("source", 1)
+    clone._pool = None
+    return clone

@@ -1,0 +1,409 @@
+"""What every stage shares: the ordered/unordered group pump, executors, job sizing.
+
+A stage consumes :class:`~iopipe._queue.Group` s from an input queue and puts
+groups on an output queue.  ``pump`` runs the common loop: it keeps at most
+``window`` groups in process (so the items alive in a stage are bounded), emits
+results in input order unless ``ordered=False``, and records wait times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, Protocol
+
+from .._errors import StageError
+from .._queue import END, Group
+from .._stats import StageCounters
+
+__all__ = [
+    "ItemFailure",
+    "Limiter",
+    "OutQueue",
+    "SpanFailure",
+    "Stage",
+    "drain",
+    "gather_spans",
+    "job_sizer",
+    "pump",
+]
+
+#: A job should take about this long, so that the ~30 us cost of handing it to a
+#: thread stays a few percent of the work (bench/bench_pipeline.py shows the effect).
+TARGET_JOB_S = 0.002
+
+
+class OutQueue(Protocol):
+    async def put(self, group: Any) -> None: ...
+
+
+class InQueue(Protocol):
+    async def get(self) -> Any: ...
+
+
+class ItemFailure(Exception):
+    """Raised inside a job: item ``index`` of the job failed with ``__cause__``."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(index, cause)
+        self.index = index
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries intact
+        return (ItemFailure, (self.index, self.cause))
+
+
+class Limiter:
+    """A semaphore whose limit can change while it is in use (for autotuning)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def set_limit(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._held < self._limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._held += 1
+                fut.set_result(None)
+
+    async def acquire(self) -> None:
+        if self._held < self._limit and not self._waiters:
+            self._held += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()
+            elif fut in self._waiters:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        self._held -= 1
+        self._wake()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+class job_sizer:
+    """Chooses how many items go in one executor job from the measured time per item.
+
+    Cheap items (page-cached reads, light decode) are packed many to a job so the
+    thread hand-off is amortised; slow items (cold reads) get small jobs so that
+    they fan out across ``concurrency`` workers.
+    """
+
+    __slots__ = ("_per_item",)
+
+    def __init__(self) -> None:
+        self._per_item = 0.0  # EWMA of seconds per item; 0 = unknown
+
+    def observe(self, seconds: float, items: int) -> None:
+        if items <= 0:
+            return
+        x = seconds / items
+        self._per_item = x if self._per_item == 0.0 else 0.7 * self._per_item + 0.3 * x
+
+    def split(self, n: int, concurrency: int) -> list[tuple[int, int]]:
+        """Return ``[start, stop)`` ranges that cover ``range(n)``."""
+        if n == 0:
+            return []
+        fan = math.ceil(n / max(1, concurrency))  # enough jobs to use every worker
+        if self._per_item > 0:
+            size = max(1, min(n, max(fan, int(TARGET_JOB_S / self._per_item))))
+            if self._per_item * fan >= TARGET_JOB_S:
+                size = fan
+        else:
+            size = fan
+        return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+async def drain(inq: InQueue, counters: StageCounters) -> AsyncIterator[Group]:
+    """Yield the groups of ``inq`` until END, counting the time spent waiting."""
+    while True:
+        t0 = time.perf_counter()
+        group = await inq.get()
+        counters.wait_input_s += time.perf_counter() - t0
+        if group is END:
+            return
+        yield group
+
+
+async def _put(outq: OutQueue, group: Group, counters: StageCounters) -> None:
+    t0 = time.perf_counter()
+    await outq.put(group)
+    counters.wait_output_s += time.perf_counter() - t0
+
+
+async def pump(
+    groups: AsyncIterator[Group],
+    outq: OutQueue,
+    process: Callable[[Group], Awaitable[Group]],
+    *,
+    window: int,
+    ordered: bool,
+    counters: StageCounters,
+) -> None:
+    """Run ``process`` over ``groups`` with at most ``window`` groups in process.
+
+    Invariant: a slot of ``window`` is taken before a group is pulled from the
+    input and given back only once its result was put downstream, so the stage
+    never holds more than ``window`` groups.  Ends by putting END.
+    """
+    slots = asyncio.Semaphore(window)
+    pending: deque[asyncio.Task[Group]] = deque()
+    ready = asyncio.Event()  # for the ordered emitter: something was appended / ended
+    finished = False
+
+    async def emit_ordered() -> None:
+        while True:
+            while not pending:
+                if finished:
+                    return
+                ready.clear()
+                await ready.wait()
+            task = pending[0]
+            out = await task
+            pending.popleft()
+            await _put(outq, out, counters)
+            slots.release()
+
+    async def one_unordered(group: Group) -> None:
+        try:
+            out = await process(group)
+            await _put(outq, out, counters)
+        finally:
+            slots.release()
+
+    async with flat_task_group() as tg:
+        if ordered:
+            tg.create_task(emit_ordered())
+        it = aiter(groups)
+        while True:
+            await slots.acquire()
+            try:
+                group = await anext(it)
+            except StopAsyncIteration:
+                slots.release()
+                break
+            if ordered:
+                pending.append(tg.create_task(process(group)))
+                ready.set()
+            else:
+                tg.create_task(one_unordered(group))
+        finished = True
+        ready.set()
+    await outq.put(END)
+
+
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaf_errors(sub)]
+    return [exc]
+
+
+class flat_task_group:
+    """An ``asyncio.TaskGroup`` that re-raises a lone failure as itself.
+
+    Stages nest task groups; without this, one failed item would reach the
+    consumer wrapped in several layers of ExceptionGroup.
+    """
+
+    def __init__(self) -> None:
+        self._tg = asyncio.TaskGroup()
+
+    async def __aenter__(self) -> asyncio.TaskGroup:
+        return await self._tg.__aenter__()
+
+    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> bool | None:
+        try:
+            return await self._tg.__aexit__(et, exc, tb)
+        except BaseExceptionGroup as eg:
+            leaves = [e for e in leaf_errors(eg) if not isinstance(e, asyncio.CancelledError)]
+            if len(leaves) == 1:
+                raise leaves[0] from leaves[0].__cause__
+            raise
+
+
+class Stage:
+    """Base class of the stages that sit between the source and the consumer.
+
+    A stage object holds configuration only until :meth:`open` gives it its
+    runtime resources; the pipeline opens a fresh copy per running pipeline
+    (:meth:`fresh`), so one builder chain can be iterated by several pipelines.
+    """
+
+    kind: ClassVar[str] = "stage"
+    #: Whether the stage keeps the one-to-one item correspondence with the source
+    #: (needed by the cache, which keys outputs by source item).
+    one_to_one: ClassVar[bool] = True
+
+    def __init__(self, *, name: str | None, concurrency: int) -> None:
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        self.name = name or self.kind
+        self.concurrency = concurrency
+        self.capacity: int | None = None  # output queue capacity in items; None = default
+        self.counters = StageCounters(self.name, concurrency)
+        self.unit = 1  # items per group in this stage's input (set by the pipeline)
+
+    def fresh(self) -> Stage:
+        """Return an unopened copy with the same configuration."""
+        clone = copy.copy(self)
+        clone.counters = StageCounters(self.name, self.concurrency)
+        return clone
+
+    def config(self) -> dict[str, Any]:
+        """Return this stage's arguments as plain data (see ``Pipeline.to_config``)."""
+        return {}
+
+    def open(self, unit: int) -> None:
+        """Acquire runtime resources (executors); ``unit`` is the input group size."""
+        self.unit = unit
+
+    def close(self, timeout: float) -> None:
+        """Release runtime resources, waiting at most ``timeout`` seconds."""
+
+    def window(self) -> int:
+        """Most groups the stage holds at once."""
+        return 2
+
+    def reset_counters(self) -> None:
+        self.counters = StageCounters(self.name, self.concurrency)
+
+    async def run(self, inq: InQueue, outq: OutQueue) -> None:
+        """Consume ``inq`` until END, put results and then END on ``outq``."""
+        raise NotImplementedError
+
+    def fail(self, group: Group, exc: BaseException, offset: int = 0) -> StageError:
+        """Turn a job failure into a StageError naming this stage and the item."""
+        if isinstance(exc, ItemFailure):
+            index = offset + exc.index
+            item = group.keys[index] if index < len(group.keys) else None
+            return StageError(self.name, item, exc.cause)
+        return StageError(self.name, None, exc)
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """Call ``fn(*args)`` and return its result with the seconds it took (runs in a worker)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def timed_cpu(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
+    """Like :func:`timed`, also returning the calling thread's CPU seconds."""
+    c0 = time.thread_time()
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0, time.thread_time() - c0
+
+
+class IoGovernor:
+    """Opens reads in flight while they wait on storage; closes them when they don't.
+
+    Page-cached reads are CPU work under the GIL: extra threads only add
+    contention (bench/bench_pipeline.py: 16 threads read warm small files 2.7x
+    slower than one).  Storage-bound reads gain from many in flight.  The
+    governor tells them apart by the share of a job's wall time its thread did
+    not spend on the CPU, and moves the effective limit between 1 and
+    ``maximum`` one step per job (additive increase, additive decrease).
+    """
+
+    __slots__ = ("_cpu", "_wait", "limiter", "maximum")
+
+    def __init__(self, limiter: Limiter, maximum: int) -> None:
+        self.limiter = limiter
+        self.maximum = maximum
+        self._cpu = 0.0  # EWMA CPU seconds per item
+        self._wait = 0.0  # EWMA share of wall time spent waiting
+
+    def observe(self, wall: float, cpu: float, items: int) -> None:
+        if items <= 0 or wall <= 0:
+            return
+        per = cpu / items
+        wait = max(0.0, 1.0 - cpu / wall)
+        first = self._cpu == 0.0
+        self._cpu = per if first else 0.8 * self._cpu + 0.2 * per
+        self._wait = wait if first else 0.8 * self._wait + 0.2 * wait
+        limit = self.limiter.limit
+        if self._wait > 0.6 and limit < self.maximum:
+            self.limiter.set_limit(limit + 1)
+        elif self._wait < 0.3 and limit > 1:
+            self.limiter.set_limit(limit - 1)
+
+    def split(self, n: int) -> list[tuple[int, int]]:
+        """Ranges of ``range(n)``: big jobs for CPU-bound reads, fan-out for waiting ones."""
+        if n == 0:
+            return []
+        limit = self.limiter.limit
+        if self._cpu > 0 and limit == 1:
+            size = max(1, min(n, int(4 * TARGET_JOB_S / self._cpu)))
+        else:
+            size = math.ceil(n / limit) if limit > 1 else min(n, 16)
+        return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def shutdown_executor(ex: concurrent.futures.Executor | None, timeout: float) -> None:
+    """Shut ``ex`` down, cancelling queued jobs and joining workers within ``timeout``."""
+    if ex is None:
+        return
+    ex.shutdown(wait=False, cancel_futures=True)
+    threads = getattr(ex, "_threads", ())
+    deadline = time.monotonic() + timeout
+    for t in list(threads):
+        t.join(max(0.0, deadline - time.monotonic()))
+    procs = getattr(ex, "_processes", None) or {}
+    for p in list(procs.values()):
+        p.join(max(0.0, deadline - time.monotonic()))
+
+
+class SpanFailure(Exception):
+    """An ItemFailure of one job, with the index of the job's first item in its group."""
+
+    def __init__(self, exc: ItemFailure, offset: int) -> None:
+        super().__init__(exc, offset)
+        self.exc = exc
+        self.offset = offset
+
+
+async def gather_spans(coros: list[Any], offsets: list[int]) -> list[Any]:
+    """Gather job coroutines; an ItemFailure is re-raised with its job's offset."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException as exc:
+        for t in tasks:
+            t.cancel()
+        if isinstance(exc, ItemFailure):
+            for off, t in zip(offsets, tasks, strict=True):
+                if t.done() and not t.cancelled() and t.exception() is exc:
+                    raise SpanFailure(exc, off) from None
+        raise

@@ -1,0 +1,120 @@
+"""Batcher: gather items into batches and collate them (torch's default_collate)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from torch.utils.data import default_collate
+
+from .._queue import BatchKey, Group
+from ._base import OutQueue, Stage, drain, pump, shutdown_executor, timed
+
+__all__ = ["Batcher"]
+
+
+def _collate_job(collate: Callable[[list[Any]], Any], items: list[Any]) -> Any:
+    return collate(items)
+
+
+class Batcher(Stage):
+    """Cut the item stream into batches of ``batch_size`` and collate each.
+
+    Collation runs in one worker thread (torch's stacking releases the GIL), so
+    the loop never blocks on it.  The last, short batch is kept unless
+    ``drop_last``.  Invariant: the stage holds at most ``batch_size - 1`` items
+    waiting for a batch plus ``window()`` batches being collated.
+    """
+
+    kind = "batch"
+    one_to_one = False
+
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name, concurrency=1)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"collate_fn must be callable, got {collate_fn!r:.80}")
+        self.batch_size = batch_size
+        self.drop_last = bool(drop_last)
+        self.collate_fn = collate_fn
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._count = 0
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "collate_fn": self.collate_fn,
+        }
+
+    def fresh(self) -> Batcher:
+        clone = super().fresh()
+        assert isinstance(clone, Batcher)
+        clone._pool = None
+        return clone
+
+    def open(self, unit: int) -> None:
+        super().open(unit)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"iopipe-{self.name}"
+        )
+
+    def close(self, timeout: float) -> None:
+        shutdown_executor(self._pool, timeout)
+        self._pool = None
+
+    async def _cut(self, groups: AsyncIterator[Group]) -> AsyncIterator[Group]:
+        """Re-chunk the incoming groups into groups of exactly one batch's items."""
+        items: list[Any] = []
+        keys: list[Any] = []
+        bs = self.batch_size
+        async for g in groups:
+            if g.hits:  # pragma: no cover - the cache stage merges hits before us
+                raise RuntimeError("iopipe: unmerged cache hits reached the batcher")
+            items.extend(g.items)
+            keys.extend(g.keys)
+            while len(items) >= bs:
+                yield Group(items[:bs], keys[:bs])
+                del items[:bs], keys[:bs]
+        if items and not self.drop_last:
+            yield Group(items, keys)
+
+    async def _collate(self, group: Group) -> Group:
+        index = self._count
+        self._count += 1
+        collate = self.collate_fn or default_collate
+        loop = asyncio.get_running_loop()
+        key = BatchKey(index, group.keys[0], group.keys[-1])
+        try:
+            batch, dt = await loop.run_in_executor(
+                self._pool, timed, _collate_job, collate, group.items
+            )
+        except Exception as exc:
+            from .._errors import StageError
+
+            raise StageError(self.name, key, exc)
+        self.counters.busy_s += dt
+        self.counters.items += 1
+        self.counters.jobs += 1
+        return Group([batch], [key], batched=True, counts=[len(group.items)])
+
+    async def run(self, inq: Any, outq: OutQueue) -> None:
+        self._count = 0
+        await pump(
+            self._cut(drain(inq, self.counters)),
+            outq,
+            self._collate,
+            window=self.window(),
+            ordered=True,
+            counters=self.counters,
+        )

@@ -1,0 +1,204 @@
+"""Decoder: apply a user function to every item (the ``map`` stage).
+
+Three executors: a thread pool (default; right for I/O and for code that
+releases the GIL such as PIL, numpy and torch), a process pool (for
+GIL-holding Python), or the event loop itself for ``async def`` functions.
+``"inline"`` runs a cheap sync function on the loop thread, with no hand-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import multiprocessing
+from collections.abc import Callable
+from typing import Any
+
+from .._queue import Group
+from ._base import (
+    ItemFailure,
+    Limiter,
+    OutQueue,
+    SpanFailure,
+    Stage,
+    drain,
+    gather_spans,
+    job_sizer,
+    pump,
+    shutdown_executor,
+    timed,
+)
+
+__all__ = ["EXECUTORS", "Decoder", "map_items"]
+
+EXECUTORS = ("thread", "process", "async", "inline")
+
+
+def map_items(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """Apply ``fn`` to each item; a failure names the item's index (runs in a worker)."""
+    out = []
+    for i, x in enumerate(items):
+        try:
+            out.append(fn(x))
+        except Exception as exc:
+            raise ItemFailure(i, exc) from None
+    return out
+
+
+def _timed_map(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], float]:
+    return timed(map_items, fn, items)
+
+
+def _process_init() -> None:
+    # A decode worker process should not start its own intra-op thread pool: on
+    # small machines torch's threads compete with the loader's (see docs/design.md).
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _mp_context() -> Any:
+    # fork is unsafe once the loop and pool threads exist; forkserver is cheap
+    # after its first start and needs only picklable functions, like spawn.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+class Decoder(Stage):
+    """Apply ``fn`` to each item with up to ``concurrency`` jobs in flight.
+
+    Output is in input order unless ``ordered=False`` (then groups are emitted in
+    completion order).  Invariant: at most ``concurrency`` jobs run at once; the
+    stage holds at most ``window()`` groups.
+    """
+
+    kind = "map"
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        concurrency: int = 4,
+        executor: str | None = None,
+        ordered: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name, concurrency=concurrency)
+        if not callable(fn):
+            raise TypeError(f"map() needs a callable, got {type(fn).__name__}: {fn!r:.80}")
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)
+        )
+        if executor is None:
+            executor = "async" if is_async else "thread"
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        if executor == "async" and not is_async:
+            raise TypeError(f"executor='async' needs an async def function, got {fn!r:.80}")
+        if executor != "async" and is_async:
+            raise TypeError(f"{fn!r:.80} is an async function: use executor='async'")
+        self.fn = fn
+        self.executor = executor
+        self.ordered = bool(ordered)
+        self._pool: concurrent.futures.Executor | None = None
+        self._limit: Limiter | None = None
+        self._sizer = job_sizer()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "fn": self.fn,
+            "concurrency": self.concurrency,
+            "executor": self.executor,
+            "ordered": self.ordered,
+        }
+
+    def fresh(self) -> Decoder:
+        clone = super().fresh()
+        assert isinstance(clone, Decoder)
+        clone._pool, clone._limit, clone._sizer = None, None, job_sizer()
+        return clone
+
+    def open(self, unit: int) -> None:
+        super().open(unit)
+        self._limit = Limiter(self.concurrency)
+        if self.executor == "thread":
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.concurrency, thread_name_prefix=f"iopipe-{self.name}"
+            )
+        elif self.executor == "process":
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.concurrency, mp_context=_mp_context(), initializer=_process_init
+            )
+
+    def close(self, timeout: float) -> None:
+        shutdown_executor(self._pool, timeout)
+        self._pool = None
+
+    def window(self) -> int:
+        return max(2, -(-2 * self.concurrency // max(1, self.unit)))
+
+    async def _run_job(self, items: list[Any]) -> list[Any]:
+        assert self._limit is not None
+        loop = asyncio.get_running_loop()
+        async with self._limit:
+            out, dt = await loop.run_in_executor(self._pool, _timed_map, self.fn, items)
+        self.counters.busy_s += dt
+        self.counters.jobs += 1
+        self._sizer.observe(dt, len(items))
+        return out  # type: ignore[no-any-return]
+
+    async def _run_async_item(self, x: Any, i: int) -> Any:
+        assert self._limit is not None
+        async with self._limit:
+            t0 = loop_time()
+            try:
+                return await self.fn(x)
+            except Exception as exc:
+                raise ItemFailure(i, exc) from None
+            finally:
+                self.counters.busy_s += loop_time() - t0
+
+    async def _process(self, group: Group) -> Group:
+        items = group.items
+        if not items:
+            return group
+        try:
+            if self.executor == "inline":
+                out, dt = timed(map_items, self.fn, items)
+                self.counters.busy_s += dt
+            elif self.executor == "async":
+                out = list(
+                    await asyncio.gather(*(self._run_async_item(x, i) for i, x in enumerate(items)))
+                )
+            else:
+                spans = self._sizer.split(len(items), self._limit.limit if self._limit else 1)
+                parts = await gather_spans(
+                    [self._run_job(items[a:b]) for a, b in spans], [a for a, _ in spans]
+                )
+                out = [y for part in parts for y in part]
+        except SpanFailure as sf:
+            raise self.fail(group, sf.exc, sf.offset)
+        except ItemFailure as exc:
+            raise self.fail(group, exc)
+        except concurrent.futures.BrokenExecutor as exc:
+            raise self.fail(group, exc)
+        self.counters.items += len(out)
+        return group.replace_items(out)
+
+    async def run(self, inq: Any, outq: OutQueue) -> None:
+        await pump(
+            drain(inq, self.counters),
+            outq,
+            self._process,
+            window=self.window(),
+            ordered=self.ordered,
+            counters=self.counters,
+        )
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()

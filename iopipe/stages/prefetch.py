@@ -1,0 +1,40 @@
+"""Prefetcher: keep up to N finished items ready ahead of the consumer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import OutQueue, Stage, drain
+
+__all__ = ["Prefetcher"]
+
+
+class Prefetcher(Stage):
+    """Forward groups unchanged through an output queue that holds ``n`` items.
+
+    The producer side keeps working until ``n`` items wait here, so bursts of
+    slow items upstream do not reach the consumer.
+    """
+
+    kind = "prefetch"
+
+    def __init__(self, n: int, *, name: str | None = None) -> None:
+        super().__init__(name=name, concurrency=1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"prefetch size must be an int >= 1, got {n!r}")
+        self.n = n
+        self.capacity = n
+
+    def config(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def window(self) -> int:
+        return 1
+
+    async def run(self, inq: Any, outq: OutQueue) -> None:
+        async for group in drain(inq, self.counters):
+            self.counters.items += group.weight
+            await outq.put(group)
+        from .._queue import END
+
+        await outq.put(END)

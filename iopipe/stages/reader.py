@@ -1,0 +1,261 @@
+"""ChunkedReader: read each item's bytes into one preallocated buffer.
+
+Backend: ``os.preadv`` in a thread pool, straight into ``numpy.empty`` buffers.
+aiofiles was measured against it (bench/bench_reader_backends.py) and loses on
+every workload here, because it pays a thread hand-off per call; see
+docs/design.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._queue import Group
+from ._base import (
+    IoGovernor,
+    ItemFailure,
+    Limiter,
+    OutQueue,
+    SpanFailure,
+    Stage,
+    drain,
+    gather_spans,
+    pump,
+    shutdown_executor,
+    timed_cpu,
+)
+
+__all__ = ["ChunkedReader", "normalize_item", "read_exact"]
+
+_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(slots=True)
+class _Large:
+    """An item too big for one job: its chunks are read concurrently into ``buf``.
+
+    It carries no open file: each chunk job opens and closes the file itself, so
+    a job abandoned by a cancelled epoch can never leak a descriptor.
+    """
+
+    path: str
+    buf: np.ndarray[Any, np.dtype[np.uint8]]
+    offset: int
+
+
+def normalize_item(item: Any) -> tuple[str, int, int | None]:
+    """Return ``(path, offset, length)`` for a path or a ``(path, offset, length)`` tuple.
+
+    Raises:
+        TypeError: the item is neither.
+        ValueError: a negative offset or length.
+    """
+    if isinstance(item, str | os.PathLike):
+        return os.fspath(item), 0, None
+    if isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], str | os.PathLike):
+        path, offset, length = item
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"byte range offset must be an int >= 0, got {offset!r}")
+        if not isinstance(length, int) or length < 0:
+            raise ValueError(f"byte range length must be an int >= 0, got {length!r}")
+        return os.fspath(path), offset, length
+    raise TypeError(
+        "read() expects paths or (path, offset, length) tuples, got "
+        f"{type(item).__name__}: {item!r:.80}"
+    )
+
+
+def read_exact(fd: int, buf: memoryview | np.ndarray[Any, Any], offset: int, path: str) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` with ``os.preadv``; short files raise EOFError."""
+    n = os.preadv(fd, [buf], offset)
+    want = len(buf) if isinstance(buf, np.ndarray) else memoryview(buf).nbytes
+    if n == want:
+        return
+    view = memoryview(buf).cast("B")
+    got = n
+    while got < want:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise EOFError(
+                f"{path}: expected {want} bytes at offset {offset}, the file ended after {got}"
+            )
+        got += n
+
+
+def _read_job(entries: list[tuple[str, int, int | None]], chunk_bytes: int) -> list[Any]:
+    """Read whole small items; size large ones for chunked reading (worker thread).
+
+    Every descriptor it opens is closed before it returns.
+    """
+    out: list[Any] = []
+    for i, (path, offset, length) in enumerate(entries):
+        try:
+            fd = os.open(path, _O_FLAGS)
+        except OSError as exc:
+            raise ItemFailure(i, exc) from None
+        try:
+            size = length if length is not None else max(0, os.fstat(fd).st_size - offset)
+            buf = np.empty(size, np.uint8)
+            if size > chunk_bytes:
+                out.append(_Large(path, buf, offset))
+            else:
+                read_exact(fd, buf, offset, path)
+                out.append(buf)
+        except Exception as exc:
+            raise ItemFailure(i, exc) from None
+        finally:
+            os.close(fd)
+    return out
+
+
+def _read_chunk(large: _Large, start: int, stop: int) -> int:
+    fd = os.open(large.path, _O_FLAGS)
+    try:
+        read_exact(fd, large.buf[start:stop], large.offset + start, large.path)
+    finally:
+        os.close(fd)
+    return stop - start
+
+
+class ChunkedReader(Stage):
+    """Read items (paths or ``(path, offset, length)`` ranges) into buffers.
+
+    Each item becomes one ``numpy.ndarray`` of ``uint8`` (``len()`` and the buffer
+    protocol; ``torch.from_numpy`` wraps it without a copy).  Items up to
+    ``chunk_bytes`` are read whole, several to a job; larger ones are split into
+    ``chunk_bytes`` pieces read concurrently into the same buffer.
+
+    Invariant: at most ``concurrency`` reads (jobs) are in flight; each job holds
+    the buffers of the items it reads.
+    """
+
+    kind = "read"
+
+    def __init__(
+        self,
+        *,
+        chunk_bytes: int = 4 << 20,
+        concurrency: int = 16,
+        with_source: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name, concurrency=concurrency)
+        if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
+        self.chunk_bytes = chunk_bytes
+        self.with_source = bool(with_source)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._limit: Limiter | None = None
+        self._gov: IoGovernor | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "chunk_bytes": self.chunk_bytes,
+            "concurrency": self.concurrency,
+            "with_source": self.with_source,
+        }
+
+    def fresh(self) -> ChunkedReader:
+        clone = super().fresh()
+        assert isinstance(clone, ChunkedReader)
+        clone._pool, clone._limit, clone._gov = None, None, None
+        return clone
+
+    def open(self, unit: int) -> None:
+        super().open(unit)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self.concurrency, thread_name_prefix=f"iopipe-{self.name}"
+        )
+        self._limit = Limiter(1)
+        self._gov = IoGovernor(self._limit, self.concurrency)
+
+    def close(self, timeout: float) -> None:
+        shutdown_executor(self._pool, timeout)
+        self._pool = None
+
+    def window(self) -> int:
+        # Small groups (one item each, say) need several in process to fill the workers.
+        return max(2, -(-2 * self.concurrency // max(1, self.unit)))
+
+    async def _job(self, fn: Any, items: int, *args: Any) -> Any:
+        assert self._limit is not None
+        assert self._gov is not None
+        loop = asyncio.get_running_loop()
+        async with self._limit:
+            out, wall, cpu = await loop.run_in_executor(self._pool, timed_cpu, fn, *args)
+        self.counters.busy_s += wall
+        self.counters.jobs += 1
+        self._gov.observe(wall, cpu, items)
+        return out
+
+    async def _read_large(self, large: _Large) -> None:
+        """Read one large item chunk by chunk, up to ``concurrency`` chunks at once."""
+        size = len(large.buf)
+        step = self.chunk_bytes
+        tasks = [
+            asyncio.ensure_future(self._job(_read_chunk, 1, large, s, min(size, s + step)))
+            for s in range(0, size, step)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+
+    async def _process(self, group: Group) -> Group:
+        try:
+            entries = [normalize_item(x) for x in group.items]
+        except (TypeError, ValueError) as exc:
+            raise self.fail(group, exc)
+        results: list[Any] = []
+        assert self._gov is not None
+        spans = self._gov.split(len(entries))
+        try:
+            done = await gather_spans(
+                [self._job(_read_job, b - a, entries[a:b], self.chunk_bytes) for a, b in spans],
+                [a for a, _ in spans],
+            )
+        except SpanFailure as sf:
+            raise self.fail(group, sf.exc, sf.offset)
+        larges: list[tuple[int, _Large]] = []
+        for out, (a, _) in zip(done, spans, strict=True):
+            for j, x in enumerate(out):
+                if isinstance(x, _Large):
+                    larges.append((a + j, x))
+                    results.append(x.buf)
+                else:
+                    results.append(x)
+        if larges:
+            tasks = [asyncio.ensure_future(self._read_large(lg)) for _, lg in larges]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException as exc:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for (idx, _), t in zip(larges, tasks, strict=True):
+                    if t.done() and not t.cancelled() and t.exception() is exc:
+                        raise self.fail(group, ItemFailure(0, exc), idx)
+                raise
+        self.counters.items += len(results)
+        self.counters.bytes += sum(len(r) for r in results)
+        if self.with_source:
+            results = [(src, buf) for src, buf in zip(group.items, results, strict=True)]
+        return group.replace_items(results)
+
+    async def run(self, inq: Any, outq: OutQueue) -> None:
+        await pump(
+            drain(inq, self.counters),
+            outq,
+            self._process,
+            window=self.window(),
+            ordered=True,
+            counters=self.counters,
+        )

@@ -1,0 +1,312 @@
+"""Source: where items come from, in which order, and which share this rank sees.
+
+Sized sources (lists, tuples, ranges, file listings) are shuffled by a
+permutation drawn from ``(seed, epoch)``, so the order is a pure function of
+those two numbers: no shuffle buffer, and resuming mid-epoch needs only a count.
+Other iterables are consumed as they come, ``next()`` being called in a worker
+thread a group at a time so a slow generator never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+
+from .._queue import END, Group
+from .._stats import StageCounters
+from ._base import OutQueue, shutdown_executor
+
+__all__ = ["SHARD_MODES", "Source", "resolve_rank"]
+
+SHARD_MODES = ("pad", "drop")
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Fill in ``rank``/``world_size`` from an initialised ``torch.distributed`` group.
+
+    Raises:
+        ValueError: only one of the two given, or ``rank`` outside ``[0, world_size)``.
+    """
+    if rank is None and world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError(
+            f"give both rank and world_size or neither, got rank={rank!r}, world_size={world_size!r}"
+        )
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    return rank, world_size
+
+
+def _key(item: Any, index: int) -> Any:
+    """The cache / error-message key of an item: itself when small and hashable."""
+    if isinstance(item, str | int | bytes | PurePath):
+        return item
+    if isinstance(item, tuple):
+        try:
+            hash(item)
+        except TypeError:
+            return index
+        return item
+    return index
+
+
+def _shard_iter(it: Iterator[Any], rank: int, world: int, mode: str) -> Iterator[Any]:
+    """Deal items round-robin to ``world`` ranks; every rank gets the same count.
+
+    A last incomplete round is padded with items from the first round (``pad``)
+    or dropped (``drop``).
+    """
+    first: list[Any] = []
+    rnd: list[Any] = []
+    for x in it:
+        rnd.append(x)
+        if len(first) < world:
+            first.append(x)
+        if len(rnd) == world:
+            yield rnd[rank]
+            rnd = []
+    if rnd and mode == "pad":
+        while len(rnd) < world:
+            rnd.append(first[len(rnd) % len(first)])
+        yield rnd[rank]
+
+
+def _pull(it: Iterator[Any], n: int) -> list[Any]:
+    out = []
+    for x in it:
+        out.append(x)
+        if len(out) == n:
+            break
+    return out
+
+
+class Source:
+    """The first stage: turns ``items`` into groups, in epoch order, for one rank.
+
+    Args:
+        items: A sequence, any iterable, or an async iterable.
+        shuffle: Visit a sized source in a random order drawn from ``(seed, epoch)``.
+        seed: Seed of the shuffle.
+        rank, world_size: This process's share; default from ``torch.distributed``
+            when it is initialised, else the whole source.
+        shard: ``"pad"`` repeats items so every rank gets ``ceil(n / world_size)``;
+            ``"drop"`` gives every rank ``floor(n / world_size)``.
+    """
+
+    name = "source"
+
+    def __init__(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shard: str = "pad",
+    ) -> None:
+        is_async = isinstance(items, AsyncIterable)
+        if not is_async and not isinstance(items, Iterable):
+            raise TypeError(
+                f"a source needs an iterable or async iterable, got {type(items).__name__}"
+            )
+        if isinstance(items, str | bytes):
+            raise TypeError("a source needs a collection of items, got a single str/bytes")
+        if shard not in SHARD_MODES:
+            raise ValueError(f"shard must be one of {SHARD_MODES}, got {shard!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.items = items
+        self.sized = isinstance(items, (Sequence, range | np.ndarray))
+        self.is_async = is_async
+        if shuffle and not self.sized:
+            raise ValueError(
+                f"shuffle=True needs a sized source (a list, tuple or file glob), got {type(items).__name__}"
+            )
+        if rank is not None or world_size is not None:
+            resolve_rank(rank, world_size)  # validate now
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self._rank = rank
+        self._world = world_size
+        self.shard = shard
+        self.counters = StageCounters("source", 1)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """``(rank, world_size)``, resolved from ``torch.distributed`` when not given."""
+        return resolve_rank(self._rank, self._world)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "rank": self._rank,
+            "world_size": self._world,
+            "shard": self.shard,
+        }
+
+    def __len__(self) -> int:
+        if not self.sized:
+            raise TypeError(f"this source ({type(self.items).__name__}) has no known length")
+        n = len(self.items)  # type: ignore[arg-type]
+        _, world = self.rank
+        return -(-n // world) if self.shard == "pad" else n // world
+
+    def order(self, epoch: int) -> np.ndarray[Any, np.dtype[np.int64]]:
+        """Indices into ``items`` that this rank visits in ``epoch``, in order."""
+        n = len(self.items)  # type: ignore[arg-type]
+        if self.shuffle:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            idx = rng.permutation(n).astype(np.int64)
+        else:
+            idx = np.arange(n, dtype=np.int64)
+        rank, world = self.rank
+        if world > 1:
+            if self.shard == "pad" and n % world and n:
+                reps = -(-(world - n % world) // n)
+                idx = np.concatenate([idx, np.tile(idx, reps)[: world - n % world]])
+            elif self.shard == "drop":
+                idx = idx[: n - n % world]
+            idx = idx[rank::world]
+        return idx
+
+    def open(self) -> None:
+        if not self.sized and not self.is_async:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="iopipe-source"
+            )
+
+    def close(self, timeout: float) -> None:
+        shutdown_executor(self._pool, timeout)
+        self._pool = None
+
+    def _make_group(self, items: list[Any], keys: list[Any], cache: Any) -> Group:
+        if cache is None:
+            return Group(items, keys)
+        from .cache import MISSING
+
+        hits: list[tuple[int, Any, Any]] = []
+        miss_items: list[Any] = []
+        miss_keys: list[Any] = []
+        for pos, (item, key) in enumerate(zip(items, keys, strict=True)):
+            value = cache.lookup(key)
+            if value is MISSING:
+                miss_items.append(item)
+                miss_keys.append(key)
+            else:
+                hits.append((pos, key, value))
+        return Group(miss_items, miss_keys, hits or None)
+
+    async def _put(self, outq: OutQueue, group: Group) -> None:
+        t0 = time.perf_counter()
+        await outq.put(group)
+        self.counters.wait_output_s += time.perf_counter() - t0
+        self.counters.items += group.weight
+
+    async def produce(
+        self, outq: OutQueue, *, epoch: int, skip: int, group_size: int, cache: Any = None
+    ) -> None:
+        """Put this epoch's groups on ``outq`` (skipping the first ``skip`` items), then END."""
+        if self.sized:
+            await self._produce_sized(outq, epoch, skip, group_size, cache)
+        else:
+            await self._produce_iter(outq, skip, group_size, cache)
+        await outq.put(END)
+
+    async def _produce_sized(
+        self, outq: OutQueue, epoch: int, skip: int, g: int, cache: Any
+    ) -> None:
+        seq: Any = self.items
+        order = self.order(epoch)
+        for start in range(skip, len(order), g):
+            t0 = time.perf_counter()
+            idx = order[start : start + g].tolist()
+            items = [seq[i] for i in idx]
+            keys = [_key(x, i) for x, i in zip(items, idx, strict=True)]
+            group = self._make_group(items, keys, cache)
+            self.counters.busy_s += time.perf_counter() - t0
+            await self._put(outq, group)
+
+    async def _iter_groups(self, g: int) -> AsyncIterator[list[Any]]:
+        rank, world = self.rank
+        if self.is_async:
+            batch: list[Any] = []
+            n = 0
+            async for x in self.items:  # type: ignore[union-attr]
+                if world == 1 or n % world == rank:
+                    batch.append(x)
+                n += 1
+                if len(batch) == g:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+            return
+        it: Iterator[Any] = iter(self.items)  # type: ignore[arg-type]
+        if world > 1:
+            it = _shard_iter(it, rank, world, self.shard)
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = time.perf_counter()
+            batch = await loop.run_in_executor(self._pool, _pull, it, g)
+            self.counters.busy_s += time.perf_counter() - t0
+            if not batch:
+                return
+            yield batch
+            if len(batch) < g:
+                return
+
+    async def _produce_iter(self, outq: OutQueue, skip: int, g: int, cache: Any) -> None:
+        pos = 0
+        async for batch in self._iter_groups(g):
+            if skip:
+                drop = min(skip, len(batch))
+                batch = batch[drop:]
+                skip -= drop
+                pos += drop
+                if not batch:
+                    continue
+            keys = [_key(x, pos + i) for i, x in enumerate(batch)]
+            pos += len(batch)
+            await self._put(outq, self._make_group(batch, keys, cache))
+
+
+def list_files(pattern: str | os.PathLike[str]) -> list[str]:
+    """Expand a glob (``**`` recursive), a directory (all files below) or one file path.
+
+    Returns the paths sorted, so the listing is the same on every run and rank.
+
+    Raises:
+        FileNotFoundError: nothing matches.
+    """
+    import glob as _glob
+
+    text = os.fspath(pattern)
+    if _glob.has_magic(text):
+        paths = [p for p in _glob.glob(text, recursive=True) if os.path.isfile(p)]
+    elif os.path.isdir(text):
+        paths = [os.path.join(d, f) for d, _, fs in os.walk(text) for f in fs]
+    elif os.path.isfile(text):
+        paths = [text]
+    else:
+        raise FileNotFoundError(f"no such file or directory: {text!r}")
+    if not paths:
+        raise FileNotFoundError(f"no files match {text!r}")
+    paths.sort()
+    return paths
