@@ -232,7 +232,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         row["status"] = "ok" if len(ok) == len(recs) else "partial"
         row["reason"] = "" if len(ok) == len(recs) else recs[-1].get("reason", "")
         for metric in METRICS:
-            row[metric] = _stats([float(r[metric]) for r in ok])
+            row[metric] = _stats([float(r.get(metric, "nan")) for r in ok])
         distinct = {r["checksum"] for r in ok}
         row["checksum"] = sorted(distinct)[0]
         row["checksum_ok"] = len(distinct) == 1 and row["checksum"] == reference.get(wl)

@@ -394,7 +394,7 @@ def chart(rows: Sequence[Row], path: Path) -> None:
             for k, name in enumerate(names):
                 row = _find(rows, wl, temp, name)
                 if row is None:
-                    ax.text(k, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                    ax.text(k, 0, "n/a", ha="center", va="bottom", fontsize=7, color="grey")
                     continue
                 s = row["samples_per_s"]
                 err = [[s["median"] - s["min"]], [s["max"] - s["median"]]]

@@ -265,8 +265,11 @@ class Pipeline(Generic[T]):
         *,
         timeout: float | None = None,
         handoff: int = 2,
+        group_size: int | None = None,
         use_uvloop: bool | None = None,
     ) -> None:
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
             raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
         if not isinstance(handoff, int) or handoff < 1:
@@ -275,6 +278,7 @@ class Pipeline(Generic[T]):
         self._stages = stages
         self._timeout = timeout
         self._handoff = handoff
+        self._group_size = group_size
         self._use_uvloop = use_uvloop
         self._rt: _Runtime | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -307,7 +311,9 @@ class Pipeline(Generic[T]):
             seed: The shuffle's seed.
             rank, world_size, shard: This process's share (see :class:`Source`).
             **options: Pipeline options: ``timeout`` (seconds a ``next()`` may wait),
-                ``handoff`` (groups waiting for the consumer), ``use_uvloop``.
+                ``handoff`` (groups waiting for the consumer), ``group_size`` (items
+                that travel together between stages; default: the batch size, else
+                64), ``use_uvloop`` (``None``: when importable).
 
         Raises:
             FileNotFoundError: a glob or directory matched no file.
@@ -356,6 +362,7 @@ class Pipeline(Generic[T]):
             (*self._stages, stage),
             timeout=self._timeout,
             handoff=self._handoff,
+            group_size=self._group_size,
             use_uvloop=self._use_uvloop,
         )
 
@@ -444,7 +451,9 @@ class Pipeline(Generic[T]):
     # -- iteration ---------------------------------------------------------------
     @property
     def group_size(self) -> int:
-        """Items per group: the first batch size, else 64 (see docs/design.md)."""
+        """Items per group: as given, else the first batch size, else 64 (docs/design.md)."""
+        if self._group_size is not None:
+            return self._group_size
         for s in self._stages:
             if isinstance(s, Batcher):
                 return s.batch_size
