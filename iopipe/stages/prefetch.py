@@ -33,7 +33,7 @@ class Prefetcher(Stage):
 
     async def run(self, inq: Any, outq: OutQueue) -> None:
         async for group in drain(inq, self.counters):
-            self.counters.items += group.weight
+            self.counters.items += len(group.items)
             await outq.put(group)
         from .._queue import END
 
