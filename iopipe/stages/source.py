@@ -64,25 +64,56 @@ def _key(item: Any, index: int) -> Any:
     return index
 
 
-def _shard_iter(it: Iterator[Any], rank: int, world: int, mode: str) -> Iterator[Any]:
-    """Deal items round-robin to ``world`` ranks; every rank gets the same count.
+class _Dealer:
+    """Deals items round-robin to ``world`` ranks; every rank gets the same count.
 
-    A last incomplete round is padded with items from the first round (``pad``)
-    or dropped (``drop``).
+    A last incomplete round is padded with the first items of the stream, as
+    :meth:`Source.order` pads a sized source (``pad``), or dropped (``drop``), so
+    an iterable gives every rank the same share as the equivalent list would.
     """
-    first: list[Any] = []
-    rnd: list[Any] = []
+
+    __slots__ = ("first", "mode", "rank", "rnd", "world")
+
+    def __init__(self, rank: int, world: int, mode: str) -> None:
+        self.rank, self.world, self.mode = rank, world, mode
+        self.first: list[Any] = []
+        self.rnd: list[Any] = []
+
+    def push(self, x: Any) -> list[Any]:
+        """Take the next item; return this rank's item when a round completes."""
+        self.rnd.append(x)
+        if len(self.first) < self.world:
+            self.first.append(x)
+        if len(self.rnd) < self.world:
+            return []
+        mine, self.rnd = self.rnd[self.rank], []
+        return [mine]
+
+    def finish(self) -> list[Any]:
+        """Return this rank's item of the last, incomplete round (``pad`` only)."""
+        if not self.rnd or self.mode != "pad":
+            return []
+        need = self.world - len(self.rnd)
+        rnd = self.rnd + [self.first[i % len(self.first)] for i in range(need)]
+        return [rnd[self.rank]]
+
+
+def _shard_iter(it: Iterator[Any], rank: int, world: int, mode: str) -> Iterator[Any]:
+    deal = _Dealer(rank, world, mode)
     for x in it:
-        rnd.append(x)
-        if len(first) < world:
-            first.append(x)
-        if len(rnd) == world:
-            yield rnd[rank]
-            rnd = []
-    if rnd and mode == "pad":
-        while len(rnd) < world:
-            rnd.append(first[len(rnd) % len(first)])
-        yield rnd[rank]
+        yield from deal.push(x)
+    yield from deal.finish()
+
+
+async def _ashard_iter(
+    ait: AsyncIterable[Any], rank: int, world: int, mode: str
+) -> AsyncIterator[Any]:
+    deal = _Dealer(rank, world, mode)
+    async for x in ait:
+        for y in deal.push(x):
+            yield y
+    for y in deal.finish():
+        yield y
 
 
 def _pull(it: Iterator[Any], n: int) -> list[Any]:
@@ -246,12 +277,12 @@ class Source:
     async def _iter_groups(self, g: int) -> AsyncIterator[list[Any]]:
         rank, world = self.rank
         if self.is_async:
+            src: AsyncIterable[Any] = self.items  # type: ignore[assignment]
+            if world > 1:
+                src = _ashard_iter(src, rank, world, self.shard)
             batch: list[Any] = []
-            n = 0
-            async for x in self.items:  # type: ignore[union-attr]
-                if world == 1 or n % world == rank:
-                    batch.append(x)
-                n += 1
+            async for x in src:
+                batch.append(x)
                 if len(batch) == g:
                     yield batch
                     batch = []
