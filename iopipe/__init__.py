@@ -8,20 +8,36 @@ are private):
 - ``_queue``     bounded queues between stages and the one thread hand-off
 - ``_stats``     per-stage counters and the frozen snapshots of ``stats()``
 - ``_errors``    the exception hierarchy
+- ``_verdict``   the bottleneck verdict and periodic stats reports
+- ``_config``    pipelines from config files (TOML, JSON, YAML) and back
+- ``_autotune``  ``concurrency="auto"``: the hill-climbing controller
+- ``_probe``, ``_cli``  the ``iopipe`` command (``probe``, ``run``)
 - ``stages/``    one stage per module: source, reader, prefetch, decode, batch,
                  cache, device
 - ``formats/``   file formats: token shards, safetensors checkpoints
 """
 
+from ._config import ConfigError
 from ._errors import IopipeError, PipelineClosedError, StageError
 from ._pipeline import Pipeline
 from ._stats import PipelineStats, StageStats
-from .formats import CheckpointError, LoadResult, iter_checkpoint, load_checkpoint, load_into
+from ._verdict import Verdict, bottleneck
+from .formats import (
+    CheckpointError,
+    LoadResult,
+    TokenFile,
+    TokenFileError,
+    TokenShards,
+    iter_checkpoint,
+    load_checkpoint,
+    load_into,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "IopipeError",
     "LoadResult",
     "Pipeline",
@@ -29,6 +45,11 @@ __all__ = [
     "PipelineStats",
     "StageError",
     "StageStats",
+    "TokenFile",
+    "TokenFileError",
+    "TokenShards",
+    "Verdict",
+    "bottleneck",
     "iter_checkpoint",
     "load_checkpoint",
     "load_into",

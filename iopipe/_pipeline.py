@@ -14,15 +14,25 @@ import concurrent.futures
 import os
 import time
 import weakref
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import torch
 
+from ._autotune import (
+    MAX_AUTO_AWAITS,
+    MAX_AUTO_READS,
+    AutoTuner,
+    auto_value,
+    check_budgets,
+    make_tuner,
+)
+from ._config import pipeline_from_config, pipeline_to_config
 from ._errors import PipelineClosedError, StageError
 from ._loop import LoopThread
 from ._queue import END, GroupQueue, Handoff
 from ._stats import PipelineStats, snapshot
+from ._verdict import StatsReporter, check_monitoring
 from .stages._base import Stage, leaf_errors
 from .stages.batch import Batcher
 from .stages.cache import Cache
@@ -45,14 +55,17 @@ _STOP_TIMEOUT_S = 10.0
 class _Sink:
     """Adapts the hand-off to the ``put`` interface of a stage's output queue."""
 
-    def __init__(self, handoff: Handoff) -> None:
+    def __init__(self, handoff: Handoff, tap: Callable[[int], None] | None = None) -> None:
         self.handoff = handoff
+        self.tap = tap  # the autotuner's throughput meter (iopipe/_autotune.py)
 
     async def put(self, group: Any) -> None:
         if group is END:
             self.handoff.put_end()
         else:
             await self.handoff.put(group)
+            if self.tap is not None:
+                self.tap(group.weight)
 
 
 class _Runtime:
@@ -67,6 +80,7 @@ class _Runtime:
         self.cache = next((s for s in stages if isinstance(s, Cache)), None)
         self.loop = LoopThread(use_uvloop=use_uvloop)
         self.closed = False
+        self.tuner: AutoTuner | None = None  # set by Pipeline._runtime when a stage is "auto"
         source.open()
         weight = 1
         for s in stages:
@@ -92,11 +106,13 @@ class _Runtime:
         self.source.counters.__init__("source", 1)  # type: ignore[misc]
         for s in self.stages:
             s.reset_counters()
-        sink: Any = _Sink(ep.handoff)
+        sink: Any = _Sink(ep.handoff, self.tuner.on_group if self.tuner is not None else None)
         queues: list[Any] = [GroupQueue(self._capacity(s)) for s in self.stages[:-1]]
         ins: list[Any] = [GroupQueue(2 * self.group_size), *queues] if self.stages else []
         outs: list[Any] = [*queues, sink] if self.stages else []
         ep.queues = [*ins, ep.handoff]  # the output queue of the source and of each stage
+        if self.tuner is not None:
+            self.tuner.start_epoch(self.stages, ep.queues)
         first = ins[0] if self.stages else sink
         try:
             async with asyncio.TaskGroup() as tg:
@@ -267,7 +283,13 @@ class Pipeline(Generic[T]):
         handoff: int = 2,
         group_size: int | None = None,
         use_uvloop: bool | None = None,
+        stats_interval: float | None = None,
+        on_stats: Callable[[PipelineStats], Any] | None = None,
+        cpu_budget: int | None = None,
+        memory_budget_bytes: int | None = None,
     ) -> None:
+        check_monitoring(stats_interval, on_stats)
+        check_budgets(cpu_budget, memory_budget_bytes)
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
@@ -280,6 +302,10 @@ class Pipeline(Generic[T]):
         self._handoff = handoff
         self._group_size = group_size
         self._use_uvloop = use_uvloop
+        self._stats_interval = stats_interval
+        self._on_stats = on_stats
+        self._cpu_budget = cpu_budget
+        self._memory_budget_bytes = memory_budget_bytes
         self._rt: _Runtime | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
@@ -313,7 +339,12 @@ class Pipeline(Generic[T]):
             **options: Pipeline options: ``timeout`` (seconds a ``next()`` may wait),
                 ``handoff`` (groups waiting for the consumer), ``group_size`` (items
                 that travel together between stages; default: the batch size, else
-                64), ``use_uvloop`` (``None``: when importable).
+                64), ``use_uvloop`` (``None``: when importable), ``stats_interval``
+                (seconds between reports of the stats and the bottleneck verdict to
+                the ``"iopipe"`` logger), ``on_stats`` (called with each report's
+                :class:`PipelineStats`, on the loop thread: for TensorBoard, W&B),
+                ``cpu_budget`` and ``memory_budget_bytes`` (bounds for ``"auto"``
+                settings; default ``os.cpu_count()`` and 1 GiB; docs/tuning.md).
 
         Raises:
             FileNotFoundError: a glob or directory matched no file.
@@ -325,6 +356,7 @@ class Pipeline(Generic[T]):
         src = Source(
             items, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard
         )
+        src.origin = {"files": os.fspath(paths) if isinstance(paths, str | os.PathLike) else items}
         return Pipeline(src, **options)
 
     @classmethod
@@ -350,6 +382,28 @@ class Pipeline(Generic[T]):
         )
         return Pipeline(src, **options)
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | os.PathLike[str]) -> Pipeline[Any]:
+        """Build a pipeline from a config: a mapping, or a ``.toml``/``.json``/``.yaml`` file.
+
+        See docs/config.md for the format.  User functions are named
+        ``"package.module:function"``; sizes may be written ``"4MiB"``.
+
+        Raises:
+            ConfigError: the config is invalid; the message starts with the key
+                path (``stages[2].concurrency: expected an int >= 1 or 'auto', got 'x'``).
+            FileNotFoundError: the config file, or the source's files, do not exist.
+        """
+        return pipeline_from_config(config)
+
+    def to_config(self) -> dict[str, Any]:
+        """Return this pipeline's config as plain data (``from_config`` of it rebuilds it).
+
+        Raises:
+            ConfigError: a part has no config form (a lambda, an arbitrary iterable source).
+        """
+        return pipeline_to_config(self)
+
     def _then(self, stage: Stage) -> Pipeline[Any]:
         names = {s.name for s in self._stages}
         if stage.name in names:
@@ -364,32 +418,45 @@ class Pipeline(Generic[T]):
             handoff=self._handoff,
             group_size=self._group_size,
             use_uvloop=self._use_uvloop,
+            stats_interval=self._stats_interval,
+            on_stats=self._on_stats,
+            cpu_budget=self._cpu_budget,
+            memory_budget_bytes=self._memory_budget_bytes,
         )
 
     def read(
-        self, *, chunk_bytes: int = 4 << 20, concurrency: int = 16, with_source: bool = False
+        self,
+        *,
+        chunk_bytes: int = 4 << 20,
+        concurrency: int | str = 16,
+        with_source: bool = False,
     ) -> Pipeline[Any]:
         """Read each item (a path or ``(path, offset, length)``) into a ``uint8`` numpy buffer.
 
         Args:
             chunk_bytes: Items larger than this are read in pieces of this size,
                 concurrently, into one buffer.
-            concurrency: Reads in flight.
+            concurrency: Reads in flight, or ``"auto"`` (tuned while running, see
+                docs/tuning.md).
             with_source: Yield ``(item, buffer)`` pairs instead of buffers.
         """
-        return self._then(
-            ChunkedReader(chunk_bytes=chunk_bytes, concurrency=concurrency, with_source=with_source)
-        )
+        n, auto = auto_value(concurrency, MAX_AUTO_READS)
+        stage = ChunkedReader(chunk_bytes=chunk_bytes, concurrency=n, with_source=with_source)
+        stage.autotune = auto
+        return self._then(stage)
 
-    def prefetch(self, n: int) -> Pipeline[T]:
-        """Keep up to ``n`` finished elements ready ahead of the consumer."""
-        return self._then(Prefetcher(n))
+    def prefetch(self, n: int | str) -> Pipeline[T]:
+        """Keep up to ``n`` finished elements ready ahead of the consumer (``"auto"``: tuned)."""
+        size, auto = auto_value(n, 1, param="prefetch size")
+        stage = Prefetcher(size)
+        stage.autotune = auto
+        return self._then(stage)
 
     def map(
         self,
         fn: Callable[[T], U],
         *,
-        concurrency: int = 4,
+        concurrency: int | str = 4,
         executor: str | None = None,
         ordered: bool = True,
         name: str | None = None,
@@ -399,16 +466,20 @@ class Pipeline(Generic[T]):
         Args:
             fn: A function of one element.  ``async def`` functions are awaited
                 on the loop.  For ``executor="process"`` it must be picklable.
-            concurrency: Jobs in flight (threads, processes or awaits).
+            concurrency: Jobs in flight (threads, processes or awaits), or ``"auto"``
+                (tuned while running within ``cpu_budget``, see docs/tuning.md).
             executor: ``"thread"`` (default for sync functions), ``"process"``,
                 ``"async"`` (default for async functions) or ``"inline"`` (on
                 the loop thread: for functions that take microseconds).
             ordered: Keep input order (default); ``False`` yields in completion order.
             name: Stage name in stats and errors (default ``"map"``).
         """
-        return self._then(
-            Decoder(fn, concurrency=concurrency, executor=executor, ordered=ordered, name=name)
-        )
+        cpus = self._cpu_budget or os.cpu_count() or 1
+        most = MAX_AUTO_AWAITS if executor == "async" else cpus
+        n, auto = auto_value(concurrency, most)
+        stage = Decoder(fn, concurrency=n, executor=executor, ordered=ordered, name=name)
+        stage.autotune = auto
+        return self._then(stage)
 
     def batch(
         self,
@@ -467,6 +538,12 @@ class Pipeline(Generic[T]):
             stages = [s for s in stages if not (isinstance(s, DeviceTransfer) and not s.active)]
             source = _fresh_source(self._source)
             self._rt = _Runtime(source, stages, self.group_size, self._use_uvloop)
+            self._rt.tuner = make_tuner(
+                stages,
+                group_size=self.group_size,
+                cpu_budget=self._cpu_budget,
+                memory_budget_bytes=self._memory_budget_bytes,
+            )
             self._finalizer = weakref.finalize(self, self._rt.shutdown)
         return self._rt
 
@@ -480,6 +557,8 @@ class Pipeline(Generic[T]):
         self._last = ep
         it: _EpochIterator[T] = _EpochIterator(self, ep, self._timeout)
         self._current = weakref.ref(it)
+        if self._stats_interval is not None or self._on_stats is not None:
+            StatsReporter(self, ep, self._stats_interval, self._on_stats).start()
         return it
 
     def _stop_current(self) -> None:

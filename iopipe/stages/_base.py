@@ -264,6 +264,9 @@ class Stage:
     #: Whether the stage keeps the one-to-one item correspondence with the source
     #: (needed by the cache, which keys outputs by source item).
     one_to_one: ClassVar[bool] = True
+    #: Set by ``concurrency="auto"`` / ``prefetch("auto")``: the autotuner
+    #: (iopipe/_autotune.py) moves this stage's limit while it runs.
+    autotune: bool = False
 
     def __init__(self, *, name: str | None, concurrency: int) -> None:
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:

@@ -139,6 +139,8 @@ class Source:
     """
 
     name = "source"
+    #: How a config names these items (``{"files": "data/*.jpg"}``), for ``Pipeline.to_config``.
+    origin: dict[str, Any] | None = None
 
     def __init__(
         self,

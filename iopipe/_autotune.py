@@ -1,0 +1,407 @@
+"""Autotuning: ``concurrency="auto"`` (read, map) and ``prefetch("auto")``.
+
+Two parts, so that the search can be tested without threads or clocks:
+
+* :class:`HillClimber` is a pure controller: given integer knobs and a
+  feasibility test, it proposes a setting, is told the throughput measured under
+  it (:meth:`HillClimber.observe`), and proposes the next.  It never reads a
+  clock.
+* :class:`AutoTuner` attaches it to a running pipeline (loop thread only): it
+  times windows of delivered groups at the hand-off to the consumer, feeds the
+  rate to the climber and applies each setting to the stages' limits.
+
+The knobs: reads in flight of an auto reader (the ceiling of its I/O governor),
+jobs in flight of an auto map stage, and the depth (in groups) of an auto
+prefetch.  Pools are created at the largest size a knob may reach and the
+:class:`~iopipe.stages._base.Limiter` moves within it, so no pool is ever resized.
+The budgets: map jobs in flight (thread and process executors) sum to at most
+``cpu_budget``; reads in flight and prefetched items, at the mean item size read
+so far, stay within ``memory_budget_bytes``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "MAX_AUTO_AWAITS",
+    "MAX_AUTO_READS",
+    "AutoTuner",
+    "HillClimber",
+    "Knob",
+    "auto_value",
+    "check_budgets",
+    "make_tuner",
+]
+
+#: Reads in flight an auto reader may reach (its pool is created at this size).
+MAX_AUTO_READS = 64
+#: Awaits in flight an auto ``async`` map stage may reach (no threads involved).
+MAX_AUTO_AWAITS = 256
+#: Deepest auto prefetch, in groups.
+MAX_AUTO_PREFETCH = 32
+#: Memory budget when none is given: 1 GiB.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+#: A measurement window spans at least this many groups and this many seconds
+#: (shorter windows measure timer noise more than the pipeline); after each change
+#: ``SETTLE_GROUPS`` groups are let through unmeasured while queues adjust.
+WINDOW_GROUPS = 4
+WINDOW_MIN_S = 0.1
+SETTLE_GROUPS = 1
+
+
+def auto_value(value: Any, maximum: int, *, param: str = "concurrency") -> tuple[int, bool]:
+    """Return ``(value, False)`` for an int, ``(maximum, True)`` for ``"auto"``.
+
+    Raises:
+        ValueError: neither an int >= 1 nor ``"auto"``.
+    """
+    if value == "auto":
+        return maximum, True
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value, False
+    raise ValueError(f"{param} must be an int >= 1 or 'auto', got {value!r}")
+
+
+def check_budgets(cpu_budget: Any, memory_budget_bytes: Any) -> None:
+    """Validate the ``cpu_budget`` and ``memory_budget_bytes`` pipeline options.
+
+    Raises:
+        ValueError: one is not an int >= 1 or None.
+    """
+    for name, v in (("cpu_budget", cpu_budget), ("memory_budget_bytes", memory_budget_bytes)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Knob:
+    """One integer setting: its name, bounds and starting value."""
+
+    name: str
+    lo: int
+    hi: int
+    start: int
+
+    def __post_init__(self) -> None:
+        if not self.lo <= self.start <= self.hi:
+            raise ValueError(f"knob {self.name}: need lo <= start <= hi, got {self}")
+
+
+class HillClimber:
+    """Coordinate-wise pattern search for integer settings that maximise a measured rate.
+
+    One knob at a time: from the accepted value ``x`` with step ``s`` (initially
+    ``x``, so the first moves double), try ``x + s`` and then ``x - s``; keep a
+    move up only if it beats the rate at ``x`` by more than ``tolerance``, a move
+    down (cheaper) as long as it stays within ``tolerance`` of the best rate seen
+    for this knob.  A successful move up doubles the step; when neither
+    direction pays the step halves, and at zero the knob is done.  Rounds over
+    all knobs repeat until one changes nothing (at most ``max_rounds``); then the
+    climber is :attr:`settled` and keeps the setting, unless the rate drifts by
+    more than ``drift`` for ``drift_windows`` windows in a row, which starts a new
+    search from the current setting (the workload changed: cold data got warm...).
+
+    Deterministic: the same sequence of rates gives the same settings.
+    """
+
+    def __init__(
+        self,
+        knobs: list[Knob],
+        *,
+        feasible: Callable[[Mapping[str, int]], bool] | None = None,
+        tolerance: float = 0.05,
+        max_rounds: int = 3,
+        drift: float = 0.3,
+        drift_windows: int = 3,
+    ) -> None:
+        if not knobs:
+            raise ValueError("HillClimber needs at least one knob")
+        self.knobs = knobs
+        self._feasible = feasible or (lambda s: True)
+        self.tolerance = tolerance
+        self.max_rounds = max_rounds
+        self.drift = drift
+        self.drift_windows = drift_windows
+        self._x = {k.name: k.start for k in knobs}  # accepted setting
+        self._trial: dict[str, int] | None = None  # setting under measurement, if not _x
+        self._base: float | None = None  # rate at _x
+        self._best = 0.0  # best rate seen while searching the current knob
+        self._step = 1
+        self._dirs: list[int] = []
+        self.settled = False
+        self.steps = 0  # measurements taken
+        self._restart()
+
+    # -- public -----------------------------------------------------------------------
+    @property
+    def setting(self) -> dict[str, int]:
+        """The setting to run during the next measurement window."""
+        return dict(self._trial if self._trial is not None else self._x)
+
+    @property
+    def best(self) -> dict[str, int]:
+        """The accepted setting (what the pipeline settles on)."""
+        return dict(self._x)
+
+    def observe(self, rate: float) -> dict[str, int]:
+        """Record ``rate`` (items/s) measured under :attr:`setting`; return the next setting."""
+        self.steps += 1
+        if self.settled:
+            self._watch(rate)
+        elif self._trial is None:
+            self._base = rate
+            self._best = max(self._best, rate)
+            self._propose()
+        else:
+            self._judge(rate)
+        return self.setting
+
+    # -- search -----------------------------------------------------------------------
+    def _restart(self) -> None:
+        self.settled = False
+        self._round = 0
+        self._changed = False
+        self._k = 0
+        self._drifting = 0
+        self._trial = None
+        self._base = None  # re-measure at the current setting first
+        self._begin_knob()
+
+    def _begin_knob(self) -> None:
+        knob = self.knobs[self._k]
+        self._step = max(1, self._x[knob.name])
+        self._dirs = [+1, -1]
+        self._best = self._base if self._base is not None else 0.0
+
+    def _propose(self) -> None:
+        """Set ``_trial`` to the next feasible candidate, moving on when the knob is done."""
+        while True:
+            knob = self.knobs[self._k]
+            x = self._x[knob.name]
+            while self._dirs:
+                cand = x + self._dirs[0] * self._step
+                if knob.lo <= cand <= knob.hi:
+                    trial = {**self._x, knob.name: cand}
+                    if self._feasible(trial):
+                        self._trial = trial
+                        return
+                self._dirs.pop(0)
+            self._step //= 2
+            if self._step >= 1:
+                self._dirs = [+1, -1]
+                continue
+            if not self._next_knob():
+                return
+
+    def _next_knob(self) -> bool:
+        """Move to the next knob (or round); return False once settled."""
+        self._k += 1
+        if self._k == len(self.knobs):
+            self._k = 0
+            self._round += 1
+            if not self._changed or self._round >= self.max_rounds:
+                self.settled = True
+                self._trial = None
+                self._drifting = 0
+                return False
+            self._changed = False
+        self._begin_knob()
+        return True
+
+    def _judge(self, rate: float) -> None:
+        assert self._trial is not None
+        assert self._base is not None
+        knob = self.knobs[self._k]
+        up = self._trial[knob.name] > self._x[knob.name]
+        if up:
+            ok = rate > self._base * (1 + self.tolerance)
+        else:
+            ok = rate >= self._best * (1 - self.tolerance)
+        self._best = max(self._best, rate)
+        if ok:
+            self._x = self._trial
+            self._base = rate
+            self._changed = True
+            if up:
+                self._step *= 2
+            # keep going the same way first
+            self._dirs = [+1, -1] if up else [-1, +1]
+        else:
+            self._dirs.pop(0)
+        self._trial = None
+        self._propose()
+
+    def _watch(self, rate: float) -> None:
+        base = self._base or 0.0
+        if base > 0 and abs(rate - base) > self.drift * base:
+            self._drifting += 1
+            if self._drifting >= self.drift_windows:
+                self._restart()
+        else:
+            self._drifting = 0
+
+
+# -- attaching the climber to a running pipeline -------------------------------------
+
+
+class AutoTuner:
+    """Drives a :class:`HillClimber` from a running pipeline (loop thread only).
+
+    Invariant: every limit it sets stays within the pool its stage created at
+    open (the knob's ``hi``).
+    """
+
+    def __init__(
+        self,
+        stages: list[Any],
+        *,
+        group_size: int,
+        cpu_budget: int,
+        memory_budget_bytes: int,
+        window_groups: int = WINDOW_GROUPS,
+        window_min_s: float = WINDOW_MIN_S,
+        settle_groups: int = SETTLE_GROUPS,
+    ) -> None:
+        from .stages.decode import Decoder
+        from .stages.prefetch import Prefetcher
+        from .stages.reader import ChunkedReader
+
+        self.cpu_budget = cpu_budget
+        self.memory_budget_bytes = memory_budget_bytes
+        self.window_groups = window_groups
+        self.window_min_s = window_min_s
+        self.settle_groups = settle_groups
+        self._stages: dict[str, Any] = {}
+        self._cpu_knobs: list[str] = []
+        self._prefetch_units: dict[str, int] = {}  # prefetch stage -> source items per group
+        self._readers: list[Any] = []
+        knobs: list[Knob] = []
+        weight = 1
+        auto_maps = [s for s in stages if isinstance(s, Decoder) and s.autotune]
+        for s in stages:
+            if isinstance(s, ChunkedReader):
+                self._readers.append(s)
+            if s.autotune:
+                self._stages[s.name] = s
+                if isinstance(s, Decoder):
+                    share = max(1, cpu_budget // max(1, len(auto_maps)))
+                    knobs.append(Knob(s.name, 1, s.concurrency, min(s.concurrency, share)))
+                    if s.executor in ("thread", "process"):
+                        self._cpu_knobs.append(s.name)
+                elif isinstance(s, ChunkedReader):
+                    knobs.append(Knob(s.name, 1, s.concurrency, min(s.concurrency, 8)))
+                elif isinstance(s, Prefetcher):
+                    self._prefetch_units[s.name] = group_size if weight == 1 else weight
+                    knobs.append(Knob(s.name, 1, MAX_AUTO_PREFETCH, 2))
+            if getattr(s, "batch_size", None) and not s.one_to_one:
+                weight *= s.batch_size
+        self.climber = HillClimber(knobs, feasible=self.feasible)
+        self._queues: dict[str, Any] = {}
+        self._skip = settle_groups
+        self._count = 0
+        self._items = 0
+        self._t0 = 0.0
+        self.history: list[tuple[dict[str, int], float]] = []  # (setting, rate) per window
+        self.apply(self.climber.setting)
+
+    # -- budgets -----------------------------------------------------------------------
+    def item_bytes(self) -> float:
+        """Mean bytes per item read so far (0 before anything was read)."""
+        n = sum(r.counters.items for r in self._readers)
+        b = sum(r.counters.bytes for r in self._readers)
+        return b / n if n else 0.0
+
+    def feasible(self, setting: Mapping[str, int]) -> bool:
+        """Whether ``setting`` stays within the CPU and memory budgets."""
+        if sum(setting[k] for k in self._cpu_knobs) > self.cpu_budget:
+            return False
+        per_item = self.item_bytes()
+        if per_item <= 0:
+            return True
+        held = 0.0
+        for name, s in self._stages.items():
+            if name in self._prefetch_units:
+                held += setting[name] * self._prefetch_units[name]
+            elif s.kind == "read":
+                held += setting[name]
+        return held * per_item <= self.memory_budget_bytes
+
+    # -- hooks called by the pipeline (loop thread) -------------------------------------
+    def start_epoch(self, stages: list[Any], queues: list[Any]) -> None:
+        """Take the new epoch's queues (``queues[i + 1]`` is the output of ``stages[i]``)."""
+        self._queues = {s.name: queues[i + 1] for i, s in enumerate(stages)}
+        self._skip = self.settle_groups
+        self._count = 0
+        self.apply(self.climber.setting)
+
+    def on_group(self, weight: int) -> None:
+        """Count one group of ``weight`` source items handed to the consumer."""
+        now = time.perf_counter()
+        if self._skip:
+            self._skip -= 1
+            if not self._skip:
+                self._t0, self._count, self._items = now, 0, 0
+            return
+        self._count += 1
+        self._items += weight
+        dt = now - self._t0
+        if self._count < self.window_groups or dt < self.window_min_s:
+            return
+        rate = self._items / dt
+        self.history.append((self.climber.setting, rate))
+        before = self.climber.setting
+        after = self.climber.observe(rate)
+        if after != before:
+            self.apply(after)
+            self._skip = self.settle_groups
+        else:
+            self._t0, self._count, self._items = now, 0, 0
+
+    def apply(self, setting: Mapping[str, int]) -> None:
+        """Set every autotuned stage's limit to ``setting``."""
+        for name, v in setting.items():
+            s = self._stages[name]
+            if name in self._prefetch_units:
+                self._set_prefetch(s, v)
+                continue
+            s.counters.concurrency = v
+            if s.kind == "read":
+                s._gov.maximum = v
+                if s._limit.limit > v:
+                    s._limit.set_limit(v)
+            else:
+                s._limit.set_limit(v)
+
+    def _set_prefetch(self, s: Any, groups: int) -> None:
+        unit = self._prefetch_units[s.name]
+        s.n = groups * unit
+        s.capacity = groups * unit
+        q = self._queues.get(s.name)
+        if q is None:
+            return
+        if hasattr(q, "_putters"):  # a GroupQueue: capacity in source items
+            q.capacity = q.counters.capacity = groups * unit
+            q._wake(q._putters)  # a blocked producer may fit now
+        else:  # the Handoff (a trailing prefetch): capacity in groups
+            q.capacity = q.counters.capacity = max(groups, 1)
+            q._notify_space()
+
+
+def make_tuner(
+    stages: list[Any], *, group_size: int, cpu_budget: int | None, memory_budget_bytes: int | None
+) -> AutoTuner | None:
+    """Return an :class:`AutoTuner` for ``stages``, or None when no stage is on auto."""
+    if not any(s.autotune for s in stages):
+        return None
+    return AutoTuner(
+        stages,
+        group_size=group_size,
+        cpu_budget=cpu_budget or os.cpu_count() or 1,
+        memory_budget_bytes=memory_budget_bytes or DEFAULT_MEMORY_BUDGET,
+    )

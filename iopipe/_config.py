@@ -1,0 +1,505 @@
+"""Pipelines from config files (TOML, JSON, YAML) and back: ``from_config`` / ``to_config``.
+
+A config is a mapping with three keys (see docs/config.md)::
+
+    [source]                      # exactly one of files / iterable / items
+    files = "data/**/*.jpg"
+    shuffle = true
+
+    [options]                     # Pipeline options (all optional)
+    timeout = 60
+
+    [[stages]]                    # in order; "stage" names the builder method
+    stage = "read"
+    chunk_bytes = "4MiB"
+    concurrency = "auto"
+
+User functions are written ``"package.module:function"``; sizes may be written
+``"4MiB"``.  Every validation error is a :class:`ConfigError` whose message
+starts with the key path (``stages[2].concurrency: expected an int >= 1 or
+'auto', got 'x'``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._errors import IopipeError
+
+if TYPE_CHECKING:
+    from ._pipeline import Pipeline
+
+__all__ = [
+    "ConfigError",
+    "format_size",
+    "function_name",
+    "load_config",
+    "parse_size",
+    "pipeline_from_config",
+    "pipeline_to_config",
+    "resolve_function",
+]
+
+
+class ConfigError(IopipeError, ValueError):
+    """A pipeline config is invalid.
+
+    Attributes:
+        path: The key path of the offending value (``"stages[2].concurrency"``),
+            or ``""`` for the document as a whole.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+# -- sizes ----------------------------------------------------------------------------
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "kb": 10**3,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 10**6,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 10**9,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "tb": 10**12,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: int | str) -> int:
+    """Return the number of bytes ``value`` denotes.
+
+    Accepts an int or a string: ``"4MiB"``, ``"256KiB"``, ``"1G"``, ``"1.5GiB"``,
+    ``"512"``.  ``K``/``M``/``G``/``T`` and ``KiB``... are powers of 1024;
+    ``KB``/``MB``/``GB``/``TB`` are powers of 1000.
+
+    Raises:
+        ValueError: not a size, or a fraction of a byte.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        m = _SIZE.fullmatch(value)
+        if m and m.group(2).lower() in _UNITS:
+            n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+            if n == int(n):
+                return int(n)
+    raise ValueError(f"not a size in bytes: {value!r} (write e.g. 4194304, '4MiB', '256KiB')")
+
+
+def format_size(n: int) -> str:
+    """Return ``n`` bytes in the shortest exact binary unit: ``4194304 -> "4MiB"``."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
+
+
+# -- functions by name -------------------------------------------------------------------
+
+
+def resolve_function(name: str, path: str = "") -> Callable[..., Any]:
+    """Import ``"package.module:function"`` (or ``"module:Class.attr"``) and return it.
+
+    Raises:
+        ConfigError: malformed, not importable, missing or not callable.
+    """
+    if not isinstance(name, str) or name.count(":") != 1 or not all(name.split(":")):
+        raise ConfigError(path, f"expected 'package.module:function', got {name!r}")
+    mod_name, qual = name.split(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(path, f"cannot import module {mod_name!r}: {exc}") from None
+    for part in qual.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(path, f"module {mod_name!r} has no attribute {qual!r}") from None
+    if not callable(obj):
+        raise ConfigError(path, f"{name!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def function_name(fn: Callable[..., Any], path: str = "") -> str:
+    """Return ``"package.module:function"`` for ``fn``, checking that it resolves back to it.
+
+    Raises:
+        ConfigError: ``fn`` (a lambda, a local function, a partial...) has no importable name.
+    """
+    module = getattr(fn, "__module__", None)
+    qual = getattr(fn, "__qualname__", None)
+    if not module or not qual or "<" in qual:
+        raise ConfigError(
+            path, f"{fn!r:.80} cannot be named in a config: use a module-level function"
+        )
+    name = f"{module}:{qual}"
+    try:
+        same = resolve_function(name) is fn
+    except ConfigError:
+        same = False
+    if not same:
+        raise ConfigError(path, f"{fn!r:.80} cannot be named in a config: {name!r} is not it")
+    return name
+
+
+# -- value checkers: each returns the converted value or raises ConfigError ---------------
+
+
+def _int(lo: int, *, auto: bool = False) -> Callable[[Any, str], Any]:
+    want = f"an int >= {lo}" + (" or 'auto'" if auto else "")
+
+    def check(v: Any, path: str) -> Any:
+        if auto and v == "auto":
+            return v
+        if isinstance(v, int) and not isinstance(v, bool) and v >= lo:
+            return v
+        raise ConfigError(path, f"expected {want}, got {v!r}")
+
+    return check
+
+
+def _size(v: Any, path: str) -> int:
+    try:
+        n = parse_size(v)
+    except ValueError:
+        n = 0
+    if n >= 1:
+        return n
+    raise ConfigError(
+        path, f"expected a size in bytes (an int >= 1 or a string such as '4MiB'), got {v!r}"
+    )
+
+
+def _bool(v: Any, path: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise ConfigError(path, f"expected true or false, got {v!r}")
+
+
+def _number(v: Any, path: str) -> float:
+    if isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
+        return v
+    raise ConfigError(path, f"expected a number > 0, got {v!r}")
+
+
+def _str(v: Any, path: str) -> str:
+    if isinstance(v, str) and v:
+        return v
+    raise ConfigError(path, f"expected a non-empty string, got {v!r}")
+
+
+def _choice(*options: str) -> Callable[[Any, str], Any]:
+    def check(v: Any, path: str) -> Any:
+        if v in options:
+            return v
+        raise ConfigError(path, f"expected one of {', '.join(map(repr, options))}, got {v!r}")
+
+    return check
+
+
+def _function(v: Any, path: str) -> Callable[..., Any]:
+    return resolve_function(v, path)
+
+
+def _files(v: Any, path: str) -> Any:
+    if isinstance(v, str) and v:
+        return v
+    if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
+        return v
+    raise ConfigError(path, f"expected a glob, a folder or a list of paths, got {v!r:.80}")
+
+
+def _items(v: Any, path: str) -> list[Any]:
+    if isinstance(v, list):
+        return v
+    raise ConfigError(path, f"expected a list, got {v!r:.80}")
+
+
+Spec = dict[str, tuple[Callable[[Any, str], Any], bool]]  # key -> (checker, required)
+
+_SOURCE: Spec = {
+    "files": (_files, False),
+    "iterable": (_str, False),
+    "items": (_items, False),
+    "shuffle": (_bool, False),
+    "seed": (_int(0), False),
+    "rank": (_int(0), False),
+    "world_size": (_int(1), False),
+    "shard": (_choice("pad", "drop"), False),
+}
+_SOURCE_KINDS = ("files", "iterable", "items")
+
+_OPTIONS: Spec = {
+    "timeout": (_number, False),
+    "handoff": (_int(1), False),
+    "group_size": (_int(1), False),
+    "use_uvloop": (_bool, False),
+    "stats_interval": (_number, False),
+    "on_stats": (_function, False),
+    "cpu_budget": (_int(1), False),
+    "memory_budget_bytes": (_size, False),
+}
+
+_STAGES: dict[str, Spec] = {
+    "read": {
+        "chunk_bytes": (_size, False),
+        "concurrency": (_int(1, auto=True), False),
+        "with_source": (_bool, False),
+    },
+    "prefetch": {"n": (_int(1, auto=True), True)},
+    "map": {
+        "fn": (_function, True),
+        "concurrency": (_int(1, auto=True), False),
+        "executor": (_choice("thread", "process", "async", "inline"), False),
+        "ordered": (_bool, False),
+        "name": (_str, False),
+    },
+    "batch": {
+        "batch_size": (_int(1), True),
+        "drop_last": (_bool, False),
+        "collate_fn": (_function, False),
+    },
+    "cache": {"max_bytes": (_size, True)},
+    "to_device": {"device": (_str, True), "pin_memory": (_bool, False)},
+}
+
+
+def _table(v: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise ConfigError(path, f"expected a table, got {type(v).__name__}: {v!r:.80}")
+    for k in v:
+        if not isinstance(k, str):
+            raise ConfigError(path, f"keys must be strings, got {k!r}")
+    return v
+
+
+def _check(table: Any, spec: Spec, path: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Validate ``table`` against ``spec``; return the converted values."""
+    t = _table(table, path)
+    out: dict[str, Any] = {}
+    for k, v in t.items():
+        if k in skip:
+            continue
+        if k not in spec:
+            keys = ", ".join(sorted(spec))
+            raise ConfigError(f"{path}.{k}", f"unknown key; expected one of {keys}")
+        out[k] = spec[k][0](v, f"{path}.{k}")
+    for k, (_, required) in spec.items():
+        if required and k not in t:
+            raise ConfigError(f"{path}.{k}", "required key missing")
+    return out
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a config file: ``.toml``, ``.json``, or ``.yaml``/``.yml`` (needs PyYAML).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: unknown suffix, or the file does not parse.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise ConfigError(
+            "", f"{p}: unknown config format {suffix or '(none)'!r}; use .toml, .json or .yaml"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such config file: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"{p}: is a folder, not a config file") from None
+    try:
+        if suffix == ".toml":
+            doc: Any = tomllib.loads(text)
+        elif suffix == ".json":
+            doc = json.loads(text)
+        else:
+            doc = _load_yaml(text, p)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        kind = "TOML" if suffix == ".toml" else "JSON"
+        raise ConfigError("", f"{p}: invalid {kind}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError("", f"{p}: expected a table at the top, got {type(doc).__name__}")
+    return doc
+
+
+def _load_yaml(text: str, p: Path) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(
+            "", f"{p}: reading YAML needs PyYAML: pip install 'iopipe[yaml]'"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        one_line = " ".join(str(exc).split())
+        raise ConfigError("", f"{p}: invalid YAML: {one_line}") from None
+
+
+def pipeline_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> Pipeline[Any]:
+    """Build a pipeline from a config mapping or file (see :meth:`Pipeline.from_config`)."""
+    from ._pipeline import Pipeline
+
+    doc = load_config(config) if isinstance(config, str | os.PathLike) else config
+    top = _table(doc, "")
+    for k in top:
+        if k not in ("source", "options", "stages"):
+            raise ConfigError(k, "unknown key; expected one of options, source, stages")
+    if "source" not in top:
+        raise ConfigError("source", "required key missing")
+    source = _check(top["source"], _SOURCE, "source")
+    kinds = [k for k in _SOURCE_KINDS if k in source]
+    if len(kinds) != 1:
+        raise ConfigError("source", "expected exactly one of 'files', 'iterable', 'items'")
+    options = _check(top.get("options", {}), _OPTIONS, "options")
+    stages = top.get("stages", [])
+    if not isinstance(stages, list):
+        raise ConfigError("stages", f"expected a list of tables, got {type(stages).__name__}")
+    specs = [_stage_spec(st, f"stages[{i}]") for i, st in enumerate(stages)]
+
+    kind = kinds[0]
+    what = source.pop(kind)
+    pipe: Pipeline[Any]
+    try:
+        if kind == "files":
+            pipe = Pipeline.from_files(what, **source, **options)
+        else:
+            items = what if kind == "items" else _iterable(what)
+            pipe = Pipeline.from_iterable(items, **source, **options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("source", str(exc)) from None
+    pipe._source.origin = {kind: what}
+    for i, (method, args) in enumerate(specs):
+        try:
+            pipe = getattr(pipe, method)(**args)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"stages[{i}]", str(exc)) from None
+    return pipe
+
+
+def _stage_spec(entry: Any, path: str) -> tuple[str, dict[str, Any]]:
+    t = _table(entry, path)
+    if "stage" not in t:
+        raise ConfigError(f"{path}.stage", "required key missing")
+    method = t["stage"]
+    if method not in _STAGES:
+        names = ", ".join(map(repr, _STAGES))
+        raise ConfigError(f"{path}.stage", f"unknown stage {method!r}; expected one of {names}")
+    return method, _check(t, _STAGES[method], path, skip=("stage",))
+
+
+def _iterable(name: str) -> Any:
+    obj: Any = resolve_function(name, "source.iterable") if ":" in name else None
+    if obj is None:
+        raise ConfigError("source.iterable", f"expected 'package.module:name', got {name!r}")
+    try:
+        iter(obj)
+    except TypeError:
+        obj = obj()  # a factory: called with no arguments
+    return obj
+
+
+# -- writing ---------------------------------------------------------------------------
+
+_METHOD = {
+    "read": "read",
+    "prefetch": "prefetch",
+    "map": "map",
+    "batch": "batch",
+    "cache": "cache",
+    "to_device": "to_device",
+}
+_FUNCTIONS = ("fn", "collate_fn", "on_stats")
+
+
+def pipeline_to_config(pipe: Pipeline[Any]) -> dict[str, Any]:
+    """Return the config of ``pipe`` as plain data (see :meth:`Pipeline.to_config`).
+
+    Raises:
+        ConfigError: a part cannot be written (a lambda as ``fn``, a source built
+            from an arbitrary iterable).
+    """
+    src = pipe._source
+    origin = getattr(src, "origin", None)
+    if origin is None:
+        items = src.items
+        if isinstance(items, list | tuple | range) and _plain(list(items)):
+            origin = {"items": list(items)}
+        else:
+            raise ConfigError(
+                "source",
+                f"a source built from a {type(items).__name__} cannot be written to a config; "
+                "use Pipeline.from_files or an 'iterable' named 'package.module:name'",
+            )
+    source: dict[str, Any] = dict(origin)
+    source.update({k: v for k, v in src.config().items() if v is not None})
+    options = {
+        "timeout": pipe._timeout,
+        "handoff": pipe._handoff,
+        "group_size": pipe._group_size,
+        "use_uvloop": pipe._use_uvloop,
+        "stats_interval": pipe._stats_interval,
+        "on_stats": pipe._on_stats,
+        "cpu_budget": pipe._cpu_budget,
+        "memory_budget_bytes": pipe._memory_budget_bytes,
+    }
+    out: dict[str, Any] = {
+        "source": source,
+        "options": _plain_values({k: v for k, v in options.items() if v is not None}, "options"),
+        "stages": [],
+    }
+    for i, stage in enumerate(pipe._stages):
+        if stage.kind not in _METHOD:
+            raise ConfigError(f"stages[{i}]", f"a {stage.kind!r} stage has no config form")
+        cfg: dict[str, Any] = {"stage": _METHOD[stage.kind], **stage.config()}
+        if stage.autotune:
+            cfg["n" if stage.kind == "prefetch" else "concurrency"] = "auto"
+        if stage.kind == "map" and not re.fullmatch(r"map(_\d+)?", stage.name):
+            cfg["name"] = stage.name
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        out["stages"].append(_plain_values(cfg, f"stages[{i}]"))
+    return out
+
+
+def _plain_values(table: dict[str, Any], path: str) -> dict[str, Any]:
+    """Replace functions by their names; check everything left is plain data."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if k in _FUNCTIONS and callable(v):
+            v = function_name(v, f"{path}.{k}")
+        if not _plain([v]):
+            raise ConfigError(f"{path}.{k}", f"{v!r:.80} cannot be written to a config")
+        out[k] = v
+    return out
+
+
+def _plain(values: list[Any]) -> bool:
+    for v in values:
+        if isinstance(v, list):
+            if not _plain(v):
+                return False
+        elif not isinstance(v, str | int | float | bool):
+            return False
+    return True
