@@ -229,10 +229,14 @@ class _EpochIterator(Generic[T]):
         self._buf, self._i, self._counts = [], 0, None
         if ep.finished:
             raise StopIteration
+        if self._pipe._closed:
+            raise PipelineClosedError("this pipeline was closed")
         try:
             group = self._get()
-        except BaseException:
+        except BaseException as exc:
             self._close()
+            if self._pipe._closed and isinstance(exc, RuntimeError):  # close() from elsewhere
+                raise PipelineClosedError("this pipeline was closed") from None
             raise
         if group is END:
             ep.finished = True
@@ -258,6 +262,9 @@ class _EpochIterator(Generic[T]):
                 return group
 
     def _close(self) -> None:
+        if self._i < len(self._buf):  # stopped early: drop what is buffered, keep the count
+            self._ep.consumed = self.consumed()
+            self._buf, self._i, self._counts = [], 0, None
         self._finalizer()
 
 
@@ -611,6 +618,7 @@ class Pipeline(Generic[T]):
         if epoch < 0 or consumed < 0:
             raise ValueError(f"not a Pipeline state: {state!r:.200}")
         self._stop_current()
+        self._current = None  # state_dict() now reports the loaded state
         self._epoch, self._skip = epoch, consumed
 
     # -- introspection and lifecycle --------------------------------------------
