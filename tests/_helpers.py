@@ -36,7 +36,7 @@ import torch
 from iopipe import Pipeline, PipelineClosedError, StageError
 from iopipe._errors import item_label
 from iopipe._queue import END, Group, GroupQueue
-from iopipe.stages._base import Stage
+from iopipe.stages._base import Stage, leaf_errors
 from iopipe.stages.source import Source
 
 PipeFactory = Callable[[], Pipeline[Any]]
@@ -231,6 +231,12 @@ async def settle(ticks: int = 200) -> None:
         await asyncio.sleep(0)
 
 
+def _lone(eg: BaseExceptionGroup[Any]) -> BaseException:
+    """The one real failure inside a task group's error (the stage's own), else the group."""
+    leaves = [e for e in leaf_errors(eg) if not isinstance(e, asyncio.CancelledError)]
+    return leaves[0] if len(leaves) == 1 else eg
+
+
 async def run_stage(
     stage: Stage,
     groups: Sequence[Group],
@@ -267,6 +273,8 @@ async def run_stage(
             tg.create_task(feed())
             tg.create_task(st.run(inq, outq))
             tg.create_task(collect())
+    except BaseExceptionGroup as eg:
+        raise _lone(eg)  # noqa: B904 - "from" would replace a StageError's __cause__
     finally:
         st.close(10.0)
     return out
@@ -304,6 +312,8 @@ async def run_source(
         async with asyncio.timeout(STAGE_TIMEOUT_S), asyncio.TaskGroup() as tg:
             tg.create_task(source.produce(outq, epoch=epoch, skip=skip, group_size=group_size))
             tg.create_task(collect())
+    except BaseExceptionGroup as eg:
+        raise _lone(eg)  # noqa: B904 - "from" would replace a StageError's __cause__
     finally:
         source.close(10.0)
     return out

@@ -119,9 +119,8 @@ async def test_a_failing_generator_raises_out_of_produce() -> None:
         yield 1
         raise OSError("disk on fire")
 
-    with pytest.raises(ExceptionGroup) as info:
+    with pytest.raises(OSError, match="disk on fire"):
         await produce(broken())
-    assert info.group_contains(OSError, match="disk on fire")
 
 
 async def test_skip_resumes_after_the_first_items_for_every_kind() -> None:
