@@ -247,6 +247,9 @@ class flat_task_group:
             return await self._tg.__aexit__(et, exc, tb)
         except BaseExceptionGroup as eg:
             leaves = [e for e in leaf_errors(eg) if not isinstance(e, asyncio.CancelledError)]
+            # One failure can be raised twice: by a job's task and by the ordered
+            # emitter that awaits it.  Count each exception object once.
+            leaves = list({id(e): e for e in leaves}.values())
             if len(leaves) == 1:
                 raise leaves[0] from leaves[0].__cause__
             raise
