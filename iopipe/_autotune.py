@@ -96,18 +96,32 @@ class Knob:
 class HillClimber:
     """Coordinate-wise pattern search for integer settings that maximise a measured rate.
 
-    One knob at a time: from the accepted value ``x`` with step ``s`` (initially
-    ``x``, so the first moves double), try ``x + s`` and then ``x - s``; keep a
-    move up only if it beats the rate at ``x`` by more than ``tolerance``, a move
-    down (cheaper) as long as it stays within ``tolerance`` of the best rate seen
-    for this knob.  A successful move up doubles the step; when neither
-    direction pays the step halves, and at zero the knob is done.  Rounds over
-    all knobs repeat until one changes nothing (at most ``max_rounds``); then the
-    climber is :attr:`settled` and keeps the setting, unless the rate drifts by
-    more than ``drift`` for ``drift_windows`` windows in a row, which starts a new
-    search from the current setting (the workload changed: cold data got warm...).
+    One knob at a time, from the accepted value ``x`` with step ``s`` (initially
+    ``x``, so the first moves double): try ``x + s`` and ``x - s``; a move that
+    pays is kept and a move up doubles the step; when neither pays the step
+    halves, and at zero the next knob's turn comes.  Two phases:
 
-    Deterministic: the same sequence of rates gives the same settings.
+    * **grow**: a move pays when its rate beats the best rate seen so far by
+      more than ``tolerance``.  Rounds over all knobs repeat while one changes
+      something (at most ``max_rounds``).  Only improvements move, so one knob
+      never gives up capacity another one needs (coordinate search that trims
+      too early strands itself: read lowered while decode was the bottleneck).
+      A round that changes nothing ends with a joint move, every knob raised
+      at once (doubled where the budget allows, else by one): two stages in
+      balance both bound throughput, and no single knob can show a gain.
+    * **trim**: one round in which a move down (cheaper) also pays when its rate
+      stays within ``tolerance`` of the best: the climber settles on the
+      cheapest setting within ``tolerance`` of the best it measured.
+
+    Every comparison is against the best rate of the whole search, so the
+    trimming losses never add up beyond ``tolerance``, and the search ends
+    (the best rate only grows, by more than ``tolerance`` per move up in rate).
+    Then the climber is :attr:`settled` and keeps its setting, unless the rate
+    drifts by more than ``drift`` for ``drift_windows`` windows in a row: the
+    workload changed (cold data got warm...) and a new search starts from the
+    current setting.
+
+    Deterministic and clock-free: the same rates give the same settings.
     """
 
     def __init__(
@@ -116,7 +130,7 @@ class HillClimber:
         *,
         feasible: Callable[[Mapping[str, int]], bool] | None = None,
         tolerance: float = 0.05,
-        max_rounds: int = 3,
+        max_rounds: int = 4,
         drift: float = 0.3,
         drift_windows: int = 3,
     ) -> None:
@@ -130,8 +144,8 @@ class HillClimber:
         self.drift_windows = drift_windows
         self._x = {k.name: k.start for k in knobs}  # accepted setting
         self._trial: dict[str, int] | None = None  # setting under measurement, if not _x
-        self._base: float | None = None  # rate at _x
-        self._best = 0.0  # best rate seen while searching the current knob
+        self._base: float | None = None  # rate measured at _x
+        self._best = 0.0  # best rate of this search
         self._step = 1
         self._dirs: list[int] = []
         self.settled = False
@@ -149,6 +163,11 @@ class HillClimber:
         """The accepted setting (what the pipeline settles on)."""
         return dict(self._x)
 
+    @property
+    def phase(self) -> str:
+        """``"grow"``, ``"trim"`` or ``"settled"``."""
+        return "settled" if self.settled else self._phase
+
     def observe(self, rate: float) -> dict[str, int]:
         """Record ``rate`` (items/s) measured under :attr:`setting`; return the next setting."""
         self.steps += 1
@@ -165,22 +184,23 @@ class HillClimber:
     # -- search -----------------------------------------------------------------------
     def _restart(self) -> None:
         self.settled = False
+        self._phase = "grow"
         self._round = 0
         self._changed = False
+        self._joint = False  # the trial under measurement raises every knob
         self._k = 0
         self._drifting = 0
         self._trial = None
-        self._base = None  # re-measure at the current setting first
+        self._base = None  # measure the current setting first
+        self._best = 0.0
         self._begin_knob()
 
     def _begin_knob(self) -> None:
-        knob = self.knobs[self._k]
-        self._step = max(1, self._x[knob.name])
-        self._dirs = [+1, -1]
-        self._best = self._base if self._base is not None else 0.0
+        self._step = max(1, self._x[self.knobs[self._k].name])
+        self._dirs = [+1, -1] if self._phase == "grow" else [-1, +1]
 
     def _propose(self) -> None:
-        """Set ``_trial`` to the next feasible candidate, moving on when the knob is done."""
+        """Set ``_trial`` to the next feasible candidate, moving on when a knob is done."""
         while True:
             knob = self.knobs[self._k]
             x = self._x[knob.name]
@@ -194,34 +214,72 @@ class HillClimber:
                 self._dirs.pop(0)
             self._step //= 2
             if self._step >= 1:
-                self._dirs = [+1, -1]
+                self._dirs = [+1, -1] if self._phase == "grow" else [-1, +1]
                 continue
             if not self._next_knob():
                 return
 
     def _next_knob(self) -> bool:
-        """Move to the next knob (or round); return False once settled."""
+        """Move to the next knob, round or phase.
+
+        Returns False when it stops proposing single-knob moves: settled, or a
+        joint move set as the trial.
+        """
         self._k += 1
-        if self._k == len(self.knobs):
-            self._k = 0
-            self._round += 1
-            if not self._changed or self._round >= self.max_rounds:
-                self.settled = True
-                self._trial = None
-                self._drifting = 0
+        if self._k < len(self.knobs):
+            self._begin_knob()
+            return True
+        self._k = 0
+        self._round += 1
+        if self._phase == "trim":
+            self.settled = True
+            self._trial = None
+            self._drifting = 0
+            return False
+        if not self._changed and self._round < self.max_rounds and len(self.knobs) > 1:
+            joint = self._joint_move()
+            if joint is not None:
+                self._trial, self._joint = joint, True
                 return False
-            self._changed = False
+        if not self._changed or self._round >= self.max_rounds:
+            self._phase = "trim"
+        self._changed = False
         self._begin_knob()
         return True
 
+    def _joint_move(self) -> dict[str, int] | None:
+        """Every knob raised at once as far as the budget allows, or None."""
+        out = dict(self._x)
+        for knob in self.knobs:
+            x = out[knob.name]
+            for cand in (min(knob.hi, 2 * x), min(knob.hi, x + 1)):
+                if cand > x and self._feasible({**out, knob.name: cand}):
+                    out[knob.name] = cand
+                    break
+        return out if out != self._x else None
+
+    def _judge_joint(self, rate: float) -> None:
+        ok = rate > self._best * (1 + self.tolerance)
+        self._best = max(self._best, rate)
+        self._joint = False
+        if ok:
+            self._x, self._base = self._trial or self._x, rate
+        else:
+            self._phase = "trim"  # nothing grows: trim from here
+        self._trial = None
+        self._changed = False
+        self._begin_knob()
+        self._propose()
+
     def _judge(self, rate: float) -> None:
         assert self._trial is not None
-        assert self._base is not None
+        if self._joint:
+            self._judge_joint(rate)
+            return
         knob = self.knobs[self._k]
         up = self._trial[knob.name] > self._x[knob.name]
-        if up:
-            ok = rate > self._base * (1 + self.tolerance)
-        else:
+        ok = rate > self._best * (1 + self.tolerance)
+        if not ok and self._phase == "trim" and not up:
             ok = rate >= self._best * (1 - self.tolerance)
         self._best = max(self._best, rate)
         if ok:
@@ -230,8 +288,7 @@ class HillClimber:
             self._changed = True
             if up:
                 self._step *= 2
-            # keep going the same way first
-            self._dirs = [+1, -1] if up else [-1, +1]
+            self._dirs = [+1, -1] if up else [-1, +1]  # keep going the same way first
         else:
             self._dirs.pop(0)
         self._trial = None
@@ -267,6 +324,7 @@ class AutoTuner:
         window_groups: int = WINDOW_GROUPS,
         window_min_s: float = WINDOW_MIN_S,
         settle_groups: int = SETTLE_GROUPS,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         from .stages.decode import Decoder
         from .stages.prefetch import Prefetcher
@@ -277,6 +335,7 @@ class AutoTuner:
         self.window_groups = window_groups
         self.window_min_s = window_min_s
         self.settle_groups = settle_groups
+        self._clock = clock
         self._stages: dict[str, Any] = {}
         self._cpu_knobs: list[str] = []
         self._prefetch_units: dict[str, int] = {}  # prefetch stage -> source items per group
@@ -342,7 +401,7 @@ class AutoTuner:
 
     def on_group(self, weight: int) -> None:
         """Count one group of ``weight`` source items handed to the consumer."""
-        now = time.perf_counter()
+        now = self._clock()
         if self._skip:
             self._skip -= 1
             if not self._skip:
