@@ -381,14 +381,20 @@ def shutdown_executor(ex: concurrent.futures.Executor | None, timeout: float) ->
     """Shut ``ex`` down, cancelling queued jobs and joining workers within ``timeout``."""
     if ex is None:
         return
+    # A process pool forgets its processes, manager thread and result pipe on
+    # shutdown(wait=False): take them first, so they can be joined and closed.
+    procs = dict(getattr(ex, "_processes", None) or {})
+    manager = getattr(ex, "_executor_manager_thread", None)
+    results = getattr(ex, "_result_queue", None)
     ex.shutdown(wait=False, cancel_futures=True)
     threads = getattr(ex, "_threads", ())
     deadline = time.monotonic() + timeout
-    for t in list(threads):
+    for t in [*threads, *([manager] if manager is not None else [])]:
         t.join(max(0.0, deadline - time.monotonic()))
-    procs = getattr(ex, "_processes", None) or {}
     for p in list(procs.values()):
         p.join(max(0.0, deadline - time.monotonic()))
+    if results is not None and not (manager is not None and manager.is_alive()):
+        results.close()  # what shutdown(wait=True) does once the manager is done
 
 
 class SpanFailure(Exception):
