@@ -212,8 +212,8 @@ def fail_on_seven(x: int) -> int:
     return fail_on(x, 7)
 
 
-def pid_of(_: Any) -> int:
-    return os.getpid()
+def square_and_pid(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
 
 
 # -- stage drivers (run on the test's event loop) ---------------------------------
@@ -274,7 +274,7 @@ async def run_stage(
             tg.create_task(st.run(inq, outq))
             tg.create_task(collect())
     except BaseExceptionGroup as eg:
-        raise _lone(eg)  # noqa: B904 - "from" would replace a StageError's __cause__
+        raise _lone(eg)  # not "from": that would replace a StageError's __cause__
     finally:
         st.close(10.0)
     return out
@@ -313,7 +313,7 @@ async def run_source(
             tg.create_task(source.produce(outq, epoch=epoch, skip=skip, group_size=group_size))
             tg.create_task(collect())
     except BaseExceptionGroup as eg:
-        raise _lone(eg)  # noqa: B904 - "from" would replace a StageError's __cause__
+        raise _lone(eg)  # not "from": that would replace a StageError's __cause__
     finally:
         source.close(10.0)
     return out
