@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ METRICS = (
     "peak_pss_mb",
     "peak_pss_anon_mb",
     "compute_s",
+    "foreign_cpu_frac",
 )
 
 
@@ -83,6 +85,41 @@ def prepare(paths: Sequence[str], temp: str) -> None:
         raise ValueError(f"temp must be 'warm' or 'cold', got {temp!r}")
 
 
+def machine_busy_s() -> tuple[float, float]:
+    """Return (busy, total) CPU seconds of the whole machine since boot, from /proc/stat.
+
+    Busy counts user, nice, system, irq, softirq and steal; total adds idle and iowait.
+    """
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:9]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = vals[3] + vals[4]
+    return (sum(vals) - idle) / tick, sum(vals) / tick
+
+
+def wait_for_quiet(max_wait_s: float, *, busy_frac: float = 0.25, probe_s: float = 0.5) -> float:
+    """Wait (at most ``max_wait_s``) until other processes use under ``busy_frac`` of the CPUs.
+
+    Several people share this 2-core machine; a case that starts while another job runs
+    measures that job as much as itself. Returns the last busy fraction seen.
+    """
+    deadline = time.monotonic() + max_wait_s
+    frac = 0.0
+    while True:
+        b0, t0 = machine_busy_s()
+        time.sleep(probe_s)
+        b1, t1 = machine_busy_s()
+        frac = (b1 - b0) / max(t1 - t0, 1e-9)
+        if frac < busy_frac or time.monotonic() >= deadline:
+            return frac
+
+
+def _own_cpu_s() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_case(
     case: Case,
     *,
@@ -90,9 +127,17 @@ def run_case(
     rep: int = 0,
     step_s: float = 0.0,
     timeout_s: float = CASE_TIMEOUT_S,
+    quiet_wait_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Prepare the page cache, run ``case`` in a fresh process and return its record."""
+    """Prepare the page cache, run ``case`` in a fresh process and return its record.
+
+    The record's ``foreign_cpu_frac`` is the share of the machine's CPU that other processes
+    used while the case ran (0 on a quiet machine): read it before trusting a number.
+    ``quiet_wait_s`` > 0 first waits up to that long for the machine to be quiet.
+    """
     prepare(_workloads.paths(case.workload, data_dir), case.temp)
+    if quiet_wait_s > 0:
+        wait_for_quiet(quiet_wait_s)
     spec = {
         "workload": case.workload,
         "system": case.system,
@@ -104,17 +149,22 @@ def run_case(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTHONHASHSEED", None)
     cmd = [sys.executable, "-m", "bench.case", json.dumps(spec)]
+    busy0, _ = machine_busy_s()
+    own0, wall0 = _own_cpu_s(), time.monotonic()
     try:
         proc = subprocess.run(
             cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
         )
     except subprocess.TimeoutExpired:
         return {**spec, "status": "error", "reason": f"timed out after {timeout_s:.0f} s"}
+    foreign = machine_busy_s()[0] - busy0 - (_own_cpu_s() - own0)
+    foreign_frac = max(0.0, foreign) / ((time.monotonic() - wall0) * (os.cpu_count() or 1))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {**spec, "status": "error", "reason": f"exit {proc.returncode}: {' | '.join(tail)}"}
     record: dict[str, Any] = json.loads(lines[-1])
+    record["foreign_cpu_frac"] = foreign_frac
     return record
 
 
@@ -123,6 +173,7 @@ def overlap_step(
     temp: str,
     *,
     runs: int = 1,
+    quiet_wait_s: float = 0.0,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> float:
     """Size the overlap workload's step: the plain loop's time per batch on small files.
@@ -133,7 +184,9 @@ def overlap_step(
     walls = []
     batches = 1
     for _ in range(max(1, runs)):
-        rec = run_case(Case("small_files", "plain", temp), data_dir=data_dir, rep=-1)
+        rec = run_case(
+            Case("small_files", "plain", temp), data_dir=data_dir, rep=-1, quiet_wait_s=quiet_wait_s
+        )
         if rec.get("status") != "ok":
             raise RuntimeError(f"overlap calibration failed: {rec.get('reason')}")
         if on_result is not None:
@@ -151,11 +204,13 @@ def run_matrix(
     repeats: int = 3,
     data_dir: Path,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    quiet_wait_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Run every (workload, temp, system) ``repeats`` times, interleaved; return all records.
 
     Systems that cannot run here get one record with status "unavailable" and are not run.
     The overlap workload's step is calibrated first, per temperature (see :func:`overlap_step`).
+    ``quiet_wait_s``: see :func:`run_case`.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
@@ -186,13 +241,20 @@ def run_matrix(
     steps = {}
     if "overlap" in workloads:
         for temp in temps:
-            steps[temp] = overlap_step(data_dir, temp, runs=min(repeats, 3), on_result=emit)
+            steps[temp] = overlap_step(
+                data_dir, temp, runs=min(repeats, 3), on_result=emit, quiet_wait_s=quiet_wait_s
+            )
     for rep in range(repeats):
         for wl in workloads:
             for temp in temps:
                 for name in runnable:
                     step = steps.get(temp, 0.0) if wl == "overlap" else 0.0
-                    emit(run_case(Case(wl, name, temp), data_dir=data_dir, rep=rep, step_s=step))
+                    case = Case(wl, name, temp)
+                    emit(
+                        run_case(
+                            case, data_dir=data_dir, rep=rep, step_s=step, quiet_wait_s=quiet_wait_s
+                        )
+                    )
     return records
 
 

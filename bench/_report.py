@@ -48,6 +48,11 @@ def _fmt_rate(x: float) -> str:
     return f"{x / 1000:.1f}k" if x >= 10_000 else f"{x:.0f}"
 
 
+def _busy(row: Row) -> str:
+    frac = row.get("foreign_cpu_frac", {}).get("max")
+    return "-" if frac is None or frac != frac else f"{frac * 100:.0f}"
+
+
 def table_rows(rows: Sequence[Row]) -> list[list[str]]:
     """Return the cells of the main table, one list per row."""
     out = []
@@ -73,6 +78,7 @@ def table_rows(rows: Sequence[Row]) -> list[list[str]]:
                 f"{row['peak_pss_anon_mb']['median']:.0f}",
                 _ratio(sps["median"], plain),
                 _ratio(sps["median"], _best_torch(rows, wl, temp)),
+                _busy(row),
                 ("ok" if row["checksum_ok"] else "MISMATCH") + f" ({row['runs']})",
             ]
         )
@@ -93,6 +99,7 @@ HEADER = [
     "anon PSS MB",
     "x plain",
     "x torch",
+    "other CPU %",
     "checksum (runs)",
 ]
 
@@ -152,11 +159,11 @@ OVERLAP_HEADER = [
 
 
 def _target(label: str, value: float | None, limit: float, *, at_most: bool = False) -> str:
-    if value is None:
-        return f"- {label}: n/a"
-    ok = value <= limit if at_most else value >= limit
     sign = "<=" if at_most else ">="
-    return f"- {label}: {value:.2f} (target {sign} {limit}) {'met' if ok else 'NOT met'}"
+    if value is None:
+        return f"| {label} | n/a | {sign} {limit} | not measured |"
+    ok = value <= limit if at_most else value >= limit
+    return f"| {label} | {value:.2f} | {sign} {limit} | {'met' if ok else '**not met**'} |"
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -344,11 +351,15 @@ def markdown(
         "RSS and PSS: peak of the sum over the process tree (RSS double-counts pages shared "
         "with forked workers; PSS splits them). anon PSS leaves out file-backed pages "
         "(shared libraries such as libtorch, whose share depends on how many other processes "
-        "on the machine map them): the memory the loader itself allocates.",
+        "on the machine map them): the memory the loader itself allocates. A memory-mapped "
+        "file's pages that a process touched count in its RSS and PSS (tokens, plain loop).",
         "- Checksum: sum of every delivered batch's uint64 words mod 2^64 (order-independent); "
         "`ok` means every run of the row equals the plain loop's. Ratios: `x plain` against "
         "the plain loop, `x torch` against the better of torch-w0 and torch-w2, same "
         "workload and temperature.",
+        "- other CPU %: the largest share of the machine's CPU that other processes (not the "
+        "case, not the harness) used during one run of the row, from /proc/stat. Several "
+        "people share this 2-core machine; rows with a high share are suspect.",
         "- `torch.set_num_threads(1)` in every case process (`bench/case.py`); DataLoader "
         "workers get one thread from torch itself.",
     ]
@@ -367,7 +378,7 @@ def markdown(
         lines += _md_table(OVERLAP_HEADER, ov)
         lines.append("")
     lines += ["## Issue 6 targets for iopipe (this run)", ""]
-    lines += targets(rows)
+    lines += ["| ratio | measured | target | verdict |", "|---|---|---|---|", *targets(rows)]
     lines.append("")
     for title, text in extra_sections:
         lines += [f"## {title}", "", text.rstrip(), ""]

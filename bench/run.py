@@ -55,7 +55,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temps", default="warm,cold", help="warm,cold (default both)")
     p.add_argument("--md", type=Path, default=None, help="report path (default: see above)")
     p.add_argument("--png", type=Path, default=None, help="chart path (default: beside --md)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        help="before each case wait up to this many seconds for other jobs to go quiet "
+        "(default 2, quick 0)",
+    )
     p.add_argument("--data-root", type=Path, default=gen_data.ROOT, help="where data sets live")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="RAW_JSON",
+        help="run nothing: rewrite the report from a run's saved records (bench/results/run-*.json)",
+    )
     return p.parse_args(argv)
 
 
@@ -72,29 +86,35 @@ def _progress(total: int) -> Any:
             return
         print(
             f"{head} {rec['samples_per_s']:>9.0f} samples/s  ttfb {rec['ttfb_s'] * 1e3:6.0f} ms"
-            f"  cpu {rec['cpu_s']:5.2f} s  pss {rec['peak_pss_mb']:4.0f} MB  {rec['checksum']}",
+            f"  cpu {rec['cpu_s']:5.2f} s  pss {rec['peak_pss_mb']:4.0f} MB  {rec['checksum']}"
+            f"  other cpu {rec.get('foreign_cpu_frac', 0) * 100:3.0f}%",
             flush=True,
         )
 
     return show
 
 
-def run_checkpoint(quick: bool) -> str:
-    """Run ``bench/bench_checkpoint.py`` (issue 5's bench, not ours) and return its output."""
+def run_checkpoint(quick: bool, repeats: int) -> str:
+    """Run ``bench/bench_checkpoint.py`` (issue 5's bench, not ours) and return its output.
+
+    It gets ``--quick`` on a quick run when it accepts it, and ``--repeats`` when it accepts
+    that; nothing else is assumed about its interface.
+    """
     cmd = [sys.executable, str(CHECKPOINT_SCRIPT)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if quick:
-        helptext = subprocess.run(
-            [*cmd, "--help"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        ).stdout
-        if "--quick" in helptext:
-            cmd.append("--quick")
+    helptext = subprocess.run(
+        [*cmd, "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
+    if quick and "--quick" in helptext:
+        cmd.append("--quick")
+    elif "--repeats" in helptext:
+        cmd += ["--repeats", str(repeats)]
     print(f"checkpoint: {shlex.join(cmd)}", flush=True)
     try:
         proc = subprocess.run(
@@ -139,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     command = os.environ.get("BENCH_COMMAND") or shlex.join(
         ["python", "-m", "bench.run", *(argv or sys.argv[1:])]
     )
+    if args.report_only is not None:
+        return write_report(json.loads(args.report_only.read_text()), md, png)
 
     matrix = [w for w in workloads if w != "checkpoint"]
     kinds = sorted({_workloads.KIND[w] for w in matrix})
@@ -164,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=repeats,
         data_dir=data_dir,
         on_result=_progress(total),
+        quiet_wait_s=args.quiet_wait if args.quiet_wait is not None else (0 if args.quick else 2),
     )
     extra = []
     if "checkpoint" in workloads:
@@ -171,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             extra.append(
                 (
                     "Checkpoint (bench/bench_checkpoint.py, issue 5)",
-                    "```\n" + run_checkpoint(args.quick) + "\n```",
+                    "```\n" + run_checkpoint(args.quick, repeats) + "\n```",
                 )
             )
         else:
@@ -180,17 +203,27 @@ def main(argv: list[str] | None = None) -> int:
             )
     elapsed = time.perf_counter() - t0
     load1 = os.getloadavg()
-    rows = _harness.summarize(records)
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    raw = RESULTS / time.strftime("run-%Y%m%d-%H%M%S.json")
-    raw.write_text(json.dumps({"command": command, "info": info, "records": records}, indent=1))
     info = {
         **info,
         "date": _harness.now_stamp(),
         "run": f"scale {scale:g}, {repeats} repeat(s), {elapsed / 60:.1f} min; load average "
         f"{load0[0]:.2f} at start, {load1[0]:.2f} at end (2 cores: other jobs skew results)",
     }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = RESULTS / time.strftime("run-%Y%m%d-%H%M%S.json")
+    saved = {"command": command, "info": info, "extra": extra, "records": records}
+    raw.write_text(json.dumps(saved, indent=1))
+    print(f"raw records: {raw}")
+    return write_report(saved, md, png)
+
+
+def write_report(saved: dict[str, Any], md: Path, png: Path) -> int:
+    """Print the table and write ``md`` and ``png`` from a run's saved records.
+
+    Returns:
+        1 when some system's checksum disagrees with the plain loop's, else 0.
+    """
+    rows = _harness.summarize(saved["records"])
     notes = []
     steps = {r["temp"]: r["step_s"] for r in rows if r["workload"] == "overlap" and "step_s" in r}
     if steps:
@@ -202,19 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     print(_report.console_table(rows))
     md.parent.mkdir(parents=True, exist_ok=True)
     _report.chart(rows, png)
-    rel_png = os.path.relpath(png, md.parent)
-    md.write_text(
-        _report.markdown(
-            rows, info=info, command=command, notes=notes, extra_sections=extra, png_name=rel_png
-        )
+    text = _report.markdown(
+        rows,
+        info=saved["info"],
+        command=saved["command"],
+        notes=notes,
+        extra_sections=[tuple(x) for x in saved.get("extra", [])],
+        png_name=os.path.relpath(png, md.parent),
     )
-    print(f"\nwrote {md} and {png} (raw records: {raw}) in {elapsed / 60:.1f} min")
+    md.write_text(text)
+    print(f"\nwrote {md} and {png}")
     bad = [r for r in rows if r.get("status") == "ok" and not r.get("checksum_ok")]
     if bad:
-        print(
-            "CHECKSUM MISMATCH: "
-            + ", ".join(f"{r['workload']}/{r['temp']}/{r['system']}" for r in bad)
-        )
+        names = ", ".join(f"{r['workload']}/{r['temp']}/{r['system']}" for r in bad)
+        print(f"CHECKSUM MISMATCH: {names}")
         return 1
     return 0
 
