@@ -558,7 +558,7 @@ class Pipeline(Generic[T]):
         """Start an epoch and return its iterator (stopping any epoch still running)."""
         rt = self._runtime()
         self._stop_current()
-        ep = _Epoch(rt, self._epoch, self._skip, self._handoff)
+        ep = _Epoch(rt, self._epoch, self._skip, _handoff_groups(rt, self._handoff))
         self._epoch += 1
         self._skip = 0
         self._last = ep
@@ -690,6 +690,24 @@ class Pipeline(Generic[T]):
     def __repr__(self) -> str:
         chain = " -> ".join(["source", *(s.name for s in self._stages)])
         return f"<iopipe.Pipeline {chain}>"
+
+
+def _handoff_groups(rt: _Runtime, handoff: int) -> int:
+    """Groups the hand-off holds: ``handoff``, or enough for a ``prefetch(n)`` ending the chain.
+
+    The last stage puts straight into the hand-off, so a final prefetcher's own
+    queue capacity would otherwise never apply.  (``max_items_in_flight`` already
+    counts that capacity.)
+    """
+    last = rt.stages[-1] if rt.stages else None
+    if not isinstance(last, Prefetcher):
+        return handoff
+    w = 1
+    for s in rt.stages:
+        if isinstance(s, Batcher):
+            w *= s.batch_size
+    unit = rt.group_size if w == 1 else w
+    return max(handoff, -(-last.n * w // unit))
 
 
 def _fresh_source(src: Source) -> Source:
