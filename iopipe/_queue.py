@@ -193,7 +193,9 @@ class Handoff:
         self._wake_loop = wake_loop
         self._cond = threading.Condition(threading.Lock())
         self._items: deque[Any] = deque()
-        self._space: asyncio.Future[None] | None = None  # set while the loop side waits
+        # One future per put() waiting for space: an unordered stage has several
+        # putters waiting at once, and each must be woken (a single slot lost them).
+        self._space: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self.wait_s = 0.0  # time the consumer spent blocked in get()
 
@@ -210,11 +212,12 @@ class Handoff:
                     self._cond.notify()
                     return
                 fut = asyncio.get_running_loop().create_future()
-                self._space = fut
+                self._space.append(fut)
             try:
                 await fut
             finally:
-                self._space = None
+                if fut in self._space:
+                    self._space.remove(fut)
 
     def _push(self, marker: Any) -> None:
         with self._cond:
@@ -230,9 +233,10 @@ class Handoff:
         self._push(_Failure(exc))
 
     def _notify_space(self) -> None:  # runs on the loop thread
-        fut = self._space
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        while self._space:
+            fut = self._space.popleft()
+            if not fut.done():
+                fut.set_result(None)
 
     # -- consumer side ---------------------------------------------------------
     def get(self, timeout: float | None, alive: Callable[[], bool]) -> Any:
@@ -263,7 +267,7 @@ class Handoff:
             item = self._items.popleft()
             if isinstance(item, Group):
                 self.counters.change(-1)
-            wake = self._space is not None
+            wake = bool(self._space)
         self.wait_s += time.perf_counter() - start
         if wake:
             self._wake_loop(self._notify_space)
@@ -277,6 +281,6 @@ class Handoff:
             self._closed = True
             self._items.clear()
             self._cond.notify_all()
-            wake = self._space is not None
+            wake = bool(self._space)
         if wake:
             self._wake_loop(self._notify_space)
