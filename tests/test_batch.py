@@ -217,9 +217,11 @@ def test_batch_pipeline_propagates_collate_errors() -> None:
         return items
 
     check_error_propagation(
-        lambda: Pipeline.from_iterable([f"k{i}" for i in range(30)])
-        .map(lambda k: int(k[1:]))
-        .batch(4, collate_fn=collate),
+        lambda: (
+            Pipeline.from_iterable([f"k{i}" for i in range(30)])
+            .map(lambda k: int(k[1:]))
+            .batch(4, collate_fn=collate)
+        ),
         stage="batch",
         item=BatchKey(3, "k12", "k15"),
         cause=RuntimeError,
