@@ -1,0 +1,552 @@
+"""DataLoader: a drop-in for ``torch.utils.data.DataLoader`` on iopipe's engine.
+
+It is a subclass of torch's class: construction (validation, default samplers,
+``collate_fn``, the attributes users read, ``len()``) is torch's own, so the
+same arguments give the same errors and the same index batches.  Only iteration
+differs: each epoch runs on a :class:`~iopipe.Pipeline` whose source yields the
+sampler's index batches and whose ``fetch`` stage calls ``__getitem__`` in
+worker threads (or awaits ``async def __getitem__`` on the loop); with
+``worker_type="process"`` the source instead drives torch's own worker
+processes.  See docs/dataloader.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import torch
+from torch.utils.data import DataLoader as _TorchDataLoader
+from torch.utils.data import IterableDataset
+
+from ._errors import StageError
+from ._loader_state import (
+    STATE_VERSION,
+    EpochPlan,
+    IndexStream,
+    RngState,
+    advance,
+    draw_base_seed,
+    parse_state,
+    rng_sources,
+)
+from ._pipeline import Pipeline
+from ._stats import PipelineStats
+from ._workers import (
+    NOTHING,
+    AsyncFeed,
+    AsyncMapFetcher,
+    Collate,
+    Failed,
+    Feed,
+    MapFetcher,
+    RankShard,
+    WorkerProcesses,
+    inner_loader,
+    iterable_batches,
+    numbered,
+    run_inline,
+)
+from .stages.source import SHARD_MODES, _shard_iter, resolve_rank
+
+__all__ = ["WORKER_TYPES", "DataLoader"]
+
+WORKER_TYPES = ("thread", "process", "main")
+
+
+def _is_async(dataset: Any) -> bool:
+    cls = type(dataset)
+    return inspect.iscoroutinefunction(
+        getattr(cls, "__getitem__", None)
+    ) or inspect.iscoroutinefunction(getattr(cls, "__getitems__", None))
+
+
+class DataLoader(_TorchDataLoader[Any]):
+    """torch's DataLoader, with iopipe's background loop doing the loading.
+
+    Takes every argument of ``torch.utils.data.DataLoader`` with the same meaning,
+    validation and resulting batches (same samplers, same RNG draws, same
+    collation), plus:
+
+    Args:
+        worker_type: ``"thread"`` (default): ``__getitem__`` runs in
+            ``max(1, num_workers)`` threads of this process, prefetched in the
+            background; ``num_workers=0`` still means one background thread, so
+            ``__getitem__`` is never called concurrently.  ``"process"``: torch's
+            own worker processes (for datasets that hold the GIL), iterated from a
+            background thread.  ``"main"``: in the thread that iterates, nothing
+            ahead (torch's ``num_workers=0``; for datasets that must stay on one
+            thread).
+        rank, world_size, shard: Iterable datasets only: deal the samples
+            round-robin over ``world_size`` ranks and keep this rank's share, of
+            equal length on every rank (``shard="pad"`` repeats samples from the
+            first round, ``"drop"`` drops the last incomplete round).  Sharding
+            is on when any of the three is given; missing ``rank``/``world_size``
+            come from the initialised ``torch.distributed`` group.  Map-style
+            datasets shard with ``DistributedSampler`` as with torch.
+
+    Iterating: one live iterator per loader (a new ``iter()`` ends the previous
+    epoch, whose iterator then raises).  :meth:`state_dict` and
+    :meth:`load_state_dict` resume exactly after the batches the consumer took.
+    :meth:`close` (or ``with``) stops the background threads at once; dropping
+    the loader does it too.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: Any = None,
+        batch_sampler: Any = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[Any], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        generator: torch.Generator | None = None,
+        *,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        worker_type: str = "thread",
+        rank: int | None = None,
+        world_size: int | None = None,
+        shard: str | None = None,
+    ) -> None:
+        if worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
+        if shard is not None and shard not in SHARD_MODES:
+            raise ValueError(f"shard must be one of {SHARD_MODES} or None, got {shard!r}")
+        if rank is not None or world_size is not None:
+            resolve_rank(rank, world_size)  # validate now; resolved again per epoch
+        # Read by check_worker_number_rationality() during torch's __init__.
+        self.worker_type = worker_type
+        super().__init__(
+            dataset,
+            batch_size,
+            shuffle,
+            sampler,
+            batch_sampler,
+            num_workers,
+            collate_fn,
+            pin_memory,
+            drop_last,
+            timeout,
+            worker_init_fn,
+            multiprocessing_context,
+            generator,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            pin_memory_device=pin_memory_device,
+            in_order=in_order,
+        )
+        self.rank, self.world_size = rank, world_size
+        self.shard = shard
+        self._sharded = shard is not None or rank is not None or world_size is not None
+        self._iterable = isinstance(self.dataset, IterableDataset)
+        if self._sharded and not self._iterable:
+            raise ValueError(
+                "rank, world_size and shard apply to iterable-style datasets; for a map-style "
+                "dataset pass sampler=torch.utils.data.DistributedSampler(dataset)"
+            )
+        if worker_type == "main" and timeout > 0:
+            raise ValueError(
+                f"timeout needs a background worker; got timeout={timeout!r} with worker_type='main'"
+            )
+        self._mode = worker_type if not (worker_type == "process" and num_workers == 0) else "main"
+        if worker_init_fn is not None and self._mode == "thread":
+            warnings.warn(
+                "iopipe.DataLoader: worker_init_fn is called in worker processes only "
+                "(worker_type='process'); thread workers share this process and never call it",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._async = not self._iterable and _is_async(self.dataset)
+        if self._async and self._mode != "thread":
+            raise ValueError(
+                f"an async def __getitem__ needs worker_type='thread', got worker_type={worker_type!r}"
+            )
+        if self._iterable:
+            self._gens: list[torch.Generator] = [generator] if generator is not None else []
+            self._use_global = False
+        else:
+            self._gens, self._use_global = rng_sources(generator, self._index_sampler)
+        self._stream = IndexStream(
+            self._index_sampler, self._gens, self._use_global, record=self._mode == "process"
+        )
+        self._epoch = 0
+        self._iterators = 0  # iterators this instance created (torch's persistent-worker rule)
+        self._plan: EpochPlan | None = None
+        self._pending: tuple[int, int, bool, RngState | None, bool] | None = None
+        self._pipe: Pipeline[Any] | None = None
+        self._feed: Feed | None = None
+        self._inner: _TorchDataLoader[Any] | None = None
+        self._procs = WorkerProcesses(persistent_workers)
+
+    # -- torch hooks -------------------------------------------------------------
+    def check_worker_number_rationality(self) -> None:
+        """Warn about too many worker processes, as torch does (process workers only)."""
+        if self.worker_type == "process":
+            super().check_worker_number_rationality()
+
+    def __len__(self) -> int:
+        """Batches per epoch, as torch computes it (per rank when sharding an iterable)."""
+        if not (self._iterable and self._sharded):
+            return super().__len__()
+        n = len(self.dataset)  # type: ignore[arg-type]
+        _, world = resolve_rank(self.rank, self.world_size)
+        n = -(-n // world) if self._shard_mode == "pad" else n // world
+        if self.batch_size is None:
+            return n
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def _shard_mode(self) -> str:
+        return self.shard or "pad"
+
+    # -- iteration -------------------------------------------------------------
+    def __iter__(self) -> _LoaderIter:  # type: ignore[override]
+        """Start an epoch (ending the previous one) and return its iterator.
+
+        The RNG draws of the epoch (base seed, sampler) happen here, in the
+        calling thread, in torch's order.
+        """
+        self._end_epoch()
+        self._pin_warnings()
+        new_workers = self._mode == "process" and self._procs.will_start
+        plan, hand_draw, pre_global = self._plan_epoch(new_workers)
+        try:
+            batches = self._start(plan, hand_draw)
+        finally:
+            if pre_global is not None:
+                torch.set_rng_state(pre_global)
+        self._iterators += 1
+        self._plan = plan
+        it = _LoaderIter(self, batches, plan, engine=self._mode != "main")
+        stop = self._procs.stop_event
+        if stop is not None:  # a dropped iterator releases the source thread
+            weakref.finalize(it, stop.set)
+        return it
+
+    def _plan_epoch(self, new_workers: bool) -> tuple[EpochPlan, bool, torch.Tensor | None]:
+        """Decide the epoch's RNG replay; return (plan, draw the base seed by hand, global RNG to restore).
+
+        torch draws a base seed for every new iterator: each epoch, or only the
+        first with persistent workers.  Worker processes draw it inside torch;
+        otherwise we draw it by hand.  A resumed state says whether the
+        uninterrupted run would draw it; a draw torch makes that the run would not
+        is undone by setting the pre-draw state at the sampler's start.
+        """
+        plan = EpochPlan(self._epoch)
+        self._epoch += 1
+        pending, self._pending = self._pending, None
+        should_draw = not (self.persistent_workers and self._iterators > 0)
+        pre_global = None
+        if pending is not None:
+            _, batches, in_epoch, rng, base_seed = pending
+            plan.skip = batches
+            plan.at_start = rng
+            if in_epoch:
+                # The epoch's draws happened before the state was taken: replay them
+                # and leave the global RNG as the caller has it now.
+                pre_global = torch.get_rng_state()
+            else:
+                should_draw = base_seed
+        auto_draw = new_workers
+        if auto_draw and not should_draw and pre_global is None:
+            at = plan.at_start or RngState.capture(self._gens, False)
+            if self.generator is None:
+                at = RngState(at.generators, RngState.capture([], True).global_state)
+            plan.at_start = at
+        return plan, should_draw and not auto_draw, pre_global
+
+    def _start(self, plan: EpochPlan, hand_draw: bool) -> Iterator[Any]:
+        """Run the epoch's set-up in this thread; return the iterator of its batches."""
+        if self._mode == "process":
+            return self._start_process(plan, hand_draw)
+        if self._iterable:
+            if hand_draw:
+                draw_base_seed(self.generator)
+            self._at_sampler_start(plan)
+            jobs: Iterator[Any] = iterable_batches(
+                self._dataset_iter(), self.batch_size, self.drop_last, plan.skip
+            )
+        else:
+            self._stream.plan = plan
+            gen = iter(self._stream)
+            if hand_draw:
+                draw_base_seed(self.generator)
+            first = next(gen, NOTHING)  # the sampler's own draws happen here
+            jobs = numbered(first, gen, plan.skip)
+        if self._mode == "main":
+            return run_inline(self._job_fn(), jobs, self._pin_now())
+        pipe = self._pipeline()
+        assert self._feed is not None
+        self._feed.current = jobs
+        return iter(pipe)
+
+    def _at_sampler_start(self, plan: EpochPlan) -> None:
+        """Iterable datasets: replay and snapshot the generator where a sampler would start."""
+        if plan.at_start is not None:
+            plan.at_start.apply(self._gens)
+        if self._gens:
+            plan.snapshot = RngState.capture(self._gens, False)
+
+    def _dataset_iter(self) -> Iterator[Any]:
+        it = iter(self.dataset)
+        if self._sharded:
+            rank, world = resolve_rank(self.rank, self.world_size)
+            it = _shard_iter(it, rank, world, self._shard_mode)
+        return it
+
+    def _job_fn(self) -> Callable[[Any], Any]:
+        if self._iterable:
+            return Collate(self.collate_fn)
+        return MapFetcher(self.dataset, self.collate_fn, self._auto_collation)
+
+    def _pin_now(self) -> bool:
+        return bool(self.pin_memory) and torch.cuda.is_available()
+
+    def _pipeline(self) -> Pipeline[Any]:
+        """Build the loader's pipeline once; its threads live until :meth:`close`."""
+        if self._pipe is not None:
+            return self._pipe
+        feed = AsyncFeed() if self._mode == "thread" and not self._iterable else Feed()
+        conc = max(1, self.num_workers)
+        # Batches ready for the consumer; up to 2 * conc more are being fetched.
+        handoff = 2 if self._mode == "process" else max(1, self.prefetch_factor or 2)
+        pipe: Pipeline[Any] = Pipeline.from_iterable(
+            feed,
+            rank=0,  # never re-shard the index batches (the sampler already did)
+            world_size=1,
+            group_size=1,
+            handoff=handoff,
+            timeout=self.timeout if self.timeout > 0 else None,
+        )
+        if self._mode == "thread":
+            ordered = bool(self.in_order)
+            if self._async:
+                fetcher = AsyncMapFetcher(self.dataset, self.collate_fn, self._auto_collation)
+                pipe = pipe.map(
+                    fetcher, concurrency=conc, executor="async", ordered=ordered, name="fetch"
+                )
+                pipe = pipe.map(Collate(self.collate_fn), concurrency=1, name="collate")
+            elif self._iterable:
+                pipe = pipe.map(Collate(self.collate_fn), concurrency=conc, name="collate")
+            else:
+                pipe = pipe.map(
+                    self._job_fn(),
+                    concurrency=conc,
+                    executor="thread",
+                    ordered=ordered,
+                    name="fetch",
+                )
+            if self.pin_memory:
+                pipe = pipe.to_device("cpu", pin_memory=True)
+        self._pipe, self._feed = pipe, feed
+        return pipe
+
+    # -- worker processes ---------------------------------------------------------
+    def _start_process(self, plan: EpochPlan, hand_draw: bool) -> Iterator[Any]:
+        self._stream.plan = plan
+        if self._inner is None:
+            dataset = self.dataset
+            if self._sharded:
+                dataset = RankShard(
+                    dataset, *resolve_rank(self.rank, self.world_size), self._shard_mode
+                )
+            self._inner = inner_loader(self, dataset, self._stream)
+        driver = self._procs.start_epoch(
+            self._inner, plan, drop=plan.skip if self._iterable else 0, hand_draw=hand_draw
+        )
+        if self._iterable:
+            self._at_sampler_start(plan)
+        pipe = self._pipeline()
+        assert self._feed is not None
+        self._feed.current = driver
+        return iter(pipe)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def _end_epoch(self) -> None:
+        """Retire the current epoch's iterator and stop what feeds it."""
+        plan = self._plan
+        if plan is not None and not plan.finished:
+            plan.superseded = True
+        if self._pipe is not None:
+            self._pipe._stop_current()  # stop prefetching for an iterator nobody may read
+        self._procs.end_epoch()
+
+    def close(self) -> None:
+        """Stop the epoch in progress and release every thread and worker process.
+
+        Idempotent; the loader can be iterated again afterwards (threads and
+        workers start again).  Waits at most about 10 s for work in flight.
+        """
+        self._end_epoch()
+        pipe, self._pipe, self._feed = self._pipe, None, None
+        if pipe is not None:
+            pipe.close()
+        self._procs.close()
+
+    def __enter__(self) -> DataLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> PipelineStats:
+        """Per-stage statistics of the current (or last) epoch; see :class:`~iopipe.Pipeline`."""
+        if self._pipe is None:
+            return PipelineStats((), 0.0, 0, 0.0, self._epoch)
+        return self._pipe.stats()
+
+    def _pin_warnings(self) -> None:
+        # The warnings torch's iterator gives (in _BaseDataLoaderIter.__init__).
+        if self._mode == "process" or not self.pin_memory:
+            return
+        if self.pin_memory_device:
+            warnings.warn(
+                "pin_memory_device is deprecated, the current accelerator will be used as the "
+                f"device,ignore pin_memory_device='{self.pin_memory_device}'.",
+                stacklevel=3,
+            )
+        if not torch.accelerator.is_available():
+            warnings.warn(
+                "'pin_memory' argument is set as true but no accelerator is found, "
+                "then device pinned memory won't be used.",
+                stacklevel=3,
+            )
+
+    # -- state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Return where the consumer stands, small and JSON/pickle-serialisable.
+
+        Counts the batches the consumer took (not those prefetched).  Holds the
+        epoch number, the batches consumed in it, and the RNG states its sampler
+        started from (base64), never sample data.
+        """
+        if self._pending is not None:
+            epoch, batches, in_epoch, rng, base_seed = self._pending
+            return _state(epoch, batches, in_epoch, rng, base_seed)
+        plan = self._plan
+        if plan is not None and not plan.finished:
+            return _state(plan.epoch, plan.consumed, True, plan.snapshot, True)
+        # Between epochs: record the generators as the next epoch's sampler will find them.
+        base_seed = not (self.persistent_workers and self._iterators > 0)
+        rng = None
+        if self._gens:
+            states = list(RngState.capture(self._gens, False).generators)
+            if self.generator is not None and base_seed:
+                states[0] = advance(states[0])
+            rng = RngState(tuple(states), None)
+        return _state(self._epoch, 0, False, rng, base_seed)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next ``iter()`` resume from ``state`` (see :meth:`state_dict`).
+
+        The resumed epoch yields exactly the batches the uninterrupted run yields
+        after the ones counted in ``state`` (same sampler arguments required;
+        ``DistributedSampler.set_epoch`` is the caller's, as with torch).
+
+        Raises:
+            ValueError: ``state`` is malformed or does not fit this loader.
+        """
+        epoch, batches, in_epoch, rng, base_seed = parse_state(state)
+        parsed = None if rng is None else RngState.from_json(rng, len(self._gens))
+        if parsed is not None and parsed.global_state is not None and not self._use_global:
+            parsed = RngState(parsed.generators, None)
+        self._end_epoch()
+        self._plan = None
+        self._epoch = epoch
+        self._pending = (epoch, batches, in_epoch, parsed, base_seed)
+
+    def __repr__(self) -> str:
+        return (
+            f"<iopipe.DataLoader batch_size={self.batch_size} num_workers={self.num_workers} "
+            f"worker_type={self.worker_type!r}>"
+        )
+
+
+def _state(
+    epoch: int, batches: int, in_epoch: bool, rng: RngState | None, base_seed: bool
+) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "epoch": epoch,
+        "batches": batches,
+        "in_epoch": in_epoch,
+        "base_seed": base_seed,
+        "rng": None if rng is None else rng.to_json(),
+    }
+
+
+class _LoaderIter:
+    """One epoch of a :class:`DataLoader`: batches in sampler order.
+
+    Counts what the consumer takes (for ``state_dict``).  An error in
+    ``__getitem__`` is raised as itself, with a note naming the batch and index;
+    a timeout raises torch's ``RuntimeError``, naming the stage where items wait.
+    """
+
+    def __init__(
+        self, loader: DataLoader, batches: Iterator[Any], plan: EpochPlan, *, engine: bool
+    ) -> None:
+        self._loader = loader
+        self._batches = batches
+        self._plan = plan
+        self._engine = engine  # errors come wrapped by the pipeline (else: raw, in this thread)
+
+    def __iter__(self) -> _LoaderIter:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __next__(self) -> Any:
+        plan = self._plan
+        if plan.superseded:
+            raise RuntimeError(
+                "this DataLoader iterator was ended by a newer iter(loader) (or close() / "
+                "load_state_dict()); iopipe.DataLoader runs one epoch at a time"
+            )
+        batch = self._next_batch()
+        plan.yielded += 1  # a failed batch counts: the consumer took its error
+        if isinstance(batch, Failed):
+            raise batch.exc
+        return batch
+
+    def _next_batch(self) -> Any:
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self._plan.finished = True
+            raise
+        except (StageError, TimeoutError) as exc:
+            if not self._engine:  # worker_type="main": the user's own exception
+                raise
+            err = exc
+        _reraise(err, self._loader)
+
+
+def _reraise(err: BaseException, loader: DataLoader) -> NoReturn:
+    """Raise what the consumer should see for a pipeline error (outside any except block)."""
+    if isinstance(err, TimeoutError):
+        detail = str(err).removeprefix("iopipe: ")
+        if loader._mode == "process":
+            detail += " (the torch worker processes)"
+        raise RuntimeError(
+            f"DataLoader timed out after {loader.timeout} seconds: {detail}"
+        ) from err
+    cause = err.__cause__
+    if isinstance(err, StageError) and cause is not None:
+        # The user's own exception (so `except KeyError:` works as with torch);
+        # its notes name the batch and index.
+        raise cause
+    raise err
