@@ -11,6 +11,8 @@ are private):
 - ``_verdict``   the bottleneck verdict and periodic stats reports
 - ``_config``    pipelines from config files (TOML, JSON, YAML) and back
 - ``_autotune``  ``concurrency="auto"``: the hill-climbing controller
+- ``_loader``    DataLoader: torch's DataLoader on the engine (``_loader_state``:
+                 resume; ``_workers``: worker jobs and torch's worker processes)
 - ``_probe``, ``_cli``  the ``iopipe`` command (``probe``, ``run``)
 - ``stages/``    one stage per module: source, reader, prefetch, decode, batch,
                  cache, device
@@ -19,6 +21,7 @@ are private):
 
 from ._config import ConfigError
 from ._errors import IopipeError, PipelineClosedError, StageError
+from ._loader import DataLoader
 from ._pipeline import Pipeline
 from ._stats import PipelineStats, StageStats
 from ._verdict import Verdict, bottleneck
@@ -38,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DataLoader",
     "IopipeError",
     "LoadResult",
     "Pipeline",
