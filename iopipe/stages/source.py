@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import StageError
 from .._queue import END, Group
 from .._stats import StageCounters
 from ._base import OutQueue, shutdown_executor
@@ -255,11 +256,18 @@ class Source:
     async def produce(
         self, outq: OutQueue, *, epoch: int, skip: int, group_size: int, cache: Any = None
     ) -> None:
-        """Put this epoch's groups on ``outq`` (skipping the first ``skip`` items), then END."""
-        if self.sized:
-            await self._produce_sized(outq, epoch, skip, group_size, cache)
-        else:
-            await self._produce_iter(outq, skip, group_size, cache)
+        """Put this epoch's groups on ``outq`` (skipping the first ``skip`` items), then END.
+
+        Raises:
+            StageError: the items (a generator, a lazy sequence) raised; stage ``source``.
+        """
+        try:
+            if self.sized:
+                await self._produce_sized(outq, epoch, skip, group_size, cache)
+            else:
+                await self._produce_iter(outq, skip, group_size, cache)
+        except Exception as exc:
+            raise StageError(self.name, None, exc)
         await outq.put(END)
 
     async def _produce_sized(
