@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from iopipe import Pipeline
+from iopipe import Pipeline, StageError
 from iopipe.stages.source import Source, list_files, resolve_rank
 from tests._helpers import CountingSequence, items_of, keys_of, run_source
 
@@ -111,16 +111,19 @@ async def test_a_generator_is_pulled_in_a_worker_thread_not_on_the_loop() -> Non
     out = await produce(blocking(), group_size=1)
     await setter
     assert out == [0, 1]
-    assert threads and threads[0].startswith("iopipe-source")
+    assert len(threads) == 1
+    assert threads[0].startswith("iopipe-source")
 
 
-async def test_a_failing_generator_raises_out_of_produce() -> None:
+async def test_a_failing_generator_fails_the_source_stage() -> None:
     def broken() -> Iterator[int]:
         yield 1
         raise OSError("disk on fire")
 
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(StageError, match="disk on fire") as info:
         await produce(broken())
+    assert (info.value.stage, info.value.item) == ("source", None)
+    assert isinstance(info.value.__cause__, OSError)
 
 
 async def test_skip_resumes_after_the_first_items_for_every_kind() -> None:
