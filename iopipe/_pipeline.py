@@ -103,6 +103,7 @@ class _Runtime:
 
     async def run_epoch(self, ep: _Epoch) -> None:
         """Run the source and every stage until END reaches the consumer (loop thread)."""
+        ep.task = asyncio.current_task()
         self.source.counters.__init__("source", 1)  # type: ignore[misc]
         for s in self.stages:
             s.reset_counters()
@@ -167,6 +168,7 @@ class _Epoch:
         self.delivered = 0
         self.consumed = skip  # source items handed to the consumer, for state_dict
         self.finished = False
+        self.task: asyncio.Task[Any] | None = None  # run_epoch's task, once it runs
         self.future: concurrent.futures.Future[None] = rt.loop.submit(rt.run_epoch(self))
 
     def stop(self) -> None:
@@ -175,10 +177,20 @@ class _Epoch:
         fut = self.future
         if not fut.done():
             fut.cancel()  # cancels the task on the loop thread
-            try:
-                fut.result(_STOP_TIMEOUT_S)
-            except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, Exception):
-                pass
+        loop = self.rt.loop
+        if loop.in_loop_thread or not loop.alive or self.rt.closed:
+            return
+        # The future reads "cancelled" at once, while the task is still unwinding on
+        # the loop: wait there until it has (a task that never started is done).
+        try:
+            loop.submit(self._settled()).result(_STOP_TIMEOUT_S)
+        except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, RuntimeError):
+            pass
+
+    async def _settled(self) -> None:
+        task = self.task
+        if task is not None and not task.done():
+            await asyncio.wait([task])
 
     def stuck_stage(self) -> str:
         """Name the stage nearest the consumer that still holds work (for timeouts)."""
