@@ -117,7 +117,7 @@ class _Runtime:
         first = ins[0] if self.stages else sink
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(
+                src = tg.create_task(
                     self.source.produce(
                         first,
                         epoch=ep.epoch,
@@ -128,7 +128,9 @@ class _Runtime:
                     name="source",
                 )
                 for stage, inq, outq in zip(self.stages, ins, outs, strict=True):
-                    tg.create_task(stage.run(inq, outq), name=stage.name)
+                    task = tg.create_task(stage.run(inq, outq), name=stage.name)
+                    task.add_done_callback(ep.stage_done)
+                src.add_done_callback(ep.stage_done)
         except BaseExceptionGroup as eg:
             errors = [
                 _as_stage_error(e)
@@ -165,11 +167,17 @@ class _Epoch:
         self.queues: list[Any] = []
         self.started = time.perf_counter()
         self.ended: float | None = None
+        # When each stage finished (task name -> perf_counter): a stage's stats cover
+        # the time it ran, so one that finished early does not look busy meanwhile.
+        self.stage_ended: dict[str, float] = {}
         self.delivered = 0
         self.consumed = skip  # source items handed to the consumer, for state_dict
         self.finished = False
         self.task: asyncio.Task[Any] | None = None  # run_epoch's task, once it runs
         self.future: concurrent.futures.Future[None] = rt.loop.submit(rt.run_epoch(self))
+
+    def stage_done(self, task: asyncio.Task[Any]) -> None:
+        self.stage_ended[task.get_name()] = time.perf_counter()
 
     def stop(self) -> None:
         """Cancel whatever still runs of this epoch and wait for it (bounded)."""
@@ -675,7 +683,7 @@ class Pipeline(Generic[T]):
                     qc.mean() if qc else 0.0,
                     qc.used if qc else 0,
                     ep.started,
-                    ep.ended,
+                    ep.stage_ended.get(s.name, ep.ended),
                 )
             )
         elapsed = (ep.ended or time.perf_counter()) - ep.started

@@ -55,7 +55,8 @@ class StageStats:
         queue_capacity: Capacity of the stage's output queue, in items.
         queue_mean: Mean occupancy of that queue over the run, in items.
         queue_now: Items in that queue now.
-        elapsed_s: Seconds the pipeline has been running this epoch.
+        elapsed_s: Seconds the stage has been running this epoch (until it
+            finished, for a stage that is done).
         extra: Stage-specific figures (the cache's ``hits``, ``misses``, ``bytes_held``).
     """
 

@@ -13,7 +13,7 @@ How it decides (thresholds are module constants):
    (``busy_s / (elapsed_s * concurrency)``) and the share of the time it was
    neither waiting for input nor for room downstream: the second catches a
    stage whose effective concurrency is below its maximum (the reader's governor,
-   an autotuned limit).  The source or the reader bounding throughput is
+   an autotuned limit).  A stage that finished early counts as idle since.  The source or the reader bounding throughput is
    reported as the input side (kind ``"source"``), with the reads' I/O-wait share
    when the reader measured it.
 3. Otherwise there is no clear bottleneck: the consumer waits although no stage
@@ -81,12 +81,18 @@ class Verdict:
         return self.message
 
 
-def busy_share(s: StageStats) -> float:
-    """Return the share of ``s``'s time spent working (see the module docstring)."""
-    if s.elapsed_s <= 0:
+def busy_share(s: StageStats, elapsed_s: float | None = None) -> float:
+    """Return the share of the epoch's ``elapsed_s`` that ``s`` spent working.
+
+    ``elapsed_s`` defaults to the stage's own; a stage that finished early (its
+    ``elapsed_s`` shorter than the pipeline's) counts as idle after it finished.
+    """
+    total = max(s.elapsed_s, elapsed_s or 0.0)
+    if total <= 0:
         return 0.0
-    waiting = min(1.0, max(s.wait_input_s, s.wait_output_s) / s.elapsed_s)
-    return max(s.utilization, 1.0 - waiting)
+    util = s.busy_s / (total * max(1, s.concurrency))
+    working = s.elapsed_s - max(s.wait_input_s, s.wait_output_s)
+    return min(1.0, max(util, working / total, 0.0))
 
 
 def _fill(s: StageStats) -> float:
@@ -128,7 +134,7 @@ def bottleneck(stats: PipelineStats) -> Verdict:
     """
     if not stats.stages or stats.elapsed_s <= 0 or stats.delivered == 0:
         return Verdict("none", None, message="no clear bottleneck: nothing delivered yet")
-    busy = {s.name: busy_share(s) for s in stats.stages}
+    busy = {s.name: busy_share(s, stats.elapsed_s) for s in stats.stages}
     ranked = sorted(busy.items(), key=lambda kv: kv[1], reverse=True)
     wait = stats.consumer_wait_share
     waited = f"the training loop waited {wait:.1%} of the time"

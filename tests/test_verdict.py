@@ -282,3 +282,17 @@ def test_a_failing_callback_is_logged_once_and_dropped(caplog: pytest.LogCapture
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "on_stats raised; it will not be called again" in errors[0].getMessage()
+
+
+def test_a_stage_that_finished_early_counts_as_idle_since() -> None:
+    # The source handed out everything in its first 0.1 s without ever waiting:
+    # over the 10 s epoch it was busy 1%, not 100%.
+    early = StageStats("source", 1, 1000, 0, 0.05, 0.0, 0.0, 100, 0.0, 0, 0.1)
+    assert busy_share(early) == 1.0  # over its own run
+    assert busy_share(early, ELAPSED) == pytest.approx(0.01)
+    stats = pstats(
+        early,
+        stage("map", busy=0.9, conc=2, wait_in=0.05),
+        wait=0.5,
+    )
+    assert bottleneck(stats).stage == "map"
