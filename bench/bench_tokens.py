@@ -159,9 +159,8 @@ class _MemmapWindows:
 def _run_dataloader(path: Path, args: argparse.Namespace, offsets: Any) -> int:
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(
-        _MemmapWindows(path, offsets, args.seq_len), batch_size=args.batch, num_workers=2
-    )
+    dataset: Any = _MemmapWindows(path, offsets, args.seq_len)
+    loader: Any = DataLoader(dataset, batch_size=args.batch, num_workers=2)
     rows = 0
     for x, _y in loader:
         rows += len(x)
@@ -297,13 +296,13 @@ def report(
     if "iopipe" in cases and "memmap" in cases:
         print("\ntargets: warm iopipe/memmap >= 0.8x, cold iopipe/memmap >= 1.0x")
         for mode, target in (("warm", 0.8), ("cold", 1.0)):
-            med = {
+            rate = {
                 c: statistics.median(r["wps"] for r in results[(c, mode)])
                 for c in ("iopipe", "memmap")
             }
-            ratio = med["iopipe"] / med["memmap"]
-            verdict = "ok" if ratio >= target else "MISSED"
-            print(f"  {mode}: {ratio:.2f}x (target >= {target}) {verdict}")
+            got = rate["iopipe"] / rate["memmap"]
+            verdict = "ok" if got >= target else "MISSED"
+            print(f"  {mode}: {got:.2f}x (target >= {target}) {verdict}")
 
 
 def main() -> None:

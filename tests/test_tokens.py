@@ -152,6 +152,17 @@ def test_len_and_drop_last(tmp_path: Path) -> None:
             assert len(got[-1][0]) == last
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_groups_of_any_size_are_recut_into_whole_batches(tmp_path: Path, drop_last: bool) -> None:
+    paths, data = _shards(tmp_path, [3000])
+    kw: dict[str, Any] = {"seq_len": 8, "batch_size": 5, "dtype": "uint16", "drop_last": drop_last}
+    with TokenShards(paths, group_size=7, **kw) as odd, TokenShards(paths, **kw) as usual:
+        got = list(odd)
+        assert_same(got, list(usual))
+        assert_same(got, _expected(data, odd.windows(0), 8, 5, drop_last))
+        assert len(got) == len(odd)
+
+
 def test_windows_per_epoch(tmp_path: Path) -> None:
     _shards(tmp_path, [500])
     with TokenShards(
@@ -558,8 +569,8 @@ def test_the_cold_path_reads_what_the_page_cache_lacked(
     def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
         advised.append((offset, length))
 
-    monkeypatch.setattr(_token_reader.os, "preadv", preadv)
-    monkeypatch.setattr(_token_reader.os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
     shard = np.array([0] * 6, dtype=np.int64)
     first = np.array([0, 11, 500, 1001, 2000, 3001], dtype=np.int64)
     ranges = WindowRanges(paths, shard, 2 * first, 2 * 17)
@@ -587,7 +598,7 @@ def test_without_rwf_nowait_every_read_is_plain(
             raise OSError(95, "Operation not supported")
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(_token_reader.os, "preadv", preadv)
+    monkeypatch.setattr(os, "preadv", preadv)
     ranges = WindowRanges(paths, np.zeros(2, np.int64), np.array([0, 200]), 2 * 9)
     raw = np.zeros((2, 9), np.uint16)
     xy = np.zeros((2, 2, 8), np.int64)

@@ -14,9 +14,10 @@ emits).  Per group of a few batches it:
 3. widens the raw rows into the int64 ``x`` and ``y`` arrays.
 
 Several groups are in process at once, so the cold reads of upcoming batches
-overlap instead of faulting page by page as ``np.memmap`` slicing does.  A thread
-per read was measured too: 32 threads reach the same cold throughput but spend
-several times the CPU on GIL hand-offs and per-job overhead (bench/bench_tokens.py).
+overlap instead of faulting page by page as ``np.memmap`` slicing does
+(bench/bench_tokens.py).  An earlier version fanned each group out over up to 32
+threads, a job per few reads: cold, it spent more than twice the CPU (GIL hand-offs,
+per-job overhead) and read no faster (docs/llm.md).
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ def read_group(
             elif rels is not None:
                 _scatter(rows, rels, dest, rawb)
             done += end - start
-        for read, fd, _, got in pending:
-            os.posix_fadvise(fd, read[1] + got, read[2] - read[1] - got, _WILLNEED)
+        if _WILLNEED:  # not on macOS: there the missing reads just run one by one
+            for read, fd, _, got in pending:
+                os.posix_fadvise(fd, read[1] + got, read[2] - read[1] - got, _WILLNEED)
         for read, fd, dest, _ in pending:
             shard, start, _, rows, rels = read
             # The whole range again (what was cached costs a copy): errors then

@@ -230,6 +230,9 @@ class TokenShards(Pipeline[tuple[torch.Tensor, torch.Tensor]]):
         shard, first = self.plan.windows(epoch, 0, len(self.plan))
         return np.stack([shard, first], axis=1)
 
+    def __enter__(self) -> TokenShards:
+        return self
+
     def __repr__(self) -> str:
         return (
             f"<iopipe.TokenShards {len(self.shards)} shards, {self.num_tokens} tokens, "
