@@ -548,6 +548,27 @@ def test_getitem_error_in_worker_process_names_batch() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("worker_type", "workers"), [("thread", 0), ("thread", 3), ("main", 0), ("process", 2)]
+)
+def test_iteration_goes_on_after_an_error_as_torch(worker_type: str, workers: int) -> None:
+    def steps(loader: Any) -> list[Any]:
+        out: list[Any] = []
+        it = iter(loader)
+        while True:
+            try:
+                out.append(next(it).tolist())
+            except StopIteration:
+                return out
+            except KeyError:
+                out.append("KeyError")
+
+    ref = steps(TorchLoader(Faulty(), batch_size=4))
+    with DataLoader(Faulty(), batch_size=4, num_workers=workers, worker_type=worker_type) as dl:
+        assert steps(dl) == ref
+        assert dl.state_dict()["epoch"] == 1  # the epoch ended normally
+
+
 def test_collate_error_names_batch() -> None:
     def bad_collate(batch: list[Any]) -> Any:
         if 9 in batch:
@@ -856,3 +877,42 @@ def test_iterable_rank_shards(shard: str) -> None:
 def test_public_export() -> None:
     assert iopipe.DataLoader is DataLoader
     assert "DataLoader" in iopipe.__all__
+
+
+def test_close_leaves_no_threads() -> None:
+    dl = DataLoader(Samples(_tensor), batch_size=4, num_workers=3)
+    it = iter(dl)
+    next(it)
+    assert any(t.name.startswith("iopipe-") for t in threading.enumerate())
+    dl.close()
+    dl.close()  # idempotent
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("iopipe-")]
+    assert len(list(dl)) == len(dl)  # usable again after close
+    dl.close()
+
+
+def test_stats_name_the_fetch_stage() -> None:
+    with DataLoader(Samples(_tensor), batch_size=4, num_workers=2) as dl:
+        assert len(list(dl)) == len(dl)
+        stats = dl.stats()
+    assert [s.name for s in stats.stages] == ["source", "fetch"]
+    assert stats.delivered == len(dl)
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_pipeline_unordered_map_delivers_everything(use_uvloop: bool) -> None:
+    # Regression (iopipe/_queue.py Handoff): several unordered jobs waiting for
+    # space in a full hand-off each must be woken; one slot lost all but the last.
+    async def agen() -> Any:
+        for i in range(40):
+            yield i
+
+    class Feed:
+        def __aiter__(self) -> Any:
+            return agen()
+
+    pipe = iopipe.Pipeline.from_iterable(
+        Feed(), group_size=1, timeout=30, use_uvloop=use_uvloop
+    ).map(lambda x: x, concurrency=4, ordered=False)
+    with pipe:
+        assert sorted(pipe) == list(range(40))
