@@ -168,12 +168,18 @@ def child(case: str, mode: str, folder: Path, opts: dict[str, Any]) -> None:
         _evict(shards)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS)
     before = _status("VmRSS")
+    cpu = os.times()
     start = time.perf_counter()
     result = _run_case(case, folder, shards, opts)
     elapsed = time.perf_counter() - start
+    cpu_s = sum(os.times()[:2]) - sum(cpu[:2])  # user + system, all threads
     peak = _status("VmHWM")
     del result
-    print(json.dumps({"gbps": total / elapsed / 1e9, "peak_mb": (peak - before) / 1e6}))
+    print(
+        json.dumps(
+            {"gbps": total / elapsed / 1e9, "peak_mb": (peak - before) / 1e6, "cpu_s": cpu_s}
+        )
+    )
 
 
 def spawn(case: str, mode: str, folder: Path, opts: dict[str, Any]) -> dict[str, float]:
@@ -214,13 +220,15 @@ def bench(folder: Path, repeats: int) -> dict[tuple[str, str], list[dict[str, fl
 def _fmt(runs: list[dict[str, float]]) -> tuple[float, str]:
     rates = [r["gbps"] for r in runs]
     peak = max(r["peak_mb"] for r in runs)
+    cpu = statistics.median(r["cpu_s"] for r in runs)
     med = statistics.median(rates)
-    return med, f"{med:6.2f}  ({min(rates):.2f}-{max(rates):.2f})  {peak:7.0f}"
+    return med, f"{med:6.2f}  {min(rates):5.2f}-{max(rates):<6.2f} {cpu:6.2f}  {peak:7.0f}"
 
 
 def report(results: dict[tuple[str, str], list[dict[str, float]]], total: int) -> None:
-    print(f"\ncheckpoint: {total / 1e9:.2f} GB in 2 shards; GB/s median (min-max); peak RSS MB")
-    print(f"{'case':10} {'mode':5} {'GB/s':>6}  {'(min-max)':12}  {'peak MB':>7}")
+    print(f"\ncheckpoint: {total / 1e9:.2f} GB in 2 shards")
+    print("GB/s: median and min-max; CPU s: user+system, median; peak MB: RSS growth, max")
+    print(f"{'case':10} {'mode':5} {'GB/s':>6}  {'min-max':11} {'CPU s':>6}  {'peak MB':>7}")
     med: dict[tuple[str, str], float] = {}
     for mode in ("cold", "warm"):
         for case in CASES:

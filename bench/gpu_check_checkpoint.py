@@ -80,6 +80,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, help="folder for the checkpoint (default: temp)")
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--sweep", type=int, nargs="*", default=[], help="also time these concurrency values"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("CUDA is not available", file=sys.stderr)
@@ -108,6 +111,15 @@ def main() -> int:
         print(f"iopipe cpu : {total / t_cpu / 1e9:6.2f} GB/s")
         print(f"iopipe cuda: {total / t_gpu / 1e9:6.2f} GB/s")
         print(f"safetensors load_file(device='cuda') (reference): {total / t_st / 1e9:6.2f} GB/s")
+        for threads in args.sweep:
+            for device in ("cpu", "cuda"):
+                _, t = timed(
+                    lambda d=device, n=threads: iopipe.load_checkpoint(  # type: ignore[misc]
+                        index, device=d, concurrency=n
+                    ),
+                    args.repeats,
+                )
+                print(f"  concurrency={threads:2} {device:4}: {total / t / 1e9:6.2f} GB/s")
         bad = same(ref, cpu) + same(cpu, gpu) + same(ref, streamed)
     if bad:
         print(f"MISMATCH in {len(bad)} tensors, e.g. {bad[:5]}", file=sys.stderr)

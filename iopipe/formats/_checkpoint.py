@@ -22,11 +22,12 @@ tensors; workers only fill buffers they were given.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +43,11 @@ MiB = 1 << 20
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * MiB
 #: Default bytes per read request (bench/bench_checkpoint.py picked it).
 DEFAULT_CHUNK_BYTES = 8 * MiB
-#: Default reads in flight (bench/bench_checkpoint.py picked it).
-DEFAULT_CONCURRENCY = 4
+#: Default reads in flight: None means one per CPU core, at least 4 and at most 16.
+#: Cold loads gain nothing past 4 on a 2-core VM (bench/bench_checkpoint.py --sweep);
+#: warm loads scale with cores (on 16 cores: 4 threads 10 GB/s, 16 threads 15 GB/s to
+#: CPU, 17 -> 30 GB/s to CUDA; bench/gpu_check_checkpoint.py --sweep 4 16).
+DEFAULT_CONCURRENCY: int | None = None
 #: Tensors at least this large get their own huge-page mapping (see _empty_cpu).
 _OWN_MAPPING_MIN_BYTES = 1 * MiB
 _ANON_FLAGS: int | None = (
@@ -145,9 +149,10 @@ def _validate(
     device: torch.device | str,
     dtype: torch.dtype | None,
     max_inflight_bytes: int,
-    concurrency: int,
+    concurrency: int | None,
     chunk_bytes: int,
-) -> torch.device:
+) -> tuple[torch.device, int]:
+    """Check the common arguments; return the device and the concurrency to use."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -158,6 +163,8 @@ def _validate(
         raise ValueError(f"device={device!r} but CUDA is not available")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+    if concurrency is None:
+        concurrency = _default_concurrency()
     for name, value in (
         ("max_inflight_bytes", max_inflight_bytes),
         ("concurrency", concurrency),
@@ -167,7 +174,12 @@ def _validate(
             raise TypeError(f"{name} must be an int, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    return dev
+    return dev, concurrency
+
+
+def _default_concurrency() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(4, min(16, cores or 4))
 
 
 class _Loader:
@@ -270,7 +282,7 @@ class _Loader:
             self._empty_cursor += 1
 
     # -- the loop -----------------------------------------------------------------
-    def run(self) -> Iterator[tuple[int, torch.Tensor]]:
+    def run(self) -> Generator[tuple[int, torch.Tensor], None, None]:
         """Yield ``(index into specs, finished tensor)`` in completion order."""
         self._empty_cursor = 0
         counter = itertools.count()
@@ -418,24 +430,27 @@ def _make_loader(
     dtype: torch.dtype | None,
     budget: bool,
     max_inflight_bytes: int,
-    concurrency: int,
+    concurrency: int | None,
     chunk_bytes: int,
 ) -> _Loader:
-    dev = _validate(device, dtype, max_inflight_bytes, concurrency, chunk_bytes)
+    dev, threads = _validate(device, dtype, max_inflight_bytes, concurrency, chunk_bytes)
     return _Loader(
         plan_checkpoint(path),
         device=dev,
         dtype=dtype,
         budget=max_inflight_bytes if budget else None,
         max_inflight_bytes=max_inflight_bytes,
-        concurrency=concurrency,
+        concurrency=threads,
         chunk_bytes=chunk_bytes,
     )
 
 
-def _named(loader: _Loader) -> Iterator[tuple[str, torch.Tensor]]:
-    for index, tensor in loader.run():
-        yield loader.specs[index].name, tensor
+def _named(loader: _Loader) -> Generator[tuple[str, torch.Tensor], None, None]:
+    # Close the inner generator explicitly: left to the garbage collector, its pool and
+    # files would outlive an early close() for as long as a traceback holds this frame.
+    with contextlib.closing(loader.run()) as pairs:
+        for index, tensor in pairs:
+            yield loader.specs[index].name, tensor
 
 
 def load_checkpoint(
@@ -444,7 +459,7 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int | None = DEFAULT_CONCURRENCY,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, torch.Tensor]:
     """Load a safetensors checkpoint into freshly allocated tensors.
@@ -464,7 +479,7 @@ def load_checkpoint(
         dtype: If given, floating-point tensors (float8 included) are cast to it after
             reading; integer, bool and complex tensors keep their dtype.
         max_inflight_bytes: Bound on the pinned staging ring (CUDA).
-        concurrency: Reads in flight at once.
+        concurrency: Reads in flight at once; default: one per CPU core, 4 to 16.
         chunk_bytes: Largest single read; adjacent small tensors share one read.
 
     Returns:
@@ -486,7 +501,8 @@ def load_checkpoint(
     )
     # Keys in file order, whatever order the reads complete in.
     out: dict[str, Any] = dict.fromkeys(spec.name for spec in loader.specs)
-    out.update(_named(loader))
+    with contextlib.closing(_named(loader)) as pairs:
+        out.update(pairs)
     return out
 
 
@@ -496,9 +512,9 @@ def iter_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int | None = DEFAULT_CONCURRENCY,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Generator[tuple[str, torch.Tensor], None, None]:
     """Yield ``(name, tensor)`` pairs as tensors finish loading, with bounded memory.
 
     Same arguments, reading and guarantees as :func:`load_checkpoint`. Headers and
@@ -506,8 +522,12 @@ def iter_checkpoint(
     order (roughly file order). Tensors allocated but not yet yielded never exceed
     ``max_inflight_bytes`` (one larger tensor is admitted alone), so memory beyond what
     the caller keeps stays bounded. Reads continue in the background while the caller
-    works on a yielded tensor. Closing the iterator early (``break``) waits for the
-    reads in flight and closes every file.
+    works on a yielded tensor.
+
+    The pool threads and open files live until the iterator is exhausted, fails, or is
+    closed; ``close()`` waits for the reads in flight, then closes every file. To stop
+    early without waiting for garbage collection, close it (``with
+    contextlib.closing(iter_checkpoint(path)) as pairs: ...``).
     """
     loader = _make_loader(
         path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -118,7 +119,7 @@ def load_into(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int | None = DEFAULT_CONCURRENCY,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> LoadResult:
     """Fill ``module``'s parameters and persistent buffers from a checkpoint.
@@ -157,7 +158,7 @@ def load_into(
             has been assigned then.
     """
     target = _default_device(module) if device is None else device
-    dev = _validate(target, dtype, max_inflight_bytes, concurrency, chunk_bytes)
+    dev, threads = _validate(target, dtype, max_inflight_bytes, concurrency, chunk_bytes)
     headers = plan_checkpoint(path)
     slots = _module_slots(module)
     aliases = _aliases(slots)
@@ -179,9 +180,10 @@ def load_into(
         dtype=dtype,
         budget=max_inflight_bytes,
         max_inflight_bytes=max_inflight_bytes,
-        concurrency=concurrency,
+        concurrency=threads,
         chunk_bytes=chunk_bytes,
     )
-    for key, tensor in _named(loader):
-        _assign(slots, [key, *(a for a in aliases[key] if a not in loaded)], tensor)
+    with contextlib.closing(_named(loader)) as pairs:
+        for key, tensor in pairs:
+            _assign(slots, [key, *(a for a in aliases[key] if a not in loaded)], tensor)
     return result
