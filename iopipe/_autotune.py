@@ -22,6 +22,7 @@ so far, stay within ``memory_budget_bytes``.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 #: (shorter windows measure timer noise more than the pipeline); after each change
 #: ``SETTLE_GROUPS`` groups are let through unmeasured while queues adjust.
 WINDOW_GROUPS = 4
-WINDOW_MIN_S = 0.1
+WINDOW_MIN_S = 0.2
 SETTLE_GROUPS = 1
 
 
@@ -116,10 +117,11 @@ class HillClimber:
     Every comparison is against the best rate of the whole search, so the
     trimming losses never add up beyond ``tolerance``, and the search ends
     (the best rate only grows, by more than ``tolerance`` per move up in rate).
-    Then the climber is :attr:`settled` and keeps its setting, unless the rate
-    drifts by more than ``drift`` for ``drift_windows`` windows in a row: the
-    workload changed (cold data got warm...) and a new search starts from the
-    current setting.
+    Then the climber is :attr:`settled` and keeps its setting, unless the
+    median rate of the last ``drift_windows`` windows moves by more than
+    ``drift`` from the settled rate: the workload changed (cold data got
+    warm...) and a new search starts from the current setting.  The median
+    keeps a few noisy windows from restarting it.
 
     Deterministic and clock-free: the same rates give the same settings.
     """
@@ -131,8 +133,8 @@ class HillClimber:
         feasible: Callable[[Mapping[str, int]], bool] | None = None,
         tolerance: float = 0.05,
         max_rounds: int = 4,
-        drift: float = 0.3,
-        drift_windows: int = 3,
+        drift: float = 0.4,
+        drift_windows: int = 5,
     ) -> None:
         if not knobs:
             raise ValueError("HillClimber needs at least one knob")
@@ -189,7 +191,7 @@ class HillClimber:
         self._changed = False
         self._joint = False  # the trial under measurement raises every knob
         self._k = 0
-        self._drifting = 0
+        self._recent: list[float] = []  # rates since settling, for drift
         self._trial = None
         self._base = None  # measure the current setting first
         self._best = 0.0
@@ -234,7 +236,7 @@ class HillClimber:
         if self._phase == "trim":
             self.settled = True
             self._trial = None
-            self._drifting = 0
+            self._recent = []
             return False
         if not self._changed and self._round < self.max_rounds and len(self.knobs) > 1:
             joint = self._joint_move()
@@ -295,13 +297,13 @@ class HillClimber:
         self._propose()
 
     def _watch(self, rate: float) -> None:
+        """Restart the search when the median of the last windows left the settled rate."""
+        self._recent.append(rate)
+        del self._recent[: -self.drift_windows]
         base = self._base or 0.0
-        if base > 0 and abs(rate - base) > self.drift * base:
-            self._drifting += 1
-            if self._drifting >= self.drift_windows:
-                self._restart()
-        else:
-            self._drifting = 0
+        full = len(self._recent) == self.drift_windows and base > 0
+        if full and abs(statistics.median(self._recent) - base) > self.drift * base:
+            self._restart()
 
 
 # -- attaching the climber to a running pipeline -------------------------------------

@@ -123,13 +123,15 @@ def test_a_lasting_change_in_throughput_restarts_the_search() -> None:
     climber = HillClimber([Knob("read", 1, 64, 1)], drift=0.3, drift_windows=3)
     drive(climber, lambda s: f(s["read"]))
     assert climber.best == {"read": 6}
-    # Throughput moves for one window: a blip, nothing happens.
-    climber.observe(1.0)
-    climber.observe(f(6))
+    # One noisy window among normal ones: the median of the last three holds.
+    for rate in (1.0, f(6), f(6)):
+        climber.observe(rate)
     assert climber.settled
-    # The storage got faster and stays so: after three windows the search restarts.
-    for _ in range(3):
-        climber.observe(g(6) * 2)
+    # The storage got faster and stays so: one window is not a trend, two of the
+    # last three are, and the search restarts.
+    climber.observe(g(6) * 2)
+    assert climber.settled
+    climber.observe(g(6) * 2)
     assert not climber.settled
     drive(climber, lambda s: g(s["read"]))
     assert climber.best == {"read": cheapest_within(g)} == {"read": 19}
