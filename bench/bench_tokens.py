@@ -23,7 +23,9 @@ Each case runs in a fresh process, ``--repeats`` (3) times, interleaved (rotated
 order each round).  warm: the file is read once in full by the case's process
 before timing; cold: ``os.sync()`` then ``POSIX_FADV_DONTNEED`` on the file, so
 every window comes from storage.  windows/s counts from construction of the
-loader to its last batch; cpu_s is the process's (and its workers') CPU time.
+loader to its last batch; cpu_s is the process's (and its workers') CPU time;
+read MB is what the process read from storage (``/proc/self/io``; the DataLoader's
+workers' reads are not counted).
 Other jobs share this machine: read the medians and the ratios, which were
 measured side by side.
 
@@ -227,6 +229,17 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _read_bytes() -> int:
+    """Bytes this process made storage read (``/proc/self/io``; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def child(case: str, mode: str, path: Path, args: argparse.Namespace) -> None:
     import torch
 
@@ -236,13 +249,13 @@ def child(case: str, mode: str, path: Path, args: argparse.Namespace) -> None:
         _warm(path)
     else:
         _evict(path)
-    cpu0 = _cpu()
+    cpu0, io0 = _cpu(), _read_bytes()
     start = time.perf_counter()
     rows = RUNNERS[case](path, args, offsets)
     elapsed = time.perf_counter() - start
-    cpu = _cpu() - cpu0
+    cpu, read_mb = _cpu() - cpu0, (_read_bytes() - io0) / 1e6
     assert rows == len(offsets), (case, rows, len(offsets))
-    print(json.dumps({"wps": rows / elapsed, "cpu_s": cpu, "wall_s": elapsed}))
+    print(json.dumps({"wps": rows / elapsed, "cpu_s": cpu, "wall_s": elapsed, "read_mb": read_mb}))
 
 
 def spawn(case: str, mode: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -281,7 +294,8 @@ def report(
         "windows/s median (min-max) of the repeats; CPU s median"
     )
     print(
-        f"{'case':14} {'mode':4} {'windows/s':>10}  {'(min-max)':19} {'cpu_s':>6}  {'/memmap':>7}"
+        f"{'case':14} {'mode':4} {'windows/s':>10}  {'(min-max)':19} {'cpu_s':>6} "
+        f"{'read MB':>8}  {'/memmap':>7}"
     )
     for mode in ("cold", "warm"):
         base = statistics.median(r["wps"] for r in results.get(("memmap", mode), [{"wps": 0}]))
@@ -290,9 +304,12 @@ def report(
             wps = [r["wps"] for r in runs]
             med = statistics.median(wps)
             cpu = statistics.median(r["cpu_s"] for r in runs)
+            read_mb = statistics.median(r.get("read_mb", 0.0) for r in runs)
             ratio = f"{med / base:6.2f}x" if base else "     -"
             span = f"({min(wps):,.0f}-{max(wps):,.0f})"
-            print(f"{case:14} {mode:4} {med:10,.0f}  {span:19} {cpu:6.2f}  {ratio:>7}")
+            print(
+                f"{case:14} {mode:4} {med:10,.0f}  {span:19} {cpu:6.2f} {read_mb:8.0f}  {ratio:>7}"
+            )
     if "iopipe" in cases and "memmap" in cases:
         print("\ntargets: warm iopipe/memmap >= 0.8x, cold iopipe/memmap >= 1.0x")
         for mode, target in (("warm", 0.8), ("cold", 1.0)):

@@ -111,7 +111,9 @@ class TokenShards(Pipeline[tuple[torch.Tensor, torch.Tensor]]):
     where ``y[:, i] == x[:, i + 1]`` and ``y[:, -1]`` is the token after ``x``'s
     window: each row comes from one window of ``seq_len + 1`` consecutive tokens of
     one shard.  Windows never cross shards.  Only the windows' bytes are read, with
-    concurrent ``preadv`` on a background thread pool; nothing is memory-mapped.
+    ``preadv`` on background threads, the page-cache misses of a group of batches
+    announced to the kernel together so that they are read concurrently; nothing is
+    memory-mapped or loaded whole.  See docs/llm.md.
 
     Args:
         paths: A glob (``**`` recursive), a directory, one file, or a list of files.
@@ -135,9 +137,9 @@ class TokenShards(Pipeline[tuple[torch.Tensor, torch.Tensor]]):
         rank, world_size: This process's share; default from ``torch.distributed``
             when it is initialised now, else everything.  Ranks see disjoint window
             positions (``total // world_size`` each; see ``_token_index``).
-        prefetch: Batches read ahead of the consumer, rounded up to whole groups
-            (batches travel in groups of about 256 windows; ``handoff`` more groups
-            wait for the consumer).
+        prefetch: Batches being read ahead of the consumer, rounded up to whole
+            groups, at least 2 (batches travel in groups of about 4 MiB of output,
+            256 windows at ``seq_len=1024``); ``handoff`` more groups wait, read.
         merge_gap_bytes: Read ranges of one file this close together in one
             ``preadv``; ``None`` never merges.
         **options: Pipeline options (``timeout``, ``handoff``, ``use_uvloop``, ...: see
@@ -163,7 +165,7 @@ class TokenShards(Pipeline[tuple[torch.Tensor, torch.Tensor]]):
         drop_last: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
-        prefetch: int = 32,
+        prefetch: int = 16,
         merge_gap_bytes: int | None = 64 << 10,
         **options: Any,
     ) -> None:
