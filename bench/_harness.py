@@ -168,12 +168,54 @@ def run_case(
     return record
 
 
+@dataclass(frozen=True)
+class Contention:
+    """How the harness copes with other jobs on this shared machine.
+
+    Attributes:
+        quiet_wait_s: Before each run, wait up to this long for the machine to go quiet.
+        max_foreign: A run during which other processes used more than this share of the
+            machine's CPU ...
+        retries: ... is run again, up to this many times; the quietest run is kept (chosen by
+            the machine's load, never by the result).
+    """
+
+    quiet_wait_s: float = 0.0
+    max_foreign: float = 1.0
+    retries: int = 0
+
+
+def run_clean(
+    case: Case,
+    *,
+    data_dir: Path,
+    rep: int = 0,
+    step_s: float = 0.0,
+    contention: Contention = Contention(),
+) -> dict[str, Any]:
+    """Run ``case`` with :func:`run_case`, again while other jobs disturbed it (see Contention)."""
+    best: dict[str, Any] | None = None
+    for attempt in range(contention.retries + 1):
+        rec = run_case(
+            case, data_dir=data_dir, rep=rep, step_s=step_s, quiet_wait_s=contention.quiet_wait_s
+        )
+        rec["attempts"] = attempt + 1
+        if rec.get("status") != "ok":
+            return rec
+        if best is None or rec["foreign_cpu_frac"] < best["foreign_cpu_frac"]:
+            best = rec
+        if rec["foreign_cpu_frac"] <= contention.max_foreign:
+            break
+    assert best is not None  # the loop runs at least once
+    return best
+
+
 def overlap_step(
     data_dir: Path,
     temp: str,
     *,
     runs: int = 1,
-    quiet_wait_s: float = 0.0,
+    contention: Contention = Contention(),
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> float:
     """Size the overlap workload's step: the plain loop's time per batch on small files.
@@ -184,8 +226,8 @@ def overlap_step(
     walls = []
     batches = 1
     for _ in range(max(1, runs)):
-        rec = run_case(
-            Case("small_files", "plain", temp), data_dir=data_dir, rep=-1, quiet_wait_s=quiet_wait_s
+        rec = run_clean(
+            Case("small_files", "plain", temp), data_dir=data_dir, rep=-1, contention=contention
         )
         if rec.get("status") != "ok":
             raise RuntimeError(f"overlap calibration failed: {rec.get('reason')}")
@@ -204,13 +246,13 @@ def run_matrix(
     repeats: int = 3,
     data_dir: Path,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-    quiet_wait_s: float = 0.0,
+    contention: Contention = Contention(),
 ) -> list[dict[str, Any]]:
     """Run every (workload, temp, system) ``repeats`` times, interleaved; return all records.
 
     Systems that cannot run here get one record with status "unavailable" and are not run.
     The overlap workload's step is calibrated first, per temperature (see :func:`overlap_step`).
-    ``quiet_wait_s``: see :func:`run_case`.
+    ``contention``: how to cope with other jobs on the machine (see :class:`Contention`).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
@@ -242,7 +284,7 @@ def run_matrix(
     if "overlap" in workloads:
         for temp in temps:
             steps[temp] = overlap_step(
-                data_dir, temp, runs=min(repeats, 3), on_result=emit, quiet_wait_s=quiet_wait_s
+                data_dir, temp, runs=min(repeats, 3), on_result=emit, contention=contention
             )
     for rep in range(repeats):
         for wl in workloads:
@@ -251,8 +293,8 @@ def run_matrix(
                     step = steps.get(temp, 0.0) if wl == "overlap" else 0.0
                     case = Case(wl, name, temp)
                     emit(
-                        run_case(
-                            case, data_dir=data_dir, rep=rep, step_s=step, quiet_wait_s=quiet_wait_s
+                        run_clean(
+                            case, data_dir=data_dir, rep=rep, step_s=step, contention=contention
                         )
                     )
     return records
@@ -279,7 +321,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         by_workload.setdefault(wl, []).extend(r for r in recs if r.get("status") == "ok")
     for wl, recs in by_workload.items():
         plain = [r["checksum"] for r in recs if r["system"] == "plain"]
-        sums = plain or [r["checksum"] for r in recs]
+        sums = plain or [r["checksum"] for r in recs if "checksum_expected" not in r]
         if sums:
             reference[wl] = max(set(sums), key=sums.count)
     rows = []
@@ -297,7 +339,10 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             row[metric] = _stats([float(r.get(metric, "nan")) for r in ok])
         distinct = {r["checksum"] for r in ok}
         row["checksum"] = sorted(distinct)[0]
-        row["checksum_ok"] = len(distinct) == 1 and row["checksum"] == reference.get(wl)
+        row["checksum_ok"] = all(
+            r["checksum"] == r.get("checksum_expected", reference.get(wl)) for r in ok
+        )
+        row["own_samples"] = any("checksum_expected" in r for r in ok)
         row["samples"] = ok[0]["samples"]
         row["step_s"] = ok[0].get("step_s", 0.0)
         rows.append(row)

@@ -79,7 +79,9 @@ def table_rows(rows: Sequence[Row]) -> list[list[str]]:
                 _ratio(sps["median"], plain),
                 _ratio(sps["median"], _best_torch(rows, wl, temp)),
                 _busy(row),
-                ("ok" if row["checksum_ok"] else "MISMATCH") + f" ({row['runs']})",
+                ("ok" if row["checksum_ok"] else "MISMATCH")
+                + ("*" if row.get("own_samples") else "")
+                + f" ({row['runs']})",
             ]
         )
     return out
@@ -354,12 +356,17 @@ def markdown(
         "on the machine map them): the memory the loader itself allocates. A memory-mapped "
         "file's pages that a process touched count in its RSS and PSS (tokens, plain loop).",
         "- Checksum: sum of every delivered batch's uint64 words mod 2^64 (order-independent); "
-        "`ok` means every run of the row equals the plain loop's. Ratios: `x plain` against "
+        "`ok` means every run of the row equals the plain loop's; `ok*`: the system picks its "
+        "own samples (iopipe's TokenShards draws its own random windows, as many and as long) "
+        "and every run equals the checksum of those windows read straight from the file. Ratios: `x plain` against "
         "the plain loop, `x torch` against the better of torch-w0 and torch-w2, same "
         "workload and temperature.",
         "- other CPU %: the largest share of the machine's CPU that other processes (not the "
         "case, not the harness) used during one run of the row, from /proc/stat. Several "
-        "people share this 2-core machine; rows with a high share are suspect.",
+        "people share this 2-core machine: before each run the harness waits (briefly) for "
+        "quiet, and reruns a run disturbed past `--max-other-cpu` up to `--retries` times, "
+        "keeping the quietest (chosen by load, never by result). Rows with a high share are "
+        "suspect: on a busy machine the max of the range is closer to the machine's ability.",
         "- `torch.set_num_threads(1)` in every case process (`bench/case.py`); DataLoader "
         "workers get one thread from torch itself.",
     ]

@@ -30,11 +30,21 @@ from bench._proctree import TreeSampler, tree_cpu_s
 MASK = (1 << 64) - 1
 
 
+def _tensors(batch: Any) -> list[Any]:
+    return list(batch) if isinstance(batch, tuple | list) else [batch]
+
+
 def checksum(batch: Any) -> int:
-    """Return the sum of the uint64 words of ``batch`` mod 2**64 (sample-order independent)."""
-    arr = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
-    words = np.ascontiguousarray(arr).reshape(-1).view(np.uint64)
-    return int(words.sum(dtype=np.uint64))
+    """Return the sum of the uint64 words of ``batch`` mod 2**64 (sample-order independent).
+
+    A tuple or list batch (such as TokenShards' ``(x, y)``) sums all of its tensors.
+    """
+    total = 0
+    for t in _tensors(batch):
+        arr = t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+        words = np.ascontiguousarray(arr).reshape(-1).view(np.uint64)
+        total += int(words.sum(dtype=np.uint64))
+    return total & MASK
 
 
 def consume(it: Iterator[Any], step_s: float) -> dict[str, Any]:
@@ -51,8 +61,9 @@ def consume(it: Iterator[Any], step_s: float) -> dict[str, Any]:
         if nbatches == 0:
             ttfb = time.perf_counter() - t0
         nbatches += 1
-        samples += len(batch)
-        nbytes += batch.numel() * batch.element_size()
+        parts = _tensors(batch)
+        samples += len(parts[0])
+        nbytes += sum(t.numel() * t.element_size() for t in parts)
         total = (total + checksum(batch)) & MASK
         if step_s:
             s0 = time.perf_counter()
@@ -89,6 +100,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         sampler.stop()
     cpu = tree_cpu_s() - cpu0 - sampler.cpu_s
     wall = measured["wall_s"]
+    expected = systems.expected_checksum(spec["system"], wl)  # untimed
+    if expected is not None:
+        result["checksum_expected"] = f"{expected:016x}"
     return {
         **result,
         **measured,

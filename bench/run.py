@@ -62,6 +62,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="before each case wait up to this many seconds for other jobs to go quiet "
         "(default 2, quick 0)",
     )
+    p.add_argument(
+        "--max-other-cpu",
+        type=float,
+        default=30.0,
+        metavar="PERCENT",
+        help="rerun a case when other jobs used more than this share of the CPUs (default 30)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="reruns of a disturbed case, the quietest run kept (default 1, quick 0)",
+    )
     p.add_argument("--data-root", type=Path, default=gen_data.ROOT, help="where data sets live")
     p.add_argument(
         "--report-only",
@@ -186,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         repeats=repeats,
         data_dir=data_dir,
         on_result=_progress(total),
-        quiet_wait_s=args.quiet_wait if args.quiet_wait is not None else (0 if args.quick else 2),
+        contention=_harness.Contention(
+            quiet_wait_s=args.quiet_wait
+            if args.quiet_wait is not None
+            else (0 if args.quick else 2),
+            max_foreign=args.max_other_cpu / 100,
+            retries=args.retries if args.retries is not None else (0 if args.quick else 1),
+        ),
     )
     extra = []
     if "checkpoint" in workloads:

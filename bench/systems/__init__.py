@@ -1,7 +1,8 @@
 """The systems under test, one module each, behind one registry.
 
 Every system module defines ``available() -> str | None`` (None, or why it cannot run here)
-and ``batches(workload) -> Iterator[batch]``: a generator that builds the system, yields one
+and ``batches(workload) -> Iterator[batch]`` (optionally ``expected_checksum(workload)``, see
+:func:`expected_checksum`): a generator that builds the system, yields one
 epoch of collated batches and shuts the system down when it is exhausted or closed. Modules
 are imported only by the case process that runs them, so a case never pays for (or is slowed
 by the threads of) a framework it does not use.
@@ -43,6 +44,17 @@ def unavailable(name: str) -> str | None:
         return f"cannot import: {exc}"
     reason: str | None = module.available()
     return reason
+
+
+def expected_checksum(name: str, wl: Workload) -> int | None:
+    """Return the checksum system ``name`` must deliver on ``wl`` when it does its own work.
+
+    None (the usual case) means: the same work as every other system, so its checksum must
+    equal the plain loop's. A system that picks its own samples (iopipe's TokenShards draws
+    its own random windows) defines ``expected_checksum(wl)`` to say what it must deliver.
+    """
+    fn = getattr(_module(name), "expected_checksum", None)
+    return None if fn is None else fn(wl)
 
 
 def batches_fn(name: str) -> Callable[[Workload], Generator[Any, None, None]]:
