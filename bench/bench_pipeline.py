@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         systems_=SYSTEMS,
         repeats=repeats,
         data_dir=data_dir,
+        contention=_harness.Contention(
+            quiet_wait_s=0 if args.quick else 2, max_foreign=0.3, retries=0 if args.quick else 1
+        ),
         on_result=lambda r: print(
             f"{r['temp']:<4} {r['system']:<9} "
             + (f"{r['samples_per_s']:9.0f} samples/s" if r.get("status") == "ok" else r["reason"]),
