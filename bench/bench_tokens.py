@@ -24,8 +24,8 @@ order each round).  warm: the file is read once in full by the case's process
 before timing; cold: ``os.sync()`` then ``POSIX_FADV_DONTNEED`` on the file, so
 every window comes from storage.  windows/s counts from construction of the
 loader to its last batch; cpu_s is the process's (and its workers') CPU time;
-read MB is what the process read from storage (``/proc/self/io``; the DataLoader's
-workers' reads are not counted).
+read MB is what the process (and its reaped workers) read from storage
+(``/proc/self/io``).
 Other jobs share this machine: read the medians and the ratios, which were
 measured side by side.
 
