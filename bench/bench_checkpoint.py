@@ -125,6 +125,10 @@ def _run_case(case: str, folder: Path, shards: list[Path], opts: dict[str, Any])
     import iopipe
 
     if case == "iopipe":
+        if opts.pop("buffered_only", False):  # A/B knob: no O_DIRECT reads
+            import iopipe.formats._ckpt_io as ckpt_io
+
+            ckpt_io.DIRECT_MIN_FILE_BYTES = 1 << 62
         kwargs = {k: v for k, v in opts.items() if v}
         return iopipe.load_checkpoint(folder / INDEX, **kwargs)
     if case in ("st_touch", "st_owned"):

@@ -18,9 +18,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import iopipe
+import iopipe.formats._checkpoint as checkpoint_mod
+import iopipe.formats._ckpt_io as ckpt_io
 from iopipe import CheckpointError, iter_checkpoint, load_checkpoint, load_into
 from iopipe.formats._checkpoint import _make_loader
-from iopipe.formats._st_header import DTYPES
+from iopipe.formats._st_header import DTYPES, read_header
 
 HAS_CUDA = torch.cuda.is_available()
 ALL_DTYPES = sorted(DTYPES, key=str)
@@ -176,6 +178,85 @@ def test_result_owns_its_memory(tmp_path: Path) -> None:
     assert str(path) not in Path("/proc/self/maps").read_text()
     path.write_bytes(b"\0" * path.stat().st_size)  # clobber the file: the result must not see it
     _assert_same(got, tensors)
+
+
+# -- direct (O_DIRECT) reads of files not in the page cache ------------------------------
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _unaligned_big(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {"a.norm": _random((3,), torch.float32, gen)}  # shifts what follows off 4 KiB
+    for i, dtype in enumerate((torch.bfloat16, torch.float32, torch.uint8, torch.float16)):
+        out[f"b{i}.w"] = _random((700_001 + 13 * i,), dtype, gen)  # 0.7-2.8 MB, odd sizes
+        out[f"b{i}.bias"] = _random((5,), dtype, gen)
+    return out
+
+
+def test_uncached_file_is_read_directly_and_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ckpt_io, "DIRECT_MIN_FILE_BYTES", 0)
+    opened: list[int] = []
+
+    def spy(path: str) -> int:
+        opened.append(ckpt_io.open_direct(path))
+        return opened[-1]
+
+    monkeypatch.setattr(checkpoint_mod, "open_direct", spy)
+    tensors = _unaligned_big(seed=9)
+    path = tmp_path / "d.safetensors"
+    save_file(tensors, path)
+    _evict(path)
+    got = load_checkpoint(path, chunk_bytes=1 << 20)
+    _assert_same(got, load_file(path))
+    assert len(opened) == 1  # the file looked uncached; -1 if the filesystem refuses O_DIRECT
+    assert _fds_under(tmp_path) == []
+    got["b1.w"].add_(1)  # writable, and the neighbours are untouched
+    assert torch.equal(got["b2.w"], tensors["b2.w"])
+    assert got["b0.w"].untyped_storage().nbytes() == got["b0.w"].nbytes  # exactly the tensor
+
+
+def test_cached_file_is_read_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ckpt_io, "DIRECT_MIN_FILE_BYTES", 0)
+    path = tmp_path / "c.safetensors"
+    save_file(_unaligned_big(seed=10), path)
+    header = read_header(str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not ckpt_io.mostly_uncached(fd, header)  # just written: in the page cache
+        _evict(path)
+        assert ckpt_io.mostly_uncached(fd, header)
+    finally:
+        os.close(fd)
+
+
+def test_direct_read_refused_falls_back_to_buffered(tmp_path: Path) -> None:
+    path = tmp_path / "raw.bin"
+    data = bytes(range(256)) * 64
+    path.write_bytes(data)
+    direct = ckpt_io.open_direct(str(path))
+    if direct < 0:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    buffered = os.open(path, os.O_RDONLY)
+    try:
+        out = bytearray(5000)
+        # an odd offset and length: O_DIRECT says EINVAL, the buffered fd reads it
+        ckpt_io.read_into(direct, [memoryview(out)], 3, 5003, fallback_fd=buffered)
+        assert bytes(out) == data[3:5003]
+        with pytest.raises(OSError, match="Invalid argument"):
+            ckpt_io.read_into(direct, [memoryview(out)], 3, 5003)
+    finally:
+        os.close(direct)
+        os.close(buffered)
 
 
 # -- streaming -------------------------------------------------------------------------

@@ -24,21 +24,28 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import mmap
 import os
 import threading
 from collections.abc import Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from iopipe.formats._st_header import CheckpointError, ShardHeader, TensorSpec, plan_checkpoint
+from iopipe.formats._ckpt_io import (
+    MiB,
+    Request,
+    bytes_of,
+    empty_cpu,
+    mostly_uncached,
+    open_direct,
+    plan_reads,
+    read_into,
+)
+from iopipe.formats._st_header import CheckpointError, ShardHeader, plan_checkpoint
 
 __all__ = ["iter_checkpoint", "load_checkpoint"]
 
-MiB = 1 << 20
 #: Default bound on staging memory and on not-yet-yielded tensors.
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * MiB
 #: Default bytes per read request (bench/bench_checkpoint.py picked it).
@@ -48,101 +55,6 @@ DEFAULT_CHUNK_BYTES = 8 * MiB
 #: warm loads scale with cores (on 16 cores: 4 threads 10 GB/s, 16 threads 15 GB/s to
 #: CPU, 17 -> 30 GB/s to CUDA; bench/gpu_check_checkpoint.py --sweep 4 16).
 DEFAULT_CONCURRENCY: int | None = None
-#: Tensors at least this large get their own huge-page mapping (see _empty_cpu).
-_OWN_MAPPING_MIN_BYTES = 1 * MiB
-_ANON_FLAGS: int | None = (
-    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS if hasattr(mmap, "MAP_ANONYMOUS") else None
-)
-_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
-_MAX_IOV = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-
-
-@dataclass(slots=True)
-class _Request:
-    """``nbytes`` contiguous bytes of file ``file`` at ``offset``, split into pieces.
-
-    Each piece is ``(tensor index, byte offset in that tensor, length)``, in file order.
-    """
-
-    file: int
-    offset: int
-    nbytes: int = 0
-    pieces: list[tuple[int, int, int]] = field(default_factory=list)
-
-
-def _plan_requests(
-    headers: list[ShardHeader], specs: list[TensorSpec], chunk_bytes: int
-) -> list[_Request]:
-    """Cut every shard into contiguous requests (``specs`` lists tensors in file order)."""
-    requests: list[_Request] = []
-    index = 0
-    for file, header in enumerate(headers):
-        current: _Request | None = None
-        for spec in header.tensors:
-            pos = 0
-            while pos < spec.nbytes:
-                at = spec.offset + pos
-                if (
-                    current is None
-                    or current.offset + current.nbytes != at
-                    or current.nbytes >= chunk_bytes
-                    or len(current.pieces) >= _MAX_IOV
-                ):
-                    current = _Request(file, at)
-                    requests.append(current)
-                take = min(spec.nbytes - pos, chunk_bytes - current.nbytes)
-                current.pieces.append((index, pos, take))
-                current.nbytes += take
-                pos += take
-            index += 1
-    assert index == len(specs)
-    return requests
-
-
-def _read_exact(fd: int, buffers: list[memoryview], offset: int) -> None:
-    """Fill ``buffers`` from ``fd`` at ``offset`` (runs on a pool thread; loops on short reads)."""
-    start = 0
-    while start < len(buffers):
-        got = os.preadv(fd, buffers[start:] if start else buffers, offset)
-        if got == 0:
-            raise EOFError(f"file ended at byte {offset}; truncated while loading?")
-        offset += got
-        while got:
-            head = buffers[start]
-            if len(head) <= got:
-                got -= len(head)
-                start += 1
-            else:
-                buffers[start] = head[got:]
-                got = 0
-
-
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    """Return a writable byte view of a contiguous CPU tensor's memory."""
-    array: Any = tensor.view(-1).view(torch.uint8).numpy()
-    return memoryview(array)
-
-
-def _empty_cpu(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
-    """Allocate an uninitialised CPU tensor that owns its memory.
-
-    Large tensors get their own anonymous mapping, advised to use transparent huge
-    pages: first-touching fresh memory is the main cost of a warm load, and 2 MiB
-    pages fault in several times faster than 4 KiB ones (bench/bench_checkpoint.py).
-    Their own mapping also returns memory to the OS as soon as the tensor dies, where
-    malloc's heap can keep freed blocks resident when tensor sizes vary
-    (``iter_checkpoint`` would then exceed its memory bound in RSS terms).
-    """
-    if nbytes < _OWN_MAPPING_MIN_BYTES or _ANON_FLAGS is None:
-        return torch.empty(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes, flags=_ANON_FLAGS)
-    if _HUGEPAGE is not None:
-        try:
-            region.madvise(_HUGEPAGE)
-        except OSError:
-            pass  # THP disabled or unsupported: plain pages still work
-    # frombuffer keeps ``region`` alive for the tensor's lifetime; unmapped when freed.
-    return torch.frombuffer(region, dtype=torch.uint8, count=nbytes).view(dtype).reshape(shape)
 
 
 def _validate(
@@ -212,9 +124,12 @@ class _Loader:
             chunk_bytes = min(chunk_bytes, max_inflight_bytes)
             self.slot_count = max(1, min(max_inflight_bytes // chunk_bytes, 2 * concurrency + 2))
             self.concurrency = min(concurrency, self.slot_count)
-        self.requests = _plan_requests(headers, self.specs, chunk_bytes)
         self.chunk_bytes = chunk_bytes
-        self.remaining = [spec.nbytes for spec in self.specs]
+        # Planned by run(), once it knows which files to read directly.
+        self.requests: list[Request] = []
+        self.remaining: list[int] = []  # bytes still to read, per tensor
+        self.span: list[int] = []
+        self.head: list[int] = []
         self.tensors: list[torch.Tensor | None] = [None] * len(self.specs)
         self.started = bytearray(len(self.specs))  # 1 once allocated (stays 1 after yield)
         # Each allocated tensor's bytes: a memoryview (CPU) or a uint8 tensor (CUDA).
@@ -223,23 +138,23 @@ class _Loader:
         self.pending_bytes = 0  # allocated, not yet yielded
         self.ready: collections.deque[int] = collections.deque()
         self.fds: list[int] = []
+        self.direct_fds: list[int] = []  # O_DIRECT twin of each fd, or -1
 
     # -- allocation ---------------------------------------------------------------
     def _allocate(self, index: int) -> None:
         spec = self.specs[index]
         if self.cuda:
             tensor = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+            self.gpu_bytes[index] = tensor.view(-1).view(torch.uint8)
         else:
-            tensor = _empty_cpu(spec.shape, spec.dtype, spec.nbytes)
+            tensor, self.cpu_bytes[index] = empty_cpu(
+                spec.shape, spec.dtype, spec.nbytes, self.span[index], self.head[index]
+            )
         self.tensors[index] = tensor
         self.started[index] = 1
         self.pending_bytes += spec.nbytes
         if spec.nbytes == 0:
             self.ready.append(index)
-        elif self.cuda:
-            self.gpu_bytes[index] = tensor.view(-1).view(torch.uint8)
-        else:
-            self.cpu_bytes[index] = _bytes_of(tensor)
 
     def _admit(self, position: int) -> bool:
         """Allocate the tensors request ``position`` starts; False when the budget says wait.
@@ -264,9 +179,9 @@ class _Loader:
 
     def _split(self, position: int, keep: int) -> None:
         request = self.requests[position]
-        head = _Request(request.file, request.offset, 0, request.pieces[:keep])
+        head = Request(request.file, request.offset, 0, request.pieces[:keep])
         head.nbytes = sum(n for _, _, n in head.pieces)
-        tail = _Request(
+        tail = Request(
             request.file,
             request.offset + head.nbytes,
             request.nbytes - head.nbytes,
@@ -293,8 +208,7 @@ class _Loader:
         )
         stream: Any = None
         try:
-            for header in self.headers:
-                self.fds.append(_open(header.path))
+            self._open_files()
             if self.cuda:
                 stream = self._start_cuda()
             yield from self._loop(pool, stream)
@@ -302,8 +216,26 @@ class _Loader:
             pool.shutdown(wait=True, cancel_futures=True)
             if stream is not None:
                 stream.synchronize()  # queued copies must land before memory is freed
-            for fd in self.fds:
-                os.close(fd)
+            for fd in (*self.fds, *self.direct_fds):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _open_files(self) -> None:
+        """Open every shard, pick the ones to read directly, and plan the reads."""
+        direct = set()
+        for file, header in enumerate(self.headers):
+            self.fds.append(_open(header.path))
+            self.direct_fds.append(-1)
+            if not self.cuda and mostly_uncached(self.fds[file], header):
+                self.direct_fds[file] = open_direct(header.path)
+            if self.direct_fds[file] >= 0:
+                direct.add(file)
+                # The buffered twin now reads only small tensors: no readahead into
+                # the big ones, which arrive directly.
+                os.posix_fadvise(self.fds[file], 0, 0, os.POSIX_FADV_RANDOM)
+        plan = plan_reads(self.headers, self.chunk_bytes, direct)
+        self.requests, self.span, self.head = plan.requests, plan.span, plan.head
+        self.remaining = list(plan.span)
 
     def _start_cuda(self) -> Any:
         stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
@@ -311,13 +243,13 @@ class _Loader:
             torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
             for _ in range(self.slot_count)
         ]
-        self.slot_views = [_bytes_of(slot) for slot in self.slots]
+        self.slot_views = [bytes_of(slot) for slot in self.slots]
         self.slot_events: list[Any] = [None] * self.slot_count
         self.free_slots = collections.deque(range(self.slot_count))
         return stream
 
     def _loop(self, pool: ThreadPoolExecutor, stream: Any) -> Iterator[tuple[int, torch.Tensor]]:
-        inflight: dict[Future[None], tuple[_Request, int]] = {}
+        inflight: dict[Future[None], tuple[Request, int]] = {}
         next_request = 0
         while True:
             while (
@@ -358,15 +290,20 @@ class _Loader:
             event.synchronize()  # the slot's last copies have left it
         return slot
 
-    def _submit(self, pool: ThreadPoolExecutor, request: _Request, slot: int) -> Future[None]:
+    def _submit(self, pool: ThreadPoolExecutor, request: Request, slot: int) -> Future[None]:
         if slot >= 0:
             buffers = [self.slot_views[slot][: request.nbytes]]
         else:
             views = self.cpu_bytes
             buffers = [views[i][start : start + n] for i, start, n in request.pieces]  # type: ignore[index]
-        return pool.submit(_read_exact, self.fds[request.file], buffers, request.offset)
+        fd, fallback = self.fds[request.file], -1
+        if request.direct and self.direct_fds[request.file] >= 0:
+            fd, fallback = self.direct_fds[request.file], fd
+        # A direct request's aligned span may run past the end of the file.
+        end = min(request.offset + request.nbytes, self.headers[request.file].file_bytes)
+        return pool.submit(read_into, fd, buffers, request.offset, end, fallback)
 
-    def _complete(self, request: _Request, slot: int, stream: Any) -> None:
+    def _complete(self, request: Request, slot: int, stream: Any) -> None:
         if self.cuda:
             staged = self.slots[slot]
             at = 0
@@ -400,7 +337,7 @@ class _Loader:
             tensor = tensor.to(self.device)
         return index, tensor
 
-    def _read_error(self, request: _Request, exc: BaseException) -> CheckpointError:
+    def _read_error(self, request: Request, exc: BaseException) -> CheckpointError:
         path = self.headers[request.file].path
         names = [self.specs[i].name for i, _, _ in request.pieces]
         shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
