@@ -91,25 +91,35 @@ def read_exact(fd: int, buf: memoryview | np.ndarray[Any, Any], offset: int, pat
 def _read_job(entries: list[tuple[str, int, int | None]], chunk_bytes: int) -> list[Any]:
     """Read whole small items; size large ones for chunked reading (worker thread).
 
-    Every descriptor it opens is closed before it returns.
+    Consecutive byte ranges of one file share one descriptor (token windows, say,
+    would otherwise pay an open and a close per range).  Every descriptor it
+    opens is closed before it returns.
     """
     out: list[Any] = []
-    for i, (path, offset, length) in enumerate(entries):
-        try:
-            fd = os.open(path, _O_FLAGS)
-        except OSError as exc:
-            raise ItemFailure(i, exc) from None
-        try:
-            size = length if length is not None else max(0, os.fstat(fd).st_size - offset)
-            buf = np.empty(size, np.uint8)
-            if size > chunk_bytes:
-                out.append(_Large(path, buf, offset))
-            else:
-                read_exact(fd, buf, offset, path)
-                out.append(buf)
-        except Exception as exc:
-            raise ItemFailure(i, exc) from None
-        finally:
+    fd, fd_path = -1, ""
+    try:
+        for i, (path, offset, length) in enumerate(entries):
+            if path != fd_path:
+                if fd >= 0:
+                    os.close(fd)
+                    fd, fd_path = -1, ""
+                try:
+                    fd = os.open(path, _O_FLAGS)
+                except OSError as exc:
+                    raise ItemFailure(i, exc) from None
+                fd_path = path
+            try:
+                size = length if length is not None else max(0, os.fstat(fd).st_size - offset)
+                buf = np.empty(size, np.uint8)
+                if size > chunk_bytes:
+                    out.append(_Large(path, buf, offset))
+                else:
+                    read_exact(fd, buf, offset, path)
+                    out.append(buf)
+            except Exception as exc:
+                raise ItemFailure(i, exc) from None
+    finally:
+        if fd >= 0:
             os.close(fd)
     return out
 
