@@ -35,14 +35,17 @@ METRICS = ("samples_per_s", "ttfb_s", "peak_rss_mb", "peak_pss_mb", "cpu_s")
 
 # -- one case (runs in its own process) ---------------------------------------------------
 def _batches(impl: str, workers: int, ds: Any, batch_size: int) -> Iterator[Any]:
-    """Yield one epoch from ``impl``'s DataLoader over ``ds`` (built lazily: it is timed)."""
-    if impl == "torch":
-        from torch.utils.data import DataLoader
+    """Yield one epoch from ``impl``'s DataLoader over ``ds`` (built lazily: it is timed).
 
-        yield from DataLoader(ds, batch_size=batch_size, num_workers=workers)
-        return
+    Both libraries are imported before the timer starts, as in a training script.
+    """
+    from torch.utils.data import DataLoader
+
     import iopipe
 
+    if impl == "torch":
+        yield from DataLoader(ds, batch_size=batch_size, num_workers=workers)
+        return
     with iopipe.DataLoader(ds, batch_size=batch_size, num_workers=workers) as loader:
         yield from loader
 
@@ -51,6 +54,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this process and return its record."""
     import torch
 
+    import iopipe  # noqa: F401 - imported before the timer, like torch
     from bench import _workloads
     from bench._proctree import TreeSampler, tree_cpu_s
     from bench.case import consume

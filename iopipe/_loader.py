@@ -42,6 +42,7 @@ from ._workers import (
     Collate,
     Failed,
     Feed,
+    FirstGate,
     MapFetcher,
     RankShard,
     WorkerProcesses,
@@ -156,11 +157,13 @@ class DataLoader(_TorchDataLoader[Any]):
                 "rank, world_size and shard apply to iterable-style datasets; for a map-style "
                 "dataset pass sampler=torch.utils.data.DistributedSampler(dataset)"
             )
-        if worker_type == "main" and timeout > 0:
-            raise ValueError(
-                f"timeout needs a background worker; got timeout={timeout!r} with worker_type='main'"
-            )
+        # torch's single-process loading, in the calling thread:
         self._mode = worker_type if not (worker_type == "process" and num_workers == 0) else "main"
+        if self._mode == "main" and timeout > 0:
+            raise ValueError(
+                f"timeout needs a background worker; got timeout={timeout!r} with "
+                f"worker_type={worker_type!r}, num_workers={num_workers!r}"
+            )
         if worker_init_fn is not None and self._mode == "thread":
             warnings.warn(
                 "iopipe.DataLoader: worker_init_fn is called in worker processes only "
@@ -187,6 +190,7 @@ class DataLoader(_TorchDataLoader[Any]):
         self._pending: tuple[int, int, bool, RngState | None, bool] | None = None
         self._pipe: Pipeline[Any] | None = None
         self._feed: Feed | None = None
+        self._gate: FirstGate | None = None
         self._inner: _TorchDataLoader[Any] | None = None
         self._procs = WorkerProcesses(persistent_workers)
 
@@ -221,9 +225,13 @@ class DataLoader(_TorchDataLoader[Any]):
         self._end_epoch()
         self._pin_warnings()
         new_workers = self._mode == "process" and self._procs.will_start
+        before = self._epoch, self._pending
         plan, hand_draw, pre_global = self._plan_epoch(new_workers)
         try:
             batches = self._start(plan, hand_draw)
+        except BaseException:
+            self._epoch, self._pending = before  # a failed start consumes no state
+            raise
         finally:
             if pre_global is not None:
                 torch.set_rng_state(pre_global)
@@ -290,6 +298,8 @@ class DataLoader(_TorchDataLoader[Any]):
         pipe = self._pipeline()
         assert self._feed is not None
         self._feed.current = jobs
+        if self._gate is not None and isinstance(self._feed, AsyncFeed):
+            self._feed.gate = self._gate.arm(plan.skip)
         return iter(pipe)
 
     def _at_sampler_start(self, plan: EpochPlan) -> None:
@@ -332,17 +342,22 @@ class DataLoader(_TorchDataLoader[Any]):
         )
         if self._mode == "thread":
             ordered = bool(self.in_order)
+            gate = FirstGate() if conc > 1 and not self._iterable else None
+            self._gate = gate
             if self._async:
-                fetcher = AsyncMapFetcher(self.dataset, self.collate_fn, self._auto_collation)
+                afetcher = AsyncMapFetcher(self.dataset, self.collate_fn, self._auto_collation)
+                afetcher.gate = gate
                 pipe = pipe.map(
-                    fetcher, concurrency=conc, executor="async", ordered=ordered, name="fetch"
+                    afetcher, concurrency=conc, executor="async", ordered=ordered, name="fetch"
                 )
                 pipe = pipe.map(Collate(self.collate_fn), concurrency=1, name="collate")
             elif self._iterable:
                 pipe = pipe.map(Collate(self.collate_fn), concurrency=conc, name="collate")
             else:
+                fetcher = MapFetcher(self.dataset, self.collate_fn, self._auto_collation)
+                fetcher.gate = gate
                 pipe = pipe.map(
-                    self._job_fn(),
+                    fetcher,
                     concurrency=conc,
                     executor="thread",
                     ordered=ordered,

@@ -13,6 +13,7 @@ batch and the failing index.  Process workers are torch's own:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import threading
 import warnings
@@ -34,6 +35,7 @@ __all__ = [
     "Collate",
     "Failed",
     "Feed",
+    "FirstGate",
     "MapFetcher",
     "RankShard",
     "TorchDriver",
@@ -92,15 +94,56 @@ class AsyncFeed(Feed):
     """A :class:`Feed` iterated on the loop thread: for index samplers, which are cheap.
 
     Saves a thread hand-off per batch (the source pulls async iterables on the loop).
+    When ``gate`` is set, the epoch's later jobs wait until it is done (see
+    :class:`FirstGate`).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: concurrent.futures.Future[None] | None = None
+
     def __aiter__(self) -> AsyncIterator[Any]:
-        return _on_loop(self.take())
+        gate, self.gate = self.gate, None
+        return _on_loop(self.take(), gate)
 
 
-async def _on_loop(it: Iterator[Any]) -> AsyncIterator[Any]:
+async def _on_loop(
+    it: Iterator[Any], gate: concurrent.futures.Future[None] | None
+) -> AsyncIterator[Any]:
     for x in it:
         yield x
+        if gate is not None:
+            await asyncio.wrap_future(gate)
+            gate = None
+
+
+class FirstGate:
+    """Lets an epoch's first batch be fetched alone, for time to first batch.
+
+    With ``N`` workers the first batch would share the GIL and the cores with the
+    next ``N - 1`` and arrive about ``N`` times later (bench/bench_loader.py);
+    holding the rest back costs one batch of ramp-up per epoch.  Armed by the
+    consumer thread for each epoch, opened by the worker that finishes the batch.
+    """
+
+    def __init__(self) -> None:
+        self._n = -1
+        self._fut: concurrent.futures.Future[None] | None = None
+
+    def arm(self, n: int) -> concurrent.futures.Future[None]:
+        """Return the future that batch ``n`` (the epoch's first) will complete."""
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._fut, self._n = fut, n
+        return fut
+
+    def passed(self, n: int) -> None:
+        """Batch ``n`` is done; open the gate if it was the first (any thread)."""
+        fut = self._fut
+        if n == self._n and fut is not None and not fut.done():
+            try:
+                fut.set_result(None)
+            except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+                pass
 
 
 def numbered(first: Any, rest: Iterator[Any], start: int) -> Iterator[tuple[int, Any]]:
@@ -152,6 +195,7 @@ class MapFetcher:
         self.auto_collation = auto_collation
         getitems = getattr(dataset, "__getitems__", None)
         self.getitems = getitems if auto_collation and getitems else None
+        self.gate: FirstGate | None = None
 
     def __call__(self, job: tuple[int, Any]) -> Any:
         n, index = job
@@ -159,6 +203,9 @@ class MapFetcher:
             return collate(self.collate_fn, n, self.fetch(n, index))
         except Exception as exc:
             return Failed(exc)
+        finally:
+            if self.gate is not None:
+                self.gate.passed(n)
 
     def fetch(self, n: int, index: Any) -> Any:
         """Return the samples of batch ``n`` (``dataset[index]`` without auto-collation)."""
@@ -202,6 +249,9 @@ class AsyncMapFetcher(MapFetcher):
             return n, await self._fetch(n, index)
         except Exception as exc:
             return n, Failed(exc)
+        finally:
+            if self.gate is not None:
+                self.gate.passed(n)
 
     async def _fetch(self, n: int, index: Any) -> Any:
         if not self.auto_collation:

@@ -388,6 +388,8 @@ def test_own_argument_validation() -> None:
         DataLoader(ds, rank=0, world_size=2)
     with pytest.raises(ValueError, match="timeout needs a background worker"):
         DataLoader(ds, timeout=1, worker_type="main")
+    with pytest.raises(ValueError, match="worker_type='process', num_workers=0"):
+        DataLoader(ds, timeout=1, worker_type="process")
     with pytest.warns(UserWarning, match="worker_init_fn is called in worker processes only"):
         DataLoader(ds, worker_init_fn=print)
 
@@ -435,7 +437,10 @@ def test_worker_type_main_runs_in_calling_thread() -> None:
 
 
 class Rendezvous(Dataset[Any]):
-    """Items 0 and 1 each wait for the other: loading them one at a time would fail."""
+    """Items 1 and 2 each wait for the other: loading them one at a time would fail.
+
+    (Not item 0: the first batch of an epoch is fetched alone, for time to first batch.)
+    """
 
     def __init__(self) -> None:
         self.barrier = threading.Barrier(2, timeout=20)
@@ -444,7 +449,7 @@ class Rendezvous(Dataset[Any]):
         return 8
 
     def __getitem__(self, i: int) -> int:
-        if i < 2:
+        if i in (1, 2):
             self.barrier.wait()
         return i
 
@@ -452,6 +457,33 @@ class Rendezvous(Dataset[Any]):
 def test_num_workers_run_batches_concurrently() -> None:
     with DataLoader(Rendezvous(), batch_size=1, num_workers=4) as dl:
         assert [int(b) for b in dl] == list(range(8))
+
+
+class FirstAlone(Dataset[Any]):
+    """Item 0 watches for any other item starting while it loads."""
+
+    def __init__(self) -> None:
+        self.others = threading.Event()
+        self.overlapped: bool | None = None
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> int:
+        if i == 0:
+            # Proving an absence needs a bound: without the gate, the other three
+            # workers start within microseconds and this returns True at once.
+            self.overlapped = self.others.wait(0.3)
+        else:
+            self.others.set()
+        return i
+
+
+def test_first_batch_of_an_epoch_is_fetched_alone() -> None:
+    ds = FirstAlone()
+    with DataLoader(ds, batch_size=1, num_workers=4) as dl:
+        assert [int(b) for b in dl] == list(range(12))
+    assert ds.overlapped is False
 
 
 class AsyncSamples(Dataset[Any]):
@@ -804,6 +836,29 @@ def test_resume_between_epochs_and_torch_order() -> None:
     with _loader("gen", 2) as b:
         b.load_state_dict(pickle.loads(pickle.dumps(state)))
         assert [_flat(list(e)) for e in epochs(b, 2)] == torch_batches[1:]
+
+
+class BrokenStream(Stream):
+    def __init__(self) -> None:
+        super().__init__(_int)
+        self.fail = True
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.fail:
+            raise OSError("shard server down")
+        return super().__iter__()
+
+
+def test_failed_iter_keeps_the_resume_state() -> None:
+    ds = BrokenStream()
+    with DataLoader(ds, batch_size=4) as a:
+        state = {**a.state_dict(), "batches": 2}
+    with DataLoader(ds, batch_size=4) as b:
+        b.load_state_dict(state)
+        with pytest.raises(OSError, match="shard server down"):
+            iter(b)
+        ds.fail = False
+        assert [int(x) for x in next(iter(b))] == [_int(i) for i in range(8, 12)]
 
 
 def test_state_counts_consumed_not_prefetched() -> None:
