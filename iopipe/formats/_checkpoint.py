@@ -6,7 +6,9 @@ reader then walks each shard in offset order, cutting it into requests of at mos
 ``preadv`` with one buffer per tensor piece) and a large tensor spans many requests.
 Requests run on a small thread pool (threads ``iopipe-ckpt-N``):
 
-* CPU: each request reads straight into its destination tensors' bytes.
+* CPU: each request reads straight into its destination tensors' bytes; large
+  tensors of a file that is mostly not in the page cache are read with ``O_DIRECT``
+  (see ``_ckpt_io``), so the disk writes into them without a page-cache copy.
 * CUDA: each request reads into one slot of a ring of pinned staging buffers; the
   consumer thread then queues non-blocking host-to-device copies on a side stream and
   records the slot's event, which is synchronised before the slot takes another read.
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from iopipe.formats._ckpt_io import (
+    ALIGN,
     MiB,
     Request,
     bytes_of,
@@ -121,8 +124,13 @@ class _Loader:
         self.concurrency = concurrency
         if self.cuda:
             # The staging ring must fit the bound: never more than max_inflight_bytes.
-            chunk_bytes = min(chunk_bytes, max_inflight_bytes)
-            self.slot_count = max(1, min(max_inflight_bytes // chunk_bytes, 2 * concurrency + 2))
+            # Each slot has room to widen its read to ALIGN boundaries (O_DIRECT).
+            self.slot_pad = 2 * ALIGN if max_inflight_bytes >= 4 * ALIGN else 0
+            chunk_bytes = max(1, min(chunk_bytes, max_inflight_bytes - self.slot_pad))
+            self.slot_bytes = chunk_bytes + self.slot_pad
+            self.slot_count = max(
+                1, min(max_inflight_bytes // self.slot_bytes, 2 * concurrency + 2)
+            )
             self.concurrency = min(concurrency, self.slot_count)
         self.chunk_bytes = chunk_bytes
         # Planned by run(), once it knows which files to read directly.
@@ -226,25 +234,27 @@ class _Loader:
         for file, header in enumerate(self.headers):
             self.fds.append(_open(header.path))
             self.direct_fds.append(-1)
-            if not self.cuda and mostly_uncached(self.fds[file], header):
+            if (not self.cuda or self.slot_pad) and mostly_uncached(self.fds[file], header):
                 self.direct_fds[file] = open_direct(header.path)
             if self.direct_fds[file] >= 0:
                 direct.add(file)
-                # The buffered twin now reads only small tensors: no readahead into
-                # the big ones, which arrive directly.
+                # The buffered twin now reads only what O_DIRECT refuses and (CPU)
+                # small tensors: no readahead into the big ones, which arrive directly.
                 os.posix_fadvise(self.fds[file], 0, 0, os.POSIX_FADV_RANDOM)
-        plan = plan_reads(self.headers, self.chunk_bytes, direct)
+        # CUDA widens each staged read to ALIGN instead (see _submit): no direct layout.
+        plan = plan_reads(self.headers, self.chunk_bytes, set() if self.cuda else direct)
         self.requests, self.span, self.head = plan.requests, plan.span, plan.head
         self.remaining = list(plan.span)
 
     def _start_cuda(self) -> Any:
         stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
         self.slots = [
-            torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
+            torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
             for _ in range(self.slot_count)
         ]
         self.slot_views = [bytes_of(slot) for slot in self.slots]
         self.slot_events: list[Any] = [None] * self.slot_count
+        self.slot_head = [0] * self.slot_count  # where the request's bytes start in it
         self.free_slots = collections.deque(range(self.slot_count))
         return stream
 
@@ -291,22 +301,31 @@ class _Loader:
         return slot
 
     def _submit(self, pool: ThreadPoolExecutor, request: Request, slot: int) -> Future[None]:
+        fd, direct_fd = self.fds[request.file], self.direct_fds[request.file]
+        offset, end = request.offset, request.offset + request.nbytes
+        if slot >= 0 and direct_fd >= 0:
+            # Widen the read to ALIGN boundaries; the bytes wanted start at slot_head.
+            start = offset - offset % ALIGN
+            stop = -(-end // ALIGN) * ALIGN
+            self.slot_head[slot] = offset - start
+            buffers = [self.slot_views[slot][: stop - start]]
+            return pool.submit(read_into, direct_fd, buffers, start, end, fd)
         if slot >= 0:
+            self.slot_head[slot] = 0
             buffers = [self.slot_views[slot][: request.nbytes]]
-        else:
-            views = self.cpu_bytes
-            buffers = [views[i][start : start + n] for i, start, n in request.pieces]  # type: ignore[index]
-        fd, fallback = self.fds[request.file], -1
-        if request.direct and self.direct_fds[request.file] >= 0:
-            fd, fallback = self.direct_fds[request.file], fd
-        # A direct request's aligned span may run past the end of the file.
-        end = min(request.offset + request.nbytes, self.headers[request.file].file_bytes)
-        return pool.submit(read_into, fd, buffers, request.offset, end, fallback)
+            return pool.submit(read_into, fd, buffers, offset, end)
+        views = self.cpu_bytes
+        buffers = [views[i][start : start + n] for i, start, n in request.pieces]  # type: ignore[index]
+        if request.direct and direct_fd >= 0:
+            # The aligned span may run past the end of the file: stop there.
+            end = min(end, self.headers[request.file].file_bytes)
+            return pool.submit(read_into, direct_fd, buffers, offset, end, fd)
+        return pool.submit(read_into, fd, buffers, offset, end)
 
     def _complete(self, request: Request, slot: int, stream: Any) -> None:
         if self.cuda:
             staged = self.slots[slot]
-            at = 0
+            at = self.slot_head[slot]
             with torch.cuda.stream(stream):
                 for i, start, n in request.pieces:
                     dest = self.gpu_bytes[i]
