@@ -379,6 +379,7 @@ def check_error_propagation(
             assert stage in str(err)
             if prefix_of is not None:
                 assert_same(got, list(prefix_of[: len(got)]))
+    assert isinstance(err, StageError)
     return err
 
 

@@ -161,7 +161,7 @@ def test_close_from_another_thread_wakes_a_waiting_consumer() -> None:
     it = iter(pipe)
     assert next(it) == 0
     assert entered.wait(30)
-    closer = threading.Thread(target=lambda: (pipe.close(), None), name="test-closer")
+    closer = threading.Thread(target=pipe.close, name="test-closer")
     # close() waits (bounded) for the stuck worker; let it go once close() has begun.
     closer.start()
     with pytest.raises(PipelineClosedError):

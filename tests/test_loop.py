@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -117,7 +118,7 @@ def test_async_generators_are_finalised_on_stop() -> None:
     closed = threading.Event()
     first = threading.Event()
 
-    async def agen():  # type: ignore[no-untyped-def]
+    async def agen() -> AsyncIterator[int]:
         try:
             yield 1
             first.set()

@@ -124,12 +124,15 @@ async def agen(n: int) -> AsyncIterator[int]:
 @pytest.mark.parametrize("kind", ["list", "range", "generator", "async"])
 def test_every_source_kind_runs_through_stages(kind: str) -> None:
     def make() -> Pipeline[Any]:
-        src: Any = {
-            "list": lambda: list(range(25)),
-            "range": lambda: range(25),
-            "generator": lambda: (i for i in range(25)),
-            "async": lambda: agen(25),
-        }[kind]()
+        src: Any
+        if kind == "list":
+            src = list(range(25))
+        elif kind == "range":
+            src = range(25)
+        elif kind == "generator":
+            src = (i for i in range(25))
+        else:
+            src = agen(25)
         return Pipeline.from_iterable(src, group_size=4).map(lambda x: 2 * x).batch(5)
 
     want = [torch.arange(i, i + 5) * 2 for i in range(0, 25, 5)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -173,7 +174,11 @@ async def test_queue_counters_track_occupancy() -> None:
 
 def make_handoff(capacity: int) -> Handoff:
     loop = asyncio.get_running_loop()
-    return Handoff(capacity, lambda fn: loop.call_soon_threadsafe(fn))
+
+    def wake(fn: Callable[[], None]) -> None:
+        loop.call_soon_threadsafe(fn)
+
+    return Handoff(capacity, wake)
 
 
 def test_handoff_capacity_must_be_positive() -> None:

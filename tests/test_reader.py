@@ -134,7 +134,7 @@ async def test_byte_ranges_read_exactly_their_bytes(tmp_path: Path) -> None:
 
 
 async def test_a_range_past_the_end_of_file_names_the_path(tmp_path: Path) -> None:
-    (path, data), *_ = make_files(tmp_path, [1000])
+    ((path, _),) = make_files(tmp_path, [1000])
     for length in (1001, 3 * SMALL_CHUNK):  # read whole, and chunked
         item = (path, 0, length)
         with pytest.raises(StageError) as info:
