@@ -67,7 +67,6 @@ def test_break_stops_the_epoch_and_the_next_iter_starts_afresh() -> None:
         assert ep.ended is not None
         produced = seq.produced
         assert produced < 10**6
-        assert pipe.state_dict() == {"epoch": 1, "consumed": 0}
         assert [x for _, x in zip(range(5), pipe, strict=False)] == [0, 1, 2, 3, 4]
         assert pipe._last is not ep
 

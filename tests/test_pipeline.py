@@ -317,7 +317,7 @@ def test_a_stuck_stage_times_out_naming_it() -> None:
             release.wait(30)
         return x
 
-    pipe = Pipeline.from_iterable(range(10), group_size=1, timeout=0.2).map(stuck).batch(2)
+    pipe = Pipeline.from_iterable(range(10), group_size=1, timeout=1.0).map(stuck).batch(2)
     with pipe:
         it = iter(pipe)
         assert_same(next(it), torch.tensor([0, 1]))
@@ -335,11 +335,11 @@ def test_a_stuck_source_times_out_naming_it() -> None:
         release.wait(30)
         yield 2
 
-    with Pipeline.from_iterable(slow(), group_size=1, timeout=0.2).map(str) as pipe:
+    with Pipeline.from_iterable(slow(), group_size=1, timeout=1.0).map(str) as pipe:
         it = iter(pipe)
         assert next(it) == "1"
         with pytest.raises(
-            TimeoutError, match=r"timeout=0\.2 s; items are stuck in stage 'source'"
+            TimeoutError, match=r"timeout=1\.0 s; items are stuck in stage 'source'"
         ):
             next(it)
         release.set()
