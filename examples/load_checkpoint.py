@@ -77,6 +77,10 @@ def main() -> None:
         index = save_sharded(reference, Path(tmp))
         size = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
 
+        # The first normal_() on the meta device imports torch._dynamo (a few
+        # seconds, once): do it before timing.
+        with torch.device("meta"):
+            nn.Embedding(1, 1)
         start = time.perf_counter()
         with torch.device("meta"):
             model = TinyGPT()  # no weight memory yet
