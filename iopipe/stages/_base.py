@@ -336,37 +336,52 @@ class IoGovernor:
     """Opens reads in flight while they wait on storage; closes them when they don't.
 
     Page-cached reads are CPU work under the GIL: extra threads only add
-    contention (bench/bench_pipeline.py: 16 threads read warm small files 2.7x
-    slower than one).  Storage-bound reads gain from many in flight.  The
-    governor tells them apart by the share of a job's wall time its thread did
-    not spend on the CPU, and moves the effective limit between 1 and
-    ``maximum`` one step per job (additive increase, additive decrease).
+    contention (bench/bench_reader_backends.py; 16 threads read warm small files
+    2-3x slower than one).  Storage-bound reads gain from many in flight.  The
+    governor tells them apart by cache misses, probed exactly with
+    ``preadv(RWF_NOWAIT)`` (a read the page cache cannot serve comes back short):
+    a miss rate above 20% doubles the limit, below 5% it steps down towards 1.
+    Where the probe is unsupported it falls back to the share of a job's wall
+    time that its thread was off the CPU (noisier: a busy machine looks like I/O).
     """
 
-    __slots__ = ("_cpu", "_wait", "limiter", "maximum")
+    __slots__ = ("_cpu", "_miss", "_wait", "limiter", "maximum", "probe_flags")
 
-    def __init__(self, limiter: Limiter, maximum: int) -> None:
+    def __init__(self, limiter: Limiter, maximum: int, probe_flags: int = 0) -> None:
         self.limiter = limiter
         self.maximum = maximum
+        self.probe_flags = probe_flags
         self._cpu = 0.0  # EWMA CPU seconds per item
         self._wait = 0.0  # EWMA share of wall time spent waiting
+        self._miss = 0.0  # EWMA share of items that missed the page cache
 
-    def observe(self, wall: float, cpu: float, items: int) -> None:
+    def observe(self, wall: float, cpu: float, items: int, misses: int = -1) -> None:
+        """Account one finished job of ``items`` reads (``misses`` < 0: not probed)."""
         if items <= 0 or wall <= 0:
             return
         per = cpu / items
-        wait = max(0.0, 1.0 - cpu / wall)
         first = self._cpu == 0.0
         self._cpu = per if first else 0.8 * self._cpu + 0.2 * per
-        self._wait = wait if first else 0.8 * self._wait + 0.2 * wait
         limit = self.limiter.limit
+        if misses >= 0 and self.probe_flags:
+            rate = misses / items
+            self._miss = rate if first else 0.7 * self._miss + 0.3 * rate
+            if self._miss > 0.2 and limit < self.maximum:
+                self.limiter.set_limit(min(self.maximum, 2 * limit))
+            elif self._miss < 0.05 and limit > 1:
+                self.limiter.set_limit(limit - 1)
+            return
+        if misses < 0:
+            self.probe_flags = 0  # the file system refused the probe: fall back for good
+        wait = max(0.0, 1.0 - cpu / wall)
+        self._wait = wait if first else 0.8 * self._wait + 0.2 * wait
         if self._wait > 0.6 and limit < self.maximum:
             self.limiter.set_limit(limit + 1)
         elif self._wait < 0.3 and limit > 1:
             self.limiter.set_limit(limit - 1)
 
     def split(self, n: int) -> list[tuple[int, int]]:
-        """Ranges of ``range(n)``: big jobs for CPU-bound reads, fan-out for waiting ones."""
+        """Ranges of ``range(n)``: big jobs for cached reads, fan-out for waiting ones."""
         if n == 0:
             return []
         limit = self.limiter.limit

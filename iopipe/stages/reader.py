@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -88,14 +89,50 @@ def read_exact(fd: int, buf: memoryview | np.ndarray[Any, Any], offset: int, pat
         got += n
 
 
-def _read_job(entries: list[tuple[str, int, int | None]], chunk_bytes: int) -> list[Any]:
+#: ``preadv`` flag that fails with EAGAIN instead of waiting for storage (Linux).
+_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
+
+def _read_probing(fd: int, buf: np.ndarray[Any, Any], offset: int, path: str, flags: int) -> int:
+    """Fill ``buf`` like :func:`read_exact`; say whether the bytes had to come from storage.
+
+    With ``flags=RWF_NOWAIT`` the first ``preadv`` returns only what the page cache
+    holds, so a short or refused read is a cache miss, measured exactly and for the
+    price of one syscall.  Returns 1 for a miss, 0 for a hit, -1 when the file
+    system does not support the probe (the caller stops probing).
+    """
+    if not flags:
+        read_exact(fd, buf, offset, path)
+        return 0
+    want = len(buf)
+    try:
+        n = os.preadv(fd, [buf], offset, flags)
+    except BlockingIOError:
+        n, missed = 0, 1
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            read_exact(fd, buf, offset, path)
+            return -1
+        raise
+    else:
+        missed = 0 if n == want else 1
+    if n < want:
+        read_exact(fd, buf[n:], offset + n, path)
+    return missed
+
+
+def _read_job(
+    entries: list[tuple[str, int, int | None]], chunk_bytes: int, flags: int
+) -> tuple[list[Any], int]:
     """Read whole small items; size large ones for chunked reading (worker thread).
 
-    Consecutive byte ranges of one file share one descriptor (token windows, say,
-    would otherwise pay an open and a close per range).  Every descriptor it
-    opens is closed before it returns.
+    Returns the buffers and the number of cache misses (-1: the probe is not
+    supported here).  Consecutive byte ranges of one file share one descriptor
+    (token windows, say, would otherwise pay an open and a close per range).
+    Every descriptor it opens is closed before it returns.
     """
     out: list[Any] = []
+    misses = 0
     fd, fd_path = -1, ""
     try:
         for i, (path, offset, length) in enumerate(entries):
@@ -114,23 +151,27 @@ def _read_job(entries: list[tuple[str, int, int | None]], chunk_bytes: int) -> l
                 if size > chunk_bytes:
                     out.append(_Large(path, buf, offset))
                 else:
-                    read_exact(fd, buf, offset, path)
+                    miss = _read_probing(fd, buf, offset, path, flags)
+                    if miss < 0:
+                        flags, misses = 0, -1
+                    elif misses >= 0:
+                        misses += miss
                     out.append(buf)
             except Exception as exc:
                 raise ItemFailure(i, exc) from None
     finally:
         if fd >= 0:
             os.close(fd)
-    return out
+    return out, misses
 
 
-def _read_chunk(large: _Large, start: int, stop: int) -> int:
+def _read_chunk(large: _Large, start: int, stop: int, flags: int) -> tuple[int, int]:
     fd = os.open(large.path, _O_FLAGS)
     try:
-        read_exact(fd, large.buf[start:stop], large.offset + start, large.path)
+        miss = _read_probing(fd, large.buf[start:stop], large.offset + start, large.path, flags)
     finally:
         os.close(fd)
-    return stop - start
+    return stop - start, miss
 
 
 class ChunkedReader(Stage):
@@ -183,7 +224,7 @@ class ChunkedReader(Stage):
             self.concurrency, thread_name_prefix=f"iopipe-{self.name}"
         )
         self._limit = Limiter(1)
-        self._gov = IoGovernor(self._limit, self.concurrency)
+        self._gov = IoGovernor(self._limit, self.concurrency, _NOWAIT)
 
     def close(self, timeout: float) -> None:
         shutdown_executor(self._pool, timeout)
@@ -198,12 +239,14 @@ class ChunkedReader(Stage):
         assert self._gov is not None
         loop = asyncio.get_running_loop()
         async with self._limit:
-            out, wall, cpu = await loop.run_in_executor(self._pool, timed_cpu, fn, *args)
+            (out, misses), wall, cpu = await loop.run_in_executor(
+                self._pool, timed_cpu, fn, *args, self._gov.probe_flags
+            )
         self.counters.busy_s += wall
         self.counters.jobs += 1
         # CPU seconds of the reads: the bottleneck verdict tells storage from CPU by it.
         self.counters.extra["cpu_s"] = self.counters.extra.get("cpu_s", 0.0) + cpu
-        self._gov.observe(wall, cpu, items)
+        self._gov.observe(wall, cpu, items, misses)
         return out
 
     async def _read_large(self, large: _Large) -> None:
