@@ -20,12 +20,12 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ._autotune import (
-    MAX_AUTO_AWAITS,
     MAX_AUTO_READS,
     AutoTuner,
     auto_value,
     check_budgets,
     make_tuner,
+    map_pool_size,
 )
 from ._config import pipeline_from_config, pipeline_to_config
 from ._errors import PipelineClosedError, StageError
@@ -141,7 +141,7 @@ class _Runtime:
                 ep.handoff.put_error(
                     errors[0]
                     if len(errors) == 1
-                    else ExceptionGroup("several iopipe stages failed", errors)
+                    else BaseExceptionGroup("several iopipe stages failed", errors)
                 )
         finally:
             ep.ended = time.perf_counter()
@@ -501,9 +501,7 @@ class Pipeline(Generic[T]):
             ordered: Keep input order (default); ``False`` yields in completion order.
             name: Stage name in stats and errors (default ``"map"``).
         """
-        cpus = self._cpu_budget or os.cpu_count() or 1
-        most = MAX_AUTO_AWAITS if executor == "async" else cpus
-        n, auto = auto_value(concurrency, most)
+        n, auto = auto_value(concurrency, map_pool_size(fn, executor, self._cpu_budget))
         stage = Decoder(fn, concurrency=n, executor=executor, ordered=ordered, name=name)
         stage.autotune = auto
         return self._then(stage)
@@ -673,7 +671,8 @@ class Pipeline(Generic[T]):
             return PipelineStats((), 0.0, 0, 0.0, self._epoch)
         snaps = []
         queues = ep.queues
-        for i, s in enumerate([rt.source, *rt.stages]):
+        parts: list[Any] = [rt.source, *rt.stages]
+        for i, s in enumerate(parts):
             q = queues[i] if i < len(queues) else None
             qc = q.counters if q is not None else None
             snaps.append(

@@ -14,7 +14,7 @@ import copy
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, ClassVar, Protocol
 
 from .._errors import StageError
@@ -164,7 +164,7 @@ async def _put(outq: OutQueue, group: Group, counters: StageCounters) -> None:
 async def pump(
     groups: AsyncIterator[Group],
     outq: OutQueue,
-    process: Callable[[Group], Awaitable[Group]],
+    process: Callable[[Group], Coroutine[Any, Any, Group]],
     *,
     window: int,
     ordered: bool,
@@ -244,7 +244,8 @@ class flat_task_group:
 
     async def __aexit__(self, et: Any, exc: Any, tb: Any) -> bool | None:
         try:
-            return await self._tg.__aexit__(et, exc, tb)
+            await self._tg.__aexit__(et, exc, tb)
+            return None
         except BaseExceptionGroup as eg:
             leaves = [e for e in leaf_errors(eg) if not isinstance(e, asyncio.CancelledError)]
             # One failure can be raised twice: by a job's task and by the ordered

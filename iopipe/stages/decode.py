@@ -91,7 +91,7 @@ class Decoder(Stage):
         if not callable(fn):
             raise TypeError(f"map() needs a callable, got {type(fn).__name__}: {fn!r:.80}")
         is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
         )
         if executor is None:
             executor = "async" if is_async else "thread"

@@ -30,6 +30,11 @@ def apply_to_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> An
     return obj
 
 
+def _record(t: torch.Tensor, stream: Any) -> torch.Tensor:
+    t.record_stream(stream)
+    return t
+
+
 def _pin(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_pinned() else t.pin_memory()
 
@@ -48,11 +53,11 @@ def _transfer(batch: Any, device: torch.device, pin: bool, stream: Any) -> Any:
         return batch
     with torch.cuda.stream(stream):
         out = apply_to_tensors(batch, lambda t: t.to(device, non_blocking=True))
-    event = torch.cuda.Event()
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
     event.record(stream)
     event.synchronize()
     default = torch.cuda.default_stream(device)
-    apply_to_tensors(out, lambda t: (t.record_stream(default), t)[1])
+    apply_to_tensors(out, functools.partial(_record, stream=default))
     return out
 
 
@@ -93,7 +98,7 @@ class DeviceTransfer(Stage):
             1, thread_name_prefix=f"iopipe-{self.name}"
         )
         if self.device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=self.device)
+            self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
 
     def close(self, timeout: float) -> None:
         shutdown_executor(self._pool, timeout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +73,7 @@ def normalize_item(item: Any) -> tuple[str, int, int | None]:
     )
 
 
-def read_exact(fd: int, buf: memoryview | np.ndarray[Any, Any], offset: int, path: str) -> None:
+def read_exact(fd: int, buf: Any, offset: int, path: str) -> None:
     """Fill ``buf`` from ``fd`` at ``offset`` with ``os.preadv``; short files raise EOFError."""
     n = os.preadv(fd, [buf], offset)
     want = len(buf) if isinstance(buf, np.ndarray) else memoryview(buf).nbytes
@@ -93,7 +94,7 @@ def read_exact(fd: int, buf: memoryview | np.ndarray[Any, Any], offset: int, pat
 _NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 
-def _read_probing(fd: int, buf: np.ndarray[Any, Any], offset: int, path: str, flags: int) -> int:
+def _read_probing(fd: int, buf: Any, offset: int, path: str, flags: int) -> int:
     """Fill ``buf`` like :func:`read_exact`; say whether the bytes had to come from storage.
 
     With ``flags=RWF_NOWAIT`` the first ``preadv`` returns only what the page cache
@@ -239,9 +240,8 @@ class ChunkedReader(Stage):
         assert self._gov is not None
         loop = asyncio.get_running_loop()
         async with self._limit:
-            (out, misses), wall, cpu = await loop.run_in_executor(
-                self._pool, timed_cpu, fn, *args, self._gov.probe_flags
-            )
+            job = functools.partial(timed_cpu, fn, *args, self._gov.probe_flags)
+            (out, misses), wall, cpu = await loop.run_in_executor(self._pool, job)
         self.counters.busy_s += wall
         self.counters.jobs += 1
         # CPU seconds of the reads: the bottleneck verdict tells storage from CPU by it.
