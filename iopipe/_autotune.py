@@ -21,6 +21,7 @@ so far, stay within ``memory_budget_bytes``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import statistics
 import time
@@ -38,12 +39,18 @@ __all__ = [
     "auto_value",
     "check_budgets",
     "make_tuner",
+    "map_pool_size",
 ]
 
 #: Reads in flight an auto reader may reach (its pool is created at this size).
 MAX_AUTO_READS = 64
 #: Awaits in flight an auto ``async`` map stage may reach (no threads involved).
 MAX_AUTO_AWAITS = 256
+#: CPUs a thread worker of an auto map stage counts for in ``cpu_budget``.  Threads
+#: running Python decode code spend part of their time waiting for the GIL, so up
+#: to two per CPU keep the CPUs busy (bench/bench_autotune.py: JPEG decode on 2 CPUs
+#: ran fastest with 4 threads); a process worker counts for one.
+THREAD_CPU = 0.5
 #: Deepest auto prefetch, in groups.
 MAX_AUTO_PREFETCH = 32
 #: Memory budget when none is given: 1 GiB.
@@ -67,6 +74,18 @@ def auto_value(value: Any, maximum: int, *, param: str = "concurrency") -> tuple
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value, False
     raise ValueError(f"{param} must be an int >= 1 or 'auto', got {value!r}")
+
+
+def map_pool_size(fn: Any, executor: str | None, cpu_budget: int | None) -> int:
+    """Jobs in flight an auto map stage may reach (its pool is created at this size)."""
+    cpus = cpu_budget or os.cpu_count() or 1
+    is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+    )
+    kind = executor or ("async" if is_async else "thread")
+    if kind == "async":
+        return MAX_AUTO_AWAITS
+    return int(cpus / THREAD_CPU) if kind == "thread" else cpus
 
 
 def check_budgets(cpu_budget: Any, memory_budget_bytes: Any) -> None:
@@ -123,6 +142,12 @@ class HillClimber:
     warm...) and a new search starts from the current setting.  The median
     keeps a few noisy windows from restarting it.
 
+    Measurements are noisy (other processes, page-cache luck), so the rate of
+    the current setting is the mean of two windows, a trial is accepted only
+    when a second window confirms the first, and the best rate is that of
+    accepted settings only, never one lucky window that would make every later
+    comparison too strict.
+
     Deterministic and clock-free: the same rates give the same settings.
     """
 
@@ -148,6 +173,7 @@ class HillClimber:
         self._trial: dict[str, int] | None = None  # setting under measurement, if not _x
         self._base: float | None = None  # rate measured at _x
         self._best = 0.0  # best rate of this search
+        self._pending: float | None = None  # first window of a two-window measurement
         self._step = 1
         self._dirs: list[int] = []
         self.settled = False
@@ -175,13 +201,48 @@ class HillClimber:
         self.steps += 1
         if self.settled:
             self._watch(rate)
-        elif self._trial is None:
-            self._base = rate
-            self._best = max(self._best, rate)
-            self._propose()
+        elif self._pending is not None:  # the second window of the same setting
+            first, self._pending = self._pending, None
+            self._decide(rate, first)
         else:
-            self._judge(rate)
+            self._decide(rate, None)
         return self.setting
+
+    def _decide(self, rate: float, first: float | None) -> None:
+        """Act on a window's ``rate`` (``first``: the previous window of the same setting).
+
+        The current setting's rate is the mean of two windows.  A trial that would
+        be accepted is measured again and accepted only if the second window
+        passes too: one lucky window must not move the setting.
+        """
+        if self._trial is None:
+            if first is None:
+                self._pending = rate
+                return
+            self._base = (first + rate) / 2
+            self._best = max(self._best, self._base)
+            self._propose()
+            return
+        ok = self._passes(rate)
+        if ok and first is None:
+            self._pending = rate
+            return
+        mean = rate if first is None else (first + rate) / 2
+        if self._joint:
+            self._judge_joint(ok, mean)
+        else:
+            self._judge(ok, mean)
+
+    def _passes(self, rate: float) -> bool:
+        """Whether ``rate`` under the trial justifies moving to it."""
+        assert self._trial is not None
+        if rate > self._best * (1 + self.tolerance):
+            return True
+        if self._joint or self._phase != "trim":
+            return False
+        knob = self.knobs[self._k]
+        down = self._trial[knob.name] < self._x[knob.name]
+        return down and rate >= self._best * (1 - self.tolerance)
 
     # -- search -----------------------------------------------------------------------
     def _restart(self) -> None:
@@ -192,13 +253,18 @@ class HillClimber:
         self._joint = False  # the trial under measurement raises every knob
         self._k = 0
         self._recent: list[float] = []  # rates since settling, for drift
+        self._pending = None
         self._trial = None
         self._base = None  # measure the current setting first
         self._best = 0.0
         self._begin_knob()
 
     def _begin_knob(self) -> None:
-        self._step = max(1, self._x[self.knobs[self._k].name])
+        # The first round doubles and halves from the start; later rounds and
+        # the trim refine around a value already searched, in quarter steps.
+        x = self._x[self.knobs[self._k].name]
+        first = self._phase == "grow" and self._round == 0
+        self._step = max(1, x if first else x // 4)
         self._dirs = [+1, -1] if self._phase == "grow" else [-1, +1]
 
     def _propose(self) -> None:
@@ -260,12 +326,11 @@ class HillClimber:
                     break
         return out if out != self._x else None
 
-    def _judge_joint(self, rate: float) -> None:
-        ok = rate > self._best * (1 + self.tolerance)
-        self._best = max(self._best, rate)
+    def _judge_joint(self, ok: bool, rate: float) -> None:
         self._joint = False
         if ok:
             self._x, self._base = self._trial or self._x, rate
+            self._best = max(self._best, rate)
         else:
             self._phase = "trim"  # nothing grows: trim from here
         self._trial = None
@@ -273,18 +338,12 @@ class HillClimber:
         self._begin_knob()
         self._propose()
 
-    def _judge(self, rate: float) -> None:
+    def _judge(self, ok: bool, rate: float) -> None:
         assert self._trial is not None
-        if self._joint:
-            self._judge_joint(rate)
-            return
         knob = self.knobs[self._k]
         up = self._trial[knob.name] > self._x[knob.name]
-        ok = rate > self._best * (1 + self.tolerance)
-        if not ok and self._phase == "trim" and not up:
-            ok = rate >= self._best * (1 - self.tolerance)
-        self._best = max(self._best, rate)
         if ok:
+            self._best = max(self._best, rate)
             self._x = self._trial
             self._base = rate
             self._changed = True
@@ -339,30 +398,41 @@ class AutoTuner:
         self.settle_groups = settle_groups
         self._clock = clock
         self._stages: dict[str, Any] = {}
-        self._cpu_knobs: list[str] = []
         self._prefetch_units: dict[str, int] = {}  # prefetch stage -> source items per group
         self._readers: list[Any] = []
-        knobs: list[Knob] = []
+        # Map knobs first: decoding is the usual bottleneck, and the first knobs
+        # searched are the ones settled soonest.
+        knobs: dict[str, list[Knob]] = {"map": [], "read": [], "prefetch": []}
+        self._cpu_cost: dict[str, float] = {}  # CPUs one job of a knob counts for
         weight = 1
-        auto_maps = [s for s in stages if isinstance(s, Decoder) and s.autotune]
+        cpu_maps = [
+            s
+            for s in stages
+            if isinstance(s, Decoder) and s.autotune and s.executor in ("thread", "process")
+        ]
+        share = cpu_budget / max(1, len(cpu_maps))  # CPUs each may start with
         for s in stages:
             if isinstance(s, ChunkedReader):
                 self._readers.append(s)
             if s.autotune:
                 self._stages[s.name] = s
+                # Start low and grow only where it pays: extra workers often cost
+                # throughput (GIL contention), and the search doubles quickly.
                 if isinstance(s, Decoder):
-                    share = max(1, cpu_budget // max(1, len(auto_maps)))
-                    knobs.append(Knob(s.name, 1, s.concurrency, min(s.concurrency, share)))
-                    if s.executor in ("thread", "process"):
-                        self._cpu_knobs.append(s.name)
+                    start = min(s.concurrency, 2)
+                    if s in cpu_maps:
+                        cost = THREAD_CPU if s.executor == "thread" else 1.0
+                        self._cpu_cost[s.name] = cost
+                        start = max(1, min(start, int(share / cost)))
+                    knobs["map"].append(Knob(s.name, 1, s.concurrency, start))
                 elif isinstance(s, ChunkedReader):
-                    knobs.append(Knob(s.name, 1, s.concurrency, min(s.concurrency, 8)))
+                    knobs["read"].append(Knob(s.name, 1, s.concurrency, min(s.concurrency, 4)))
                 elif isinstance(s, Prefetcher):
                     self._prefetch_units[s.name] = group_size if weight == 1 else weight
-                    knobs.append(Knob(s.name, 1, MAX_AUTO_PREFETCH, 2))
+                    knobs["prefetch"].append(Knob(s.name, 1, MAX_AUTO_PREFETCH, 2))
             if getattr(s, "batch_size", None) and not s.one_to_one:
                 weight *= s.batch_size
-        self.climber = HillClimber(knobs, feasible=self.feasible)
+        self.climber = HillClimber([k for ks in knobs.values() for k in ks], feasible=self.feasible)
         self._queues: dict[str, Any] = {}
         self._skip = settle_groups
         self._count = 0
@@ -380,7 +450,7 @@ class AutoTuner:
 
     def feasible(self, setting: Mapping[str, int]) -> bool:
         """Whether ``setting`` stays within the CPU and memory budgets."""
-        if sum(setting[k] for k in self._cpu_knobs) > self.cpu_budget:
+        if sum(setting[k] * c for k, c in self._cpu_cost.items()) > self.cpu_budget:
             return False
         per_item = self.item_bytes()
         if per_item <= 0:

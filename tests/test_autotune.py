@@ -202,10 +202,11 @@ def test_the_tuner_keeps_map_jobs_within_the_cpu_budget() -> None:
         s.autotune = True
         s._limit = Limiter(8)  # as open() would, without starting pools
     tuner = AutoTuner(stages, group_size=8, cpu_budget=3, memory_budget_bytes=1 << 30)
-    # Both start within the budget; the inline stage (no threads) does not count.
-    assert [s._limit.limit for s in stages] == [1, 1, 1]
-    assert tuner.feasible({"map": 2, "map_1": 8, "map_2": 1})
-    assert not tuner.feasible({"map": 2, "map_1": 1, "map_2": 2})
+    # They start low within the budget; a process counts for one CPU, a thread for
+    # half of one (it waits for the GIL part of the time); inline jobs for none.
+    assert [s._limit.limit for s in stages] == [1, 2, 2]
+    assert tuner.feasible({"map": 2, "map_1": 8, "map_2": 2})
+    assert not tuner.feasible({"map": 2, "map_1": 1, "map_2": 3})
 
 
 def test_the_memory_budget_bounds_prefetch_and_reads() -> None:
@@ -250,10 +251,17 @@ def test_auto_arguments_are_validated() -> None:
 
 
 def test_auto_pools_are_created_at_the_budget() -> None:
-    pipe = Pipeline.from_iterable(range(3), cpu_budget=3).map(int, concurrency="auto")
-    (stage,) = pipe._stages
-    assert stage.concurrency == 3
-    assert stage.autotune
+    pipe = (
+        Pipeline.from_iterable(range(3), cpu_budget=3)
+        .map(int, concurrency="auto")
+        .map(int, concurrency="auto", executor="process")
+        .read(concurrency="auto")
+    )
+    assert [(s.concurrency, s.autotune) for s in pipe._stages] == [
+        (6, True),  # two threads per CPU
+        (3, True),  # one process per CPU
+        (64, True),
+    ]
 
 
 def square(x: int) -> int:
@@ -280,3 +288,16 @@ def test_an_auto_pipeline_delivers_everything_in_order_across_epochs(tmp_path: A
             assert 1 <= setting["map"] <= 2
             assert 1 <= setting["read"] <= 64
             assert 1 <= setting["prefetch"] <= 32
+
+
+def test_one_lucky_window_does_not_move_the_setting() -> None:
+    climber = HillClimber([Knob("map", 1, 8, 2)])
+    assert climber.observe(100.0) == {"map": 2}  # the current setting takes two windows
+    assert climber.observe(100.0) == {"map": 4}  # then the first trial
+    assert climber.observe(200.0) == {"map": 4}  # looks better: measured once more
+    assert climber.observe(100.0) == {"map": 3}  # not confirmed: rejected; next trial
+    assert climber.best == {"map": 2}
+    assert climber.observe(100.0) == {"map": 1}  # no better: rejected at once
+    assert climber.observe(150.0) == {"map": 1}  # better: measured once more
+    assert climber.observe(140.0) == {"map": 2}  # confirmed: accepted; next trial
+    assert climber.best == {"map": 1}
