@@ -171,16 +171,30 @@ class _Epoch:
         # the time it ran, so one that finished early does not look busy meanwhile.
         self.stage_ended: dict[str, float] = {}
         self.delivered = 0
-        self.consumed = skip  # source items handed to the consumer, for state_dict
+        self.consumed = skip  # source items handed out before the current group
+        # The consumer's cursor in the group it is reading.  It lives here, not on
+        # the iterator, so the position survives the iterator (state after a break).
+        self.buf: list[Any] = []
+        self.counts: list[int] | None = None
+        self.i = 0
         self.finished = False
         self.task: asyncio.Task[Any] | None = None  # run_epoch's task, once it runs
         self.future: concurrent.futures.Future[None] = rt.loop.submit(rt.run_epoch(self))
+
+    def position(self) -> int:
+        """Source items handed to the consumer so far this epoch."""
+        if self.counts is None:
+            return self.consumed + self.i
+        return self.consumed + sum(self.counts[: self.i])
 
     def stage_done(self, task: asyncio.Task[Any]) -> None:
         self.stage_ended[task.get_name()] = time.perf_counter()
 
     def stop(self) -> None:
         """Cancel whatever still runs of this epoch and wait for it (bounded)."""
+        # Keep the consumer's position, drop what it had not taken yet.
+        self.consumed = self.position()
+        self.buf, self.i, self.counts = [], 0, None
         self.handoff.close()
         fut = self.future
         if not fut.done():
@@ -221,9 +235,6 @@ class _EpochIterator(Generic[T]):
         self._pipe = pipe  # keeps the pipeline (and its threads) alive while iterating
         self._ep = ep
         self._timeout = timeout
-        self._buf: list[Any] = []
-        self._counts: list[int] | None = None
-        self._i = 0
         self._finalizer = weakref.finalize(self, ep.stop)
 
     def __iter__(self) -> _EpochIterator[T]:
@@ -231,22 +242,20 @@ class _EpochIterator(Generic[T]):
 
     def consumed(self) -> int:
         """Source items handed out so far this epoch."""
-        ep = self._ep
-        if self._counts is None:
-            return ep.consumed + self._i
-        return ep.consumed + sum(self._counts[: self._i])
+        return self._ep.position()
 
     def __next__(self) -> T:
-        i = self._i
-        if i < len(self._buf):
-            self._i = i + 1
-            return self._buf[i]  # type: ignore[no-any-return]
+        ep = self._ep
+        i = ep.i
+        if i < len(ep.buf):
+            ep.i = i + 1
+            return ep.buf[i]  # type: ignore[no-any-return]
         return self._refill()
 
     def _refill(self) -> T:
         ep = self._ep
-        ep.consumed = self.consumed()
-        self._buf, self._i, self._counts = [], 0, None
+        ep.consumed = ep.position()
+        ep.buf, ep.i, ep.counts = [], 0, None
         if ep.finished:
             raise StopIteration
         if self._pipe._closed:
@@ -263,10 +272,10 @@ class _EpochIterator(Generic[T]):
             self._close()
             raise StopIteration
         ep.delivered += len(group.items)
-        self._buf = group.items
-        self._counts = group.counts
-        self._i = 1
-        return self._buf[0]  # type: ignore[no-any-return]
+        ep.buf = group.items
+        ep.counts = group.counts
+        ep.i = 1
+        return ep.buf[0]  # type: ignore[no-any-return]
 
     def _get(self) -> Any:
         ep = self._ep
@@ -282,9 +291,6 @@ class _EpochIterator(Generic[T]):
                 return group
 
     def _close(self) -> None:
-        if self._i < len(self._buf):  # stopped early: drop what is buffered, keep the count
-            self._ep.consumed = self.consumed()
-            self._buf, self._i, self._counts = [], 0, None
         self._finalizer()
 
 
@@ -339,7 +345,8 @@ class Pipeline(Generic[T]):
         self._epoch = 0
         self._skip = 0
         self._current: weakref.ref[_EpochIterator[Any]] | None = None
-        self._last: _Epoch | None = None
+        self._last: _Epoch | None = None  # for stats()
+        self._position: _Epoch | None = None  # the epoch whose position state_dict() reports
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -579,7 +586,7 @@ class Pipeline(Generic[T]):
         ep = _Epoch(rt, self._epoch, self._skip, _handoff_groups(rt, self._handoff))
         self._epoch += 1
         self._skip = 0
-        self._last = ep
+        self._last = self._position = ep
         it: _EpochIterator[T] = _EpochIterator(self, ep, self._timeout)
         self._current = weakref.ref(it)
         if self._stats_interval is not None or self._on_stats is not None:
@@ -609,6 +616,7 @@ class Pipeline(Generic[T]):
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         self._epoch = epoch
         self._skip = 0
+        self._position = None
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
@@ -618,9 +626,9 @@ class Pipeline(Generic[T]):
         prefetched).  Restoring it with :meth:`load_state_dict` makes the next
         ``iter()`` continue exactly after them.
         """
-        it = self._current() if self._current is not None else None
-        if it is not None and not it._ep.finished:
-            return {"epoch": it._ep.epoch, "consumed": it.consumed()}
+        ep = self._position
+        if ep is not None and not ep.finished:  # running, or broken off mid-epoch
+            return {"epoch": ep.epoch, "consumed": ep.position()}
         return {"epoch": self._epoch, "consumed": self._skip}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -636,7 +644,8 @@ class Pipeline(Generic[T]):
         if epoch < 0 or consumed < 0:
             raise ValueError(f"not a Pipeline state: {state!r:.200}")
         self._stop_current()
-        self._current = None  # state_dict() now reports the loaded state
+        self._current = None
+        self._position = None  # state_dict() now reports the loaded state
         self._epoch, self._skip = epoch, consumed
 
     # -- introspection and lifecycle --------------------------------------------
@@ -687,7 +696,7 @@ class Pipeline(Generic[T]):
             )
         elapsed = (ep.ended or time.perf_counter()) - ep.started
         it = self._current() if self._current is not None else None
-        delivered = ep.delivered if it is None else ep.delivered - len(it._buf) + it._i
+        delivered = ep.delivered - len(ep.buf) + ep.i
         return PipelineStats(tuple(snaps), elapsed, delivered, ep.handoff.wait_s, ep.epoch)
 
     def close(self) -> None:
