@@ -695,7 +695,6 @@ class Pipeline(Generic[T]):
                 )
             )
         elapsed = (ep.ended or time.perf_counter()) - ep.started
-        it = self._current() if self._current is not None else None
         delivered = ep.delivered - len(ep.buf) + ep.i
         return PipelineStats(tuple(snaps), elapsed, delivered, ep.handoff.wait_s, ep.epoch)
 
