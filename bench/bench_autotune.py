@@ -115,10 +115,16 @@ def _label(setting: Any) -> str:
     return "auto" if setting == "auto" else f"read={setting['read']} map={setting['map']}"
 
 
-def launch(spec: dict[str, Any]) -> dict[str, Any]:
-    """Prepare the page cache, run ``spec`` in a fresh process, return its record."""
+def launch(spec: dict[str, Any], quiet_wait_s: float = 0.0) -> dict[str, Any]:
+    """Prepare the page cache, run ``spec`` in a fresh process, return its record.
+
+    With ``quiet_wait_s`` > 0, first wait (that long at most) for other processes to
+    leave the CPUs mostly idle: this machine is shared.
+    """
     paths = _workloads.paths(spec["workload"], Path(spec["data_dir"]))
     _harness.prepare(paths, spec["temp"])
+    if quiet_wait_s > 0:
+        _harness.wait_for_quiet(quiet_wait_s)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "bench.bench_autotune", "--case", json.dumps(spec)]
     busy0, _ = _harness.machine_busy_s()
@@ -205,14 +211,16 @@ def report(summary: list[dict[str, Any]]) -> str:
 class Runner:
     """Launches cases, logs each record as a JSON line, prints progress."""
 
-    def __init__(self, log: Path, base: dict[str, Any]) -> None:
+    def __init__(self, log: Path, base: dict[str, Any], quiet_wait_s: float) -> None:
         self.log = log
         self.base = base
+        self.quiet_wait_s = quiet_wait_s
         self.t0 = time.monotonic()
         self.count = 0
 
     def __call__(self, wl: str, temp: str, setting: Any, rep: int) -> dict[str, Any]:
-        rec = launch({**self.base, "workload": wl, "temp": temp, "setting": setting, "rep": rep})
+        spec = {**self.base, "workload": wl, "temp": temp, "setting": setting, "rep": rep}
+        rec = launch(spec, self.quiet_wait_s)
         self.count += 1
         with self.log.open("a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -240,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-map", help="map workers to try, e.g. 1,2,4")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each case, wait up to S s for other processes to leave the CPUs idle",
+    )
+    parser.add_argument(
+        "--grid-from",
+        type=Path,
+        help="take phase 1 (the grid) from a results file of an earlier run on this machine",
+    )
+    parser.add_argument(
         "--workloads",
         default=",".join(f"{w}:{t}" for w, t in WORKLOADS),
         help="workload:temp pairs, comma-separated (default: %(default)s)",
@@ -263,13 +283,21 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "max_tune_epochs": args.max_tune_epochs,
     }
-    run = Runner(args.out / f"autotune-{stamp}.jsonl", base)
+    run = Runner(args.out / f"autotune-{stamp}.jsonl", base, args.quiet_wait)
     # Phase 1: every fixed setting once; the fastest is the best fixed setting.
-    grid_records = [
-        run(wl, temp, {"read": r, "map": m}, 0)
-        for wl, temp in pairs
-        for r, m in itertools.product(grid["read"], grid["map"])
-    ]
+    if args.grid_from:
+        doc = json.loads(args.grid_from.read_text())
+        grid_records = [
+            r
+            for r in doc.get("grid") or doc["records"]
+            if r["setting"] != "auto" and (r["workload"], r["temp"]) in pairs
+        ]
+    else:
+        grid_records = [
+            run(wl, temp, {"read": r, "map": m}, 0)
+            for wl, temp in pairs
+            for r, m in itertools.product(grid["read"], grid["map"])
+        ]
     best: dict[tuple[str, str], Any] = {}
     for wl, temp in pairs:
         mine = [

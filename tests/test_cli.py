@@ -12,6 +12,7 @@ the file says which of its pages are in the page cache (no timing involved).
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import mmap
 import os
@@ -30,6 +31,7 @@ from iopipe._probe import evict, warm
 REPO = Path(__file__).resolve().parent.parent
 IOPIPE = Path(sys.executable).parent / "iopipe"  # the console script
 PARALLEL = 4
+PLOT = importlib.util.find_spec("matplotlib") is not None
 DATA_BYTES = 2 * (20 * 1000 + 100 * 190) + (1 << 20)
 TIMEOUT_S = 240.0
 
@@ -176,7 +178,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     plot = root / "probe.png"
     small = ["--concurrency", "1,2", "--chunk-bytes", "4KiB,64KiB"]
     commands = {
-        "json": cli("probe", str(data), *small, "--json", "--plot", str(plot)),
+        "json": cli("probe", str(data), *small, "--json", *(["--plot", str(plot)] if PLOT else [])),
         "human": cli("probe", str(data), *small, module=False),
         # A deadline already past when the reader starts: the cell reads nothing,
         # so what the probe evicted stays evicted.
@@ -287,6 +289,7 @@ def test_probe_json_is_one_document_with_every_cell(world: World) -> None:
     assert rec["advice"].startswith(f"read(concurrency={rec['concurrency']}, chunk_bytes=")
 
 
+@pytest.mark.skipif(not PLOT, reason="needs matplotlib (pip install 'iopipe[plot]')")
 def test_probe_plot_is_a_png(world: World) -> None:
     ok(world.runs["json"])
     png = (world.root / "probe.png").read_bytes()
