@@ -64,8 +64,14 @@ def _process_init() -> None:
 def _mp_context() -> Any:
     # fork is unsafe once the loop and pool threads exist; forkserver is cheap
     # after its first start and needs only picklable functions, like spawn.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # The server imports torch and this module once; every worker forked from it
+    # starts with them loaded instead of paying seconds of imports each.  (A no-op
+    # if the process's forkserver already runs.)
+    ctx.set_forkserver_preload(["torch", __name__])
+    return ctx
 
 
 class Decoder(Stage):
