@@ -218,12 +218,25 @@ def _function(v: Any, path: str) -> Callable[..., Any]:
     return resolve_function(v, path)
 
 
+def _is_range(x: Any) -> bool:
+    return (
+        isinstance(x, list | tuple)
+        and len(x) == 3
+        and isinstance(x[0], str)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in x[1:])
+    )
+
+
 def _files(v: Any, path: str) -> Any:
     if isinstance(v, str) and v:
         return v
-    if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
-        return v
-    raise ConfigError(path, f"expected a glob, a folder or a list of paths, got {v!r:.80}")
+    if isinstance(v, list) and v and all((isinstance(x, str) and x) or _is_range(x) for x in v):
+        return [x if isinstance(x, str) else tuple(x) for x in v]  # byte ranges as tuples
+    raise ConfigError(
+        path,
+        "expected a glob, a folder, or a list of paths and [path, offset, length] ranges, "
+        f"got {v!r:.80}",
+    )
 
 
 def _items(v: Any, path: str) -> list[Any]:
@@ -454,6 +467,8 @@ def pipeline_to_config(pipe: Pipeline[Any]) -> dict[str, Any]:
                 "use Pipeline.from_files or an 'iterable' named 'package.module:name'",
             )
     source: dict[str, Any] = dict(origin)
+    if isinstance(source.get("files"), list):  # byte ranges as lists: plain data
+        source["files"] = [x if isinstance(x, str) else list(x) for x in source["files"]]
     source.update({k: v for k, v in src.config().items() if v is not None})
     options = {
         "timeout": pipe._timeout,

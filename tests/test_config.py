@@ -126,6 +126,25 @@ def test_sources_from_items_and_from_a_named_iterable() -> None:
     assert Pipeline.from_iterable([4, 5]).to_config()["source"]["items"] == [4, 5]
 
 
+def test_byte_ranges_round_trip(data: Path) -> None:
+    f = str(data / "03.bin")
+    pipe = Pipeline.from_files([(f, 0, 4), (f, 4, 6), f]).read()
+    cfg = pipe.to_config()
+    assert cfg["source"]["files"] == [[f, 0, 4], [f, 4, 6], f]
+    again = Pipeline.from_config(json.loads(json.dumps(cfg)))
+    assert again.to_config() == cfg
+    with pipe, again:
+        assert (
+            [bytes(b) for b in again]
+            == [bytes(b) for b in pipe]
+            == [
+                b"\x03" * 4,
+                b"\x03" * 6,
+                b"\x03" * 10,
+            ]
+        )
+
+
 def test_config_files_in_toml_json_and_yaml_build_the_same_pipeline(
     data: Path, tmp_path: Path
 ) -> None:
@@ -265,7 +284,18 @@ ERRORS = [
     ("stages", {"stage": "read"}, "stages: expected a list of tables, got dict"),
     ("source.files", DELETE, "source: expected exactly one of 'files', 'iterable', 'items'"),
     ("source.items", [1], "source: expected exactly one of 'files', 'iterable', 'items'"),
-    ("source.files", 3, "source.files: expected a glob, a folder or a list of paths, got 3"),
+    (
+        "source.files",
+        3,
+        "source.files: expected a glob, a folder, or a list of paths and [path, offset, length] "
+        "ranges, got 3",
+    ),
+    (
+        "source.files",
+        [["a", -1, 2]],
+        "source.files: expected a glob, a folder, or a list of paths and [path, offset, length] "
+        "ranges, got [['a', -1, 2]]",
+    ),
     ("source.shuffle", "no", "source.shuffle: expected true or false, got 'no'"),
     ("source.seed", -1, "source.seed: expected an int >= 0, got -1"),
     ("source.shard", "even", "source.shard: expected one of 'pad', 'drop', got 'even'"),
