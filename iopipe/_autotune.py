@@ -373,6 +373,15 @@ class AutoTuner:
 
     Invariant: every limit it sets stays within the pool its stage created at
     open (the knob's ``hi``).
+
+    Args:
+        stages: The pipeline's opened stages; those with ``autotune`` get a knob.
+        group_size: Source items per group before any batcher.
+        cpu_budget: CPUs the auto map stages may use (see :data:`THREAD_CPU`).
+        memory_budget_bytes: Bound on reads in flight plus prefetched items.
+        window_groups, window_min_s: Least groups and seconds per measurement.
+        settle_groups: Groups let through unmeasured after each change.
+        clock: Seconds, monotonic (tests inject a fake one).
     """
 
     def __init__(
@@ -398,7 +407,8 @@ class AutoTuner:
         self.settle_groups = settle_groups
         self._clock = clock
         self._stages: dict[str, Any] = {}
-        self._prefetch_units: dict[str, int] = {}  # prefetch stage -> source items per group
+        # prefetch stage -> (elements, source items) per group at that stage
+        self._prefetch_units: dict[str, tuple[int, int]] = {}
         self._readers: list[Any] = []
         # Map knobs first: decoding is the usual bottleneck, and the first knobs
         # searched are the ones settled soonest.
@@ -428,7 +438,9 @@ class AutoTuner:
                 elif isinstance(s, ChunkedReader):
                     knobs["read"].append(Knob(s.name, 1, s.concurrency, min(s.concurrency, 4)))
                 elif isinstance(s, Prefetcher):
-                    self._prefetch_units[s.name] = group_size if weight == 1 else weight
+                    self._prefetch_units[s.name] = (
+                        (group_size, group_size) if weight == 1 else (1, weight)
+                    )
                     knobs["prefetch"].append(Knob(s.name, 1, MAX_AUTO_PREFETCH, 2))
             if getattr(s, "batch_size", None) and not s.one_to_one:
                 weight *= s.batch_size
@@ -458,7 +470,7 @@ class AutoTuner:
         held = 0.0
         for name, s in self._stages.items():
             if name in self._prefetch_units:
-                held += setting[name] * self._prefetch_units[name]
+                held += setting[name] * self._prefetch_units[name][1]
             elif s.kind == "read":
                 held += setting[name]
         return held * per_item <= self.memory_budget_bytes
@@ -510,9 +522,9 @@ class AutoTuner:
                 s._limit.set_limit(v)
 
     def _set_prefetch(self, s: Any, groups: int) -> None:
-        unit = self._prefetch_units[s.name]
-        s.n = groups * unit
-        s.capacity = groups * unit
+        elements, unit = self._prefetch_units[s.name]
+        s.n = groups * elements  # the Prefetcher counts elements (items, or batches)
+        s.capacity = groups * unit  # queues count source items
         q = self._queues.get(s.name)
         if q is None:
             return

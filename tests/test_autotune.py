@@ -301,3 +301,19 @@ def test_one_lucky_window_does_not_move_the_setting() -> None:
     assert climber.observe(150.0) == {"map": 1}  # better: measured once more
     assert climber.observe(140.0) == {"map": 2}  # confirmed: accepted; next trial
     assert climber.best == {"map": 1}
+
+
+def test_an_auto_prefetch_after_batch_counts_batches_and_resizes_its_live_queue() -> None:
+    from iopipe._queue import GroupQueue
+    from iopipe.stages.batch import Batcher
+
+    batcher, pre = Batcher(4), Prefetcher(1)
+    pre.autotune = True
+    tuner = AutoTuner([batcher, pre], group_size=8, cpu_budget=2, memory_budget_bytes=1 << 30)
+    queues = [GroupQueue(16), GroupQueue(8), GroupQueue(4)]  # source, batch, prefetch outputs
+    tuner.start_epoch([batcher, pre], queues)
+    assert (pre.n, pre.capacity, queues[2].capacity) == (2, 8, 8)  # starts at 2 groups
+    tuner.apply({"prefetch": 3})
+    # 3 groups of one batch of 4 items: n counts batches, capacities count source items.
+    assert (pre.n, pre.capacity, queues[2].capacity, queues[2].counters.capacity) == (3, 12, 12, 12)
+    assert queues[1].capacity == 8  # other queues untouched
