@@ -177,6 +177,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=1))
         return 0
     temp = "cold: evicted before each measurement" if args.cold else "warm: page-cached"
+    if not args.cold and not report.warmed:
+        temp = "warm: not pre-read, larger than half the available memory"
     print(
         f"probe: {report.files:,} files, {_probe.format_size_approx(report.bytes)} under "
         f"{args.path} ({temp}); {report.cpus} CPUs"

@@ -131,6 +131,7 @@ class ProbeReport:
     bytes: int
     cold: bool
     duration_s: float | None
+    warmed: bool  # every file was read once before measuring (warm runs that fit in memory)
     cpus: int
     cells: tuple[ProbeCell, ...]
 
@@ -191,6 +192,7 @@ class ProbeReport:
             "files": self.files,
             "bytes": self.bytes,
             "cold": self.cold,
+            "warmed": self.warmed,
             "duration_s": self.duration_s,
             "cpus": self.cpus,
             "results": [cell.to_dict() for cell in self.cells],
@@ -451,12 +453,15 @@ def probe(
         concurrency: Reads in flight to try.
         chunk_bytes: Largest single reads to try.
         cold: Evict the files from the page cache before each cell; otherwise
-            read them all once before the first.
+            read them all once before the first (unless they exceed half the
+            available memory: then they are read as the cache holds them).
         duration: Seconds per cell at most (default: read every file once).
         progress: A tqdm-like bar (``update``, ``set_postfix_str``) or None.
     """
     paths = [p for p, _ in files]
-    if not cold:
+    total = sum(s for _, s in files)
+    warmed = not cold and total <= _available_memory() // 2
+    if warmed:  # data larger than that would evict itself while being read
         warm(paths)
     cells = []
     for c in concurrency:
@@ -479,12 +484,21 @@ def probe(
     return ProbeReport(
         path=path,
         files=len(files),
-        bytes=sum(s for _, s in files),
+        bytes=total,
         cold=cold,
         duration_s=duration,
+        warmed=warmed,
         cpus=os.cpu_count() or 1,
         cells=tuple(cells),
     )
+
+
+def _available_memory() -> int:
+    """Bytes of memory available for the page cache (a large number where unknown)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not Linux
+        return 1 << 62
 
 
 def plot(report: ProbeReport, out: str | os.PathLike[str]) -> None:

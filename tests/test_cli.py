@@ -251,6 +251,7 @@ SCHEMA = {
     "files": int,
     "bytes": int,
     "cold": bool,
+    "warmed": bool,
     "duration_s": type(None),
     "cpus": int,
     "results": [CELL],
@@ -271,7 +272,7 @@ def test_probe_json_is_one_document_with_every_cell(world: World) -> None:
     doc = json.loads(run.stdout)  # the whole of stdout is one JSON document
     _check_schema(doc, SCHEMA)
     assert doc["schema"] == "iopipe.probe/1"
-    assert (doc["files"], doc["bytes"], doc["cold"]) == (41, DATA_BYTES, False)
+    assert (doc["files"], doc["bytes"], doc["cold"], doc["warmed"]) == (41, DATA_BYTES, False, True)
     assert [(c["concurrency"], c["chunk_bytes"]) for c in doc["results"]] == [
         (1, 4096),
         (1, 65536),
