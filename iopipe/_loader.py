@@ -13,6 +13,7 @@ processes.  See docs/dataloader.md.
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -354,11 +355,15 @@ class DataLoader(_TorchDataLoader[Any]):
             elif self._iterable:
                 pipe = pipe.map(Collate(self.collate_fn), concurrency=conc, name="collate")
             else:
+                # One job more than workers is in flight, waiting on `slots`: a worker
+                # that finishes a batch starts the next at once instead of waiting for
+                # the loop thread to be scheduled and submit it (bench/bench_loader.py).
                 fetcher = MapFetcher(self.dataset, self.collate_fn, self._auto_collation)
                 fetcher.gate = gate
+                fetcher.slots = threading.Semaphore(conc)
                 pipe = pipe.map(
                     fetcher,
-                    concurrency=conc,
+                    concurrency=conc + 1,
                     executor="thread",
                     ordered=ordered,
                     name="fetch",
@@ -404,11 +409,16 @@ class DataLoader(_TorchDataLoader[Any]):
         Idempotent; the loader can be iterated again afterwards (threads and
         workers start again).  Waits at most about 10 s for work in flight.
         """
-        self._end_epoch()
-        pipe, self._pipe, self._feed = self._pipe, None, None
-        if pipe is not None:
-            pipe.close()
-        self._procs.close()
+        pipe, self._feed = self._pipe, None
+        try:
+            self._end_epoch()
+        finally:  # every step runs, whatever an earlier one raised
+            self._pipe = None
+            try:
+                if pipe is not None:
+                    pipe.close()
+            finally:
+                self._procs.close()
 
     def __enter__(self) -> DataLoader:
         return self

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import multiprocessing.connection
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -22,6 +23,7 @@ from typing import Any
 
 from torch._utils import ExceptionWrapper
 from torch.utils.data import IterableDataset
+from torch.utils.data._utils import signal_handling
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from ._errors import item_label
@@ -50,6 +52,8 @@ __all__ = [
 #: How often a wait on worker processes wakes to check for a stop request and
 #: for dead workers (torch's own interval, 5 s, is too slow to notice a crash).
 POLL_S = 0.1
+#: Longest the driver waits for a worker to be seen dead after torch's iterator failed.
+CRASH_WAIT_S = 1.0
 #: Longest ``TorchDriver.stop`` waits for the source thread to leave torch's iterator.
 STOP_TIMEOUT_S = 10.0
 
@@ -196,11 +200,15 @@ class MapFetcher:
         getitems = getattr(dataset, "__getitems__", None)
         self.getitems = getitems if auto_collation and getitems else None
         self.gate: FirstGate | None = None
+        self.slots: threading.Semaphore | None = None
 
     def __call__(self, job: tuple[int, Any]) -> Any:
         n, index = job
         try:
-            return collate(self.collate_fn, n, self.fetch(n, index))
+            if self.slots is None:
+                return collate(self.collate_fn, n, self.fetch(n, index))
+            with self.slots:
+                return collate(self.collate_fn, n, self.fetch(n, index))
         except Exception as exc:
             return Failed(exc)
         finally:
@@ -365,6 +373,13 @@ class TorchWorkers(_MultiProcessingDataLoaderIter):
     def __init__(self, loader: Any, stop: threading.Event) -> None:
         self.stop = stop
         super().__init__(loader)
+        # torch registers the workers with its SIGCHLD handler, which then raises
+        # RuntimeError asynchronously in the main thread, wherever it is (inside a
+        # close(), inside a test runner: both were hit).  The poll in _get_data
+        # finds a dead worker within POLL_S and the error reaches next() in order.
+        if self._worker_pids_set:
+            signal_handling._remove_worker_pids(id(self))  # type: ignore[attr-defined]
+            self._worker_pids_set = False
 
     def _get_data(self) -> Any:
         while True:
@@ -383,6 +398,19 @@ class TorchWorkers(_MultiProcessingDataLoaderIter):
             if isinstance(data, ExceptionWrapper):  # the dataset failed, not the workers
                 return Failed(exc)
             raise
+
+    def crashed(self, wait_s: float) -> dict[int, int]:
+        """Return ``{pid: exit code}`` of workers that died; wait up to ``wait_s`` for one."""
+        procs = list(self._workers)
+        if not any(p.exitcode for p in procs):
+            live = [p for p in procs if p.exitcode is None]
+            ready = multiprocessing.connection.wait([p.sentinel for p in live], timeout=wait_s)
+            for p in live:
+                if p.sentinel in ready:
+                    # The sentinel is readable as soon as the process closes its
+                    # files, a moment before waitpid(WNOHANG) reports it: reap it.
+                    p.join(wait_s)
+        return {p.pid: p.exitcode for p in procs if p.exitcode and p.pid is not None}
 
     def shutdown(self) -> None:
         """Stop and join the worker processes (idempotent)."""
@@ -424,6 +452,19 @@ class TorchDriver:
             batch = next(self.workers)
         except _Stopped:
             raise StopIteration from None
+        except StopIteration:
+            raise
+        except Exception as exc:
+            # torch's iterator itself failed.  A worker that dies just after
+            # sending a batch surfaces as ConnectionResetError or EOFError (its
+            # shared-memory handles are gone) before it looks dead: wait for it.
+            dead = self.workers.crashed(wait_s=CRASH_WAIT_S)
+            if not dead:
+                raise
+            pids = ", ".join(str(pid) for pid in dead)
+            err = RuntimeError(f"DataLoader worker (pid(s) {pids}) exited unexpectedly")
+            err.add_note(f"iopipe.DataLoader: worker exit codes (pid: code): {dead}")
+            raise err from exc
         index = sent.popleft() if sent else None
         if isinstance(batch, Failed):
             where = "" if index is None else f" (indices {_label(index)})"
