@@ -160,6 +160,43 @@ OVERLAP_HEADER = [
 ]
 
 
+def overhead_rows(rows: Sequence[Row]) -> list[list[str]]:
+    """Each framework's own cost per sample, against the plain loop doing the same work.
+
+    CPU: (CPU seconds of the process tree - the plain loop's) / samples.  Wall:
+    1/rate - 1/plain rate (negative: faster than the plain loop, by overlapping).
+    """
+    out = []
+    for wl in ("small_files", "jpeg"):
+        for temp in ("warm", "cold"):
+            plain = _find(rows, wl, temp, "plain")
+            if plain is None:
+                continue
+            p_cpu, p_sps = _med(plain, "cpu_s"), _med(plain, "samples_per_s")
+            n = float(plain["samples"])
+            for row in rows:
+                if (row["workload"], row["temp"]) != (wl, temp) or row["system"] == "plain":
+                    continue
+                if row.get("status") not in ("ok", "partial"):
+                    continue
+                cpu, sps = _med(row, "cpu_s"), _med(row, "samples_per_s")
+                cpu_us = (cpu - p_cpu) / n * 1e6 if cpu is not None and p_cpu is not None else None
+                wall_us = (1 / sps - 1 / p_sps) * 1e6 if sps and p_sps else None
+                out.append(
+                    [
+                        WORKLOAD_TITLES.get(wl, wl).split(":")[0],
+                        temp,
+                        row["system"],
+                        "-" if cpu_us is None else f"{cpu_us:+.1f}",
+                        "-" if wall_us is None else f"{wall_us:+.1f}",
+                    ]
+                )
+    return out
+
+
+OVERHEAD_HEADER = ["workload", "temp", "system", "CPU us/sample over plain", "wall us/sample over plain"]
+
+
 def _target(label: str, value: float | None, limit: float, *, at_most: bool = False) -> str:
     sign = "<=" if at_most else ">="
     if value is None:
@@ -383,6 +420,18 @@ def markdown(
     if ov:
         lines += ["### Overlap: wall time against compute alone", ""]
         lines += _md_table(OVERLAP_HEADER, ov)
+        lines.append("")
+    oh = overhead_rows(rows)
+    if oh:
+        lines += [
+            "### Framework overhead per sample",
+            "",
+            "What each system costs per sample beyond the plain loop doing the same work: "
+            "CPU = (CPU s of the process tree - plain's) / samples; wall = 1/rate - 1/plain "
+            "rate (negative = faster than the plain loop).",
+            "",
+        ]
+        lines += _md_table(OVERHEAD_HEADER, oh)
         lines.append("")
     lines += ["## Issue 6 targets for iopipe (this run)", ""]
     lines += ["| ratio | measured | target | verdict |", "|---|---|---|---|", *targets(rows)]
