@@ -213,6 +213,9 @@ class _Epoch:
         task = self.task
         if task is not None and not task.done():
             await asyncio.wait([task])
+        # Jobs already running in workers outlive their cancelled tasks: wait for
+        # them too, so nothing of this epoch (a read, an open file) runs on.
+        await asyncio.gather(*(s.quiesce() for s in self.rt.stages))
 
     def stuck_stage(self) -> str:
         """Name the stage nearest the consumer that still holds work (for timeouts)."""

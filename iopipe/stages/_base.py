@@ -280,12 +280,37 @@ class Stage:
         self.capacity: int | None = None  # output queue capacity in items; None = default
         self.counters = StageCounters(self.name, concurrency)
         self.unit = 1  # items per group in this stage's input (set by the pipeline)
+        self._inflight: set[concurrent.futures.Future[Any]] = set()
 
     def fresh(self) -> Stage:
         """Return an unopened copy with the same configuration."""
         clone = copy.copy(self)
         clone.counters = StageCounters(self.name, self.concurrency)
+        clone._inflight = set()
         return clone
+
+    async def submit(
+        self, pool: concurrent.futures.Executor | None, fn: Callable[..., Any], *args: Any
+    ) -> Any:
+        """Run ``fn(*args)`` in ``pool`` and await it; the job is tracked until it ends.
+
+        Cancelling the awaiting task does not stop a job already running in a
+        worker: :meth:`quiesce` waits for such jobs, so a stopped epoch leaves no
+        read (and no open file) behind.
+        """
+        if pool is None:
+            raise RuntimeError(f"stage {self.name!r} is not open")
+        fut = pool.submit(fn, *args)
+        inflight = self._inflight
+        inflight.add(fut)
+        fut.add_done_callback(inflight.discard)
+        return await asyncio.wrap_future(fut)
+
+    async def quiesce(self) -> None:
+        """Wait until no job this stage submitted still runs (loop thread)."""
+        pending = [f for f in list(self._inflight) if not f.cancel()]
+        if pending:
+            await asyncio.wait([asyncio.wrap_future(f) for f in pending])
 
     def config(self) -> dict[str, Any]:
         """Return this stage's arguments as plain data (see ``Pipeline.to_config``)."""

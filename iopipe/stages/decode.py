@@ -149,9 +149,8 @@ class Decoder(Stage):
 
     async def _run_job(self, items: list[Any]) -> list[Any]:
         assert self._limit is not None
-        loop = asyncio.get_running_loop()
         async with self._limit:
-            out, dt = await loop.run_in_executor(self._pool, _timed_map, self.fn, items)
+            out, dt = await self.submit(self._pool, _timed_map, self.fn, items)
         self.counters.busy_s += dt
         self.counters.jobs += 1
         self._sizer.observe(dt, len(items))

@@ -238,10 +238,9 @@ class ChunkedReader(Stage):
     async def _job(self, fn: Any, items: int, *args: Any) -> Any:
         assert self._limit is not None
         assert self._gov is not None
-        loop = asyncio.get_running_loop()
         async with self._limit:
             job = functools.partial(timed_cpu, fn, *args, self._gov.probe_flags)
-            (out, misses), wall, cpu = await loop.run_in_executor(self._pool, job)
+            (out, misses), wall, cpu = await self.submit(self._pool, job)
         self.counters.busy_s += wall
         self.counters.jobs += 1
         # CPU seconds of the reads: the bottleneck verdict tells storage from CPU by it.
