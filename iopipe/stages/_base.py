@@ -359,19 +359,35 @@ def timed_cpu(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
 
 
 class IoGovernor:
-    """Opens reads in flight while they wait on storage; closes them when they don't.
+    """Opens reads in flight while they wait on storage and it pays; closes them when not.
 
     Page-cached reads are CPU work under the GIL: extra threads only add
     contention (bench/bench_reader_backends.py; 16 threads read warm small files
-    2-3x slower than one).  Storage-bound reads gain from many in flight.  The
-    governor tells them apart by cache misses, probed exactly with
-    ``preadv(RWF_NOWAIT)`` (a read the page cache cannot serve comes back short):
-    a miss rate above 20% doubles the limit, below 5% it steps down towards 1.
-    Where the probe is unsupported it falls back to the share of a job's wall
-    time that its thread was off the CPU (noisier: a busy machine looks like I/O).
+    2-3x slower than one).  Storage-bound reads may gain from many in flight, or
+    not (a local disk serving small files saturates at a few).  The governor
+    tells cached from storage-bound reads by cache misses, probed exactly with
+    ``preadv(RWF_NOWAIT)`` (a read the page cache cannot serve comes back
+    short).  While more than 20% of reads miss it doubles the limit, but only
+    as long as each doubling raised the reads completed per second by 10% or
+    more; otherwise it goes back and keeps that ceiling.  Below 5% misses it
+    steps down towards 1.  Where the probe is unsupported it falls back to the
+    share of a job's wall time its thread was off the CPU (noisier: on a busy
+    machine, waiting for a core looks like waiting for the disk).
     """
 
-    __slots__ = ("_cpu", "_miss", "_wait", "limiter", "maximum", "probe_flags")
+    __slots__ = (
+        "_ceiling",
+        "_cpu",
+        "_miss",
+        "_prev",
+        "_wait",
+        "_win_items",
+        "_win_jobs",
+        "_win_start",
+        "limiter",
+        "maximum",
+        "probe_flags",
+    )
 
     def __init__(self, limiter: Limiter, maximum: int, probe_flags: int = 0) -> None:
         self.limiter = limiter
@@ -380,6 +396,23 @@ class IoGovernor:
         self._cpu = 0.0  # EWMA CPU seconds per item
         self._wait = 0.0  # EWMA share of wall time spent waiting
         self._miss = 0.0  # EWMA share of items that missed the page cache
+        self._ceiling = maximum  # highest limit known to pay
+        self._prev: tuple[int, float] | None = None  # (limit, items/s) before the last raise
+        self._win_items = 0
+        self._win_jobs = 0
+        self._win_start = time.perf_counter()
+
+    def _window_rate(self, items: int) -> float | None:
+        """Items/s over the window that this job completes, or None mid-window."""
+        self._win_items += items
+        self._win_jobs += 1
+        now = time.perf_counter()
+        span = now - self._win_start
+        if self._win_jobs < 2 * self.limiter.limit or span < 0.02:
+            return None
+        rate = self._win_items / span
+        self._win_items, self._win_jobs, self._win_start = 0, 0, now
+        return rate
 
     def observe(self, wall: float, cpu: float, items: int, misses: int = -1) -> None:
         """Account one finished job of ``items`` reads (``misses`` < 0: not probed)."""
@@ -390,12 +423,23 @@ class IoGovernor:
         self._cpu = per if first else 0.8 * self._cpu + 0.2 * per
         limit = self.limiter.limit
         if misses >= 0 and self.probe_flags:
-            rate = misses / items
-            self._miss = rate if first else 0.7 * self._miss + 0.3 * rate
-            if self._miss > 0.2 and limit < self.maximum:
-                self.limiter.set_limit(min(self.maximum, 2 * limit))
-            elif self._miss < 0.05 and limit > 1:
-                self.limiter.set_limit(limit - 1)
+            rate_now = misses / items
+            self._miss = rate_now if first else 0.7 * self._miss + 0.3 * rate_now
+            if self._miss < 0.05:
+                self._ceiling, self._prev = self.maximum, None  # cached again: forget
+                if limit > 1:
+                    self.limiter.set_limit(limit - 1)
+                return
+            rate = self._window_rate(items)
+            if rate is None or self._miss <= 0.2:
+                return
+            if self._prev is not None and limit > self._prev[0] and rate < 1.1 * self._prev[1]:
+                self._ceiling = self._prev[0]  # the last raise did not pay: back, and stay
+                self.limiter.set_limit(self._prev[0])
+                self._prev = None
+            elif limit < min(self.maximum, self._ceiling):
+                self._prev = (limit, rate)
+                self.limiter.set_limit(min(self.maximum, self._ceiling, 2 * limit))
             return
         if misses < 0:
             self.probe_flags = 0  # the file system refused the probe: fall back for good
