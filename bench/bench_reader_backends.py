@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from bench import _harness
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = ("aiofiles", "preadv-per-file", "iopipe")
 
@@ -41,16 +43,6 @@ def make_files(root: str, n: int) -> list[str]:
                 f.write(rng.randbytes(size))
         paths.append(p)
     return paths
-
-
-def evict(paths: list[str]) -> None:
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_case(system: str, paths: list[str], concurrency: int) -> tuple[int, int]:
@@ -103,7 +95,7 @@ def child(args: argparse.Namespace) -> None:
         import numpy  # noqa: F401
     paths = make_files(args.root, args.files)
     if args.cold:
-        evict(paths)
+        _harness.evict(paths)
     else:
         run_case(args.system, paths, args.concurrency)  # warm-up pass
     t0 = time.perf_counter()
