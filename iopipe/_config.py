@@ -470,16 +470,7 @@ def pipeline_to_config(pipe: Pipeline[Any]) -> dict[str, Any]:
     if isinstance(source.get("files"), list):  # byte ranges as lists: plain data
         source["files"] = [x if isinstance(x, str) else list(x) for x in source["files"]]
     source.update({k: v for k, v in src.config().items() if v is not None})
-    options = {
-        "timeout": pipe._timeout,
-        "handoff": pipe._handoff,
-        "group_size": pipe._group_size,
-        "use_uvloop": pipe._use_uvloop,
-        "stats_interval": pipe._stats_interval,
-        "on_stats": pipe._on_stats,
-        "cpu_budget": pipe._cpu_budget,
-        "memory_budget_bytes": pipe._memory_budget_bytes,
-    }
+    options = dict(pipe._options)
     out: dict[str, Any] = {
         "source": source,
         "options": _plain_values({k: v for k, v in options.items() if v is not None}, "options"),

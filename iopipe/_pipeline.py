@@ -342,6 +342,18 @@ class Pipeline(Generic[T]):
         self._on_stats = on_stats
         self._cpu_budget = cpu_budget
         self._memory_budget_bytes = memory_budget_bytes
+        # Every keyword option as given: chained pipelines inherit them (see _then),
+        # and Pipeline.to_config writes them out.
+        self._options: dict[str, Any] = {
+            "timeout": timeout,
+            "handoff": handoff,
+            "group_size": group_size,
+            "use_uvloop": use_uvloop,
+            "stats_interval": stats_interval,
+            "on_stats": on_stats,
+            "cpu_budget": cpu_budget,
+            "memory_budget_bytes": memory_budget_bytes,
+        }
         self._rt: _Runtime | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
@@ -448,18 +460,7 @@ class Pipeline(Generic[T]):
             while f"{base}_{n}" in names:
                 n += 1
             stage.name = stage.counters.name = f"{base}_{n}"
-        return Pipeline(
-            self._source,
-            (*self._stages, stage),
-            timeout=self._timeout,
-            handoff=self._handoff,
-            group_size=self._group_size,
-            use_uvloop=self._use_uvloop,
-            stats_interval=self._stats_interval,
-            on_stats=self._on_stats,
-            cpu_budget=self._cpu_budget,
-            memory_budget_bytes=self._memory_budget_bytes,
-        )
+        return Pipeline(self._source, (*self._stages, stage), **self._options)
 
     def read(
         self,
