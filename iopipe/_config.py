@@ -256,6 +256,7 @@ _SOURCE: Spec = {
     "rank": (_int(0), False),
     "world_size": (_int(1), False),
     "shard": (_choice("pad", "drop"), False),
+    "allow_empty": (_bool, False),  # files only: a glob matching nothing gives empty epochs
 }
 _SOURCE_KINDS = ("files", "iterable", "items")
 
@@ -404,6 +405,8 @@ def pipeline_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> 
     except (TypeError, ValueError) as exc:
         raise ConfigError("source", str(exc)) from None
     pipe._source.origin = {kind: what}
+    if source.get("allow_empty"):
+        pipe._source.origin["allow_empty"] = True
     for i, (method, args) in enumerate(specs):
         try:
             pipe = getattr(pipe, method)(**args)

@@ -80,6 +80,9 @@ class _Runtime:
         self.cache = next((s for s in stages if isinstance(s, Cache)), None)
         self.loop = LoopThread(use_uvloop=use_uvloop)
         self.closed = False
+        # The process that started the threads: a child made by os.fork() inherits
+        # this object but none of its threads (see shutdown and Pipeline._runtime).
+        self.pid = os.getpid()
         self.tuner: AutoTuner | None = None  # set by Pipeline._runtime when a stage is "auto"
         source.open()
         weight = 1
@@ -96,6 +99,11 @@ class _Runtime:
         if self.closed:
             return
         self.closed = True
+        if self.pid != os.getpid():
+            # Inherited through os.fork(): the loop, the workers and their pipes
+            # belong to the parent (closing them here would stop its pipeline), and
+            # locks may be held by threads that do not exist in this process.
+            return
         self.loop.stop(timeout)
         for s in self.stages:
             s.close(timeout)
@@ -192,6 +200,8 @@ class _Epoch:
 
     def stop(self) -> None:
         """Cancel whatever still runs of this epoch and wait for it (bounded)."""
+        if self.rt.pid != os.getpid():
+            return  # inherited through os.fork(): the parent's to stop (see _Runtime.shutdown)
         # Keep the consumer's position, drop what it had not taken yet.
         self.consumed = self.position()
         self.buf, self.i, self.counts = [], 0, None
@@ -263,6 +273,12 @@ class _EpochIterator(Generic[T]):
             raise StopIteration
         if self._pipe._closed:
             raise PipelineClosedError("this pipeline was closed")
+        if ep.rt.pid != os.getpid():
+            raise RuntimeError(
+                "iopipe: this epoch was started in process "
+                f"{ep.rt.pid}, before os.fork(); its threads are there. Start a new "
+                "epoch here with iter(pipeline)"
+            )
         try:
             group = self._get()
         except BaseException as exc:
@@ -374,6 +390,7 @@ class Pipeline(Generic[T]):
         rank: int | None = None,
         world_size: int | None = None,
         shard: str = "pad",
+        allow_empty: bool = False,
         **options: Any,
     ) -> Pipeline[str]:
         """Start a pipeline over files.
@@ -385,6 +402,8 @@ class Pipeline(Generic[T]):
             shuffle: Visit the files in an order drawn from ``(seed, epoch)``.
             seed: The shuffle's seed.
             rank, world_size, shard: This process's share (see :class:`Source`).
+            allow_empty: Let a glob or directory that matches no file give empty
+                epochs; by default it raises FileNotFoundError naming the pattern.
             **options: Pipeline options: ``timeout`` (seconds a ``next()`` may wait),
                 ``handoff`` (groups waiting for the consumer), ``group_size`` (items
                 that travel together between stages; default: the batch size, else
@@ -396,16 +415,25 @@ class Pipeline(Generic[T]):
                 settings; default ``os.cpu_count()`` and 1 GiB; docs/tuning.md).
 
         Raises:
-            FileNotFoundError: a glob or directory matched no file.
+            FileNotFoundError: a path does not exist, or a glob or directory
+                matched no file (unless ``allow_empty``).
         """
+        if not isinstance(allow_empty, bool):
+            raise TypeError(f"allow_empty must be True or False, got {allow_empty!r}")
         if isinstance(paths, str | os.PathLike):
-            items: list[Any] = list_files(paths)
+            items: list[Any] = list_files(
+                paths,
+                allow_empty=allow_empty,
+                hint="; pass allow_empty=True to Pipeline.from_files for empty epochs",
+            )
         else:
             items = list(paths)
         src = Source(
             items, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard
         )
         src.origin = {"files": os.fspath(paths) if isinstance(paths, str | os.PathLike) else items}
+        if allow_empty:
+            src.origin["allow_empty"] = True
         return Pipeline(src, **options)
 
     @classmethod
@@ -569,6 +597,8 @@ class Pipeline(Generic[T]):
     def _runtime(self) -> _Runtime:
         if self._closed:
             raise PipelineClosedError("this pipeline was closed")
+        if self._rt is not None and self._rt.pid != os.getpid():
+            self._forget_inherited()
         if self._rt is None:
             stages = [s.fresh() for s in self._stages]
             stages = [s for s in stages if not (isinstance(s, DeviceTransfer) and not s.active)]
@@ -582,6 +612,16 @@ class Pipeline(Generic[T]):
             )
             self._finalizer = weakref.finalize(self, self._rt.shutdown)
         return self._rt
+
+    def _forget_inherited(self) -> None:
+        """Drop a runtime inherited through ``os.fork()``; the next one is this process's own.
+
+        Nothing of it is touched: its threads exist only in the parent, and the
+        locks they held at the fork stay held here.
+        """
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._rt, self._finalizer, self._current = None, None, None
 
     def __iter__(self) -> Iterator[T]:
         """Start an epoch and return its iterator (stopping any epoch still running)."""

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import multiprocessing.connection
+import os
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -493,11 +494,24 @@ class WorkerProcesses:
         self.persistent = persistent
         self.workers: TorchWorkers | None = None
         self.driver: TorchDriver | None = None
+        self._pid = os.getpid()  # a forked child inherits these objects, not the processes
 
     @property
     def will_start(self) -> bool:
-        """Whether the next epoch starts new processes."""
-        return self.workers is None or not self.persistent
+        """Whether the next epoch starts new processes (none yet, not persistent, or one died)."""
+        self._forget_inherited()
+        w = self.workers
+        return w is None or not self.persistent or any(p.exitcode is not None for p in w._workers)
+
+    def _forget_inherited(self) -> None:
+        """In a child made by ``os.fork()``, drop the parent's workers without touching them.
+
+        Shutting them down from here would set the parent's done event and join
+        processes that are not this process's children; the driver's lock may be
+        held by a thread that exists only in the parent.
+        """
+        if self._pid != os.getpid():
+            self.workers, self.driver, self._pid = None, None, os.getpid()
 
     def start_epoch(
         self, inner: Any, plan: EpochPlan, *, drop: int, hand_draw: bool
@@ -531,6 +545,7 @@ class WorkerProcesses:
 
     def end_epoch(self) -> None:
         """Stop the epoch's driver; shut the workers down unless persistent."""
+        self._forget_inherited()
         driver, self.driver = self.driver, None
         if driver is not None:
             driver.stop()
@@ -539,6 +554,7 @@ class WorkerProcesses:
 
     def close(self) -> None:
         """Shut the workers down (idempotent; call :meth:`end_epoch` first)."""
+        self._forget_inherited()
         workers, self.workers = self.workers, None
         if workers is not None:
             workers.shutdown()

@@ -23,7 +23,6 @@ per-job overhead) and read no faster (docs/llm.md).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import itertools
 import os
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from .._queue import BatchKey, Group
+from .._threads import WorkerPool
 from ..stages._base import ItemFailure, OutQueue, drain, pump, timed
 from ..stages.batch import Batcher
 from ..stages.reader import read_exact
@@ -334,9 +334,7 @@ class TokenBatcher(Batcher):
 
     def open(self, unit: int) -> None:
         self.unit = unit
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self.window(), thread_name_prefix=f"iopipe-{self.name}"
-        )
+        self._pool = WorkerPool(self.window(), f"iopipe-{self.name}")
         # In process, waiting in the hand-off (2 by default), held by the consumer.
         self._recycler = Recycler(self.window() + 4)
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 from .._errors import StageError
 from .._queue import END, Group
 from .._stats import StageCounters
+from .._threads import Job, WorkerPool
 
 __all__ = [
     "ItemFailure",
@@ -280,17 +281,24 @@ class Stage:
         self.capacity: int | None = None  # output queue capacity in items; None = default
         self.counters = StageCounters(self.name, concurrency)
         self.unit = 1  # items per group in this stage's input (set by the pipeline)
-        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        # Jobs running in workers: job -> (source keys, payload, submit time), per job
+        # (never per item); the stall watchdog names stuck items from it.
+        self._inflight: dict[concurrent.futures.Future[Any], tuple[Any, Any, float]] = {}
 
     def fresh(self) -> Stage:
         """Return an unopened copy with the same configuration."""
         clone = copy.copy(self)
         clone.counters = StageCounters(self.name, self.concurrency)
-        clone._inflight = set()
+        clone._inflight = {}
         return clone
 
     async def submit(
-        self, pool: concurrent.futures.Executor | None, fn: Callable[..., Any], *args: Any
+        self,
+        pool: concurrent.futures.Executor | None,
+        fn: Callable[..., Any],
+        *args: Any,
+        keys: Any = None,
+        items: Any = None,
     ) -> Any:
         """Run ``fn(*args)`` in ``pool`` and await it; the job is tracked until it ends.
 
@@ -302,13 +310,34 @@ class Stage:
             raise RuntimeError(f"stage {self.name!r} is not open")
         fut = pool.submit(fn, *args)
         inflight = self._inflight
-        inflight.add(fut)
-        fut.add_done_callback(inflight.discard)
+        inflight[fut] = (keys, items, time.perf_counter())
+        fut.add_done_callback(lambda f: inflight.pop(f, None))
         return await asyncio.wrap_future(fut)
+
+    def running_jobs(self) -> list[tuple[Any, Any, float]]:
+        """``(keys, items, seconds running)`` of each job in a worker, oldest first (any thread)."""
+        now = time.perf_counter()
+        out = []
+        for fut, (keys, items, t0) in self._inflight.copy().items():
+            started = getattr(fut, "started", 0.0) or t0  # a WorkerPool job knows its start
+            out.append((keys, items, now - started))
+        out.sort(key=lambda job: -job[2])
+        return out
+
+    def abandon(self, older_than: float) -> None:
+        """Stop waiting for jobs running longer than ``older_than`` s (stuck: see iopipe/_threads.py)."""
+        now = time.perf_counter()
+        for fut in list(self._inflight.copy()):
+            if isinstance(fut, Job) and fut.started and now - fut.started >= older_than:
+                fut.abandoned = True
 
     async def quiesce(self) -> None:
         """Wait until no job this stage submitted still runs (loop thread)."""
-        pending = [f for f in list(self._inflight) if not f.cancel()]
+        pending = [
+            f
+            for f in list(self._inflight.copy())
+            if not f.cancel() and not getattr(f, "abandoned", False)
+        ]
         if pending:
             await asyncio.wait([asyncio.wrap_future(f) for f in pending])
 
@@ -465,6 +494,10 @@ class IoGovernor:
 def shutdown_executor(ex: concurrent.futures.Executor | None, timeout: float) -> None:
     """Shut ``ex`` down, cancelling queued jobs and joining workers within ``timeout``."""
     if ex is None:
+        return
+    if isinstance(ex, WorkerPool):  # daemon threads; abandoned (stuck) jobs are not waited for
+        ex.shutdown(wait=False, cancel_futures=True)
+        ex.join(timeout)
         return
     # A process pool forgets its processes, manager thread and result pipe on
     # shutdown(wait=False): take them first, so they can be joined and closed.

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from torch.utils.data import default_collate
 
 from .._queue import BatchKey, Group
+from .._threads import WorkerPool
 from ._base import OutQueue, Stage, drain, pump, shutdown_executor, timed
 
 __all__ = ["Batcher"]
@@ -47,7 +47,7 @@ class Batcher(Stage):
         self.batch_size = batch_size
         self.drop_last = bool(drop_last)
         self.collate_fn = collate_fn
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         self._count = 0
 
     def config(self) -> dict[str, Any]:
@@ -65,9 +65,7 @@ class Batcher(Stage):
 
     def open(self, unit: int) -> None:
         super().open(unit)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"iopipe-{self.name}"
-        )
+        self._pool = WorkerPool(1, f"iopipe-{self.name}")
 
     def close(self, timeout: float) -> None:
         shutdown_executor(self._pool, timeout)

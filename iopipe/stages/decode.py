@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._queue import Group
+from .._threads import WorkerPool
 from ._base import (
     ItemFailure,
     Limiter,
@@ -132,9 +133,7 @@ class Decoder(Stage):
         super().open(unit)
         self._limit = Limiter(self.concurrency)
         if self.executor == "thread":
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self.concurrency, thread_name_prefix=f"iopipe-{self.name}"
-            )
+            self._pool = WorkerPool(self.concurrency, f"iopipe-{self.name}")
         elif self.executor == "process":
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.concurrency, mp_context=_mp_context(), initializer=_process_init
@@ -194,7 +193,23 @@ class Decoder(Stage):
         self.counters.items += len(out)
         return group.replace_items(out)
 
+    def _renew_broken_pool(self) -> None:
+        """Replace a process pool one of whose workers died (a crash, SIGKILL, the OOM killer).
+
+        A broken ProcessPoolExecutor refuses every later job: without this, one
+        dead worker would fail every later epoch of the pipeline, not only its own.
+        """
+        pool = self._pool
+        if isinstance(pool, concurrent.futures.ProcessPoolExecutor) and getattr(
+            pool, "_broken", False
+        ):
+            shutdown_executor(pool, 10.0)  # its workers are already terminated
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.concurrency, mp_context=_mp_context(), initializer=_process_init
+            )
+
     async def run(self, inq: Any, outq: OutQueue) -> None:
+        self._renew_broken_pool()
         await pump(
             drain(inq, self.counters),
             outq,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 
 from .._errors import StageError
 from .._queue import Group
+from .._threads import WorkerPool
 from ._base import OutQueue, Stage, drain, pump, shutdown_executor, timed
 
 __all__ = ["DeviceTransfer", "apply_to_tensors"]
@@ -80,7 +80,7 @@ class DeviceTransfer(Stage):
             raise ValueError(f"device {str(self.device)!r} requested but CUDA is not available")
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self._asked_pin = bool(pin_memory)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         self._stream: Any = None
 
     def config(self) -> dict[str, Any]:
@@ -94,9 +94,7 @@ class DeviceTransfer(Stage):
 
     def open(self, unit: int) -> None:
         super().open(unit)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"iopipe-{self.name}"
-        )
+        self._pool = WorkerPool(1, f"iopipe-{self.name}")
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
 

@@ -9,7 +9,6 @@ docs/design.md.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import functools
 import os
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._queue import Group
+from .._threads import WorkerPool
 from ._base import (
     IoGovernor,
     ItemFailure,
@@ -158,12 +158,41 @@ def _read_job(
                     elif misses >= 0:
                         misses += miss
                     out.append(buf)
-            except Exception as exc:
+            except Exception as err:
+                exc = _explained(err, fd, path, offset, length)
                 raise ItemFailure(i, exc) from None
     finally:
         if fd >= 0:
             os.close(fd)
     return out, misses
+
+
+def _explained(exc: Exception, fd: int, path: str, offset: int, length: int | None) -> Exception:
+    """Make a failed read say which file, and how short it was, in its own message.
+
+    ``preadv`` on a folder raises IsADirectoryError without a filename (the
+    path was replaced by a folder after listing); a short read reports only
+    the last call's offsets, not the range the user asked for.
+    """
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = path
+        return exc
+    if not isinstance(exc, EOFError):
+        return exc
+    try:
+        now = os.fstat(fd).st_size
+    except OSError:
+        return exc
+    if length is not None:
+        text = (
+            f"{path}: byte range (offset {offset}, length {length}) runs past the end of "
+            f"the file ({now} bytes): a wrong range, or the file was truncated after listing"
+        )
+    else:
+        text = f"{path}: the file was truncated to {now} bytes while being read"
+    new = EOFError(text)
+    new.__cause__ = exc
+    return new
 
 
 def _read_chunk(large: _Large, start: int, stop: int, flags: int) -> tuple[int, int]:
@@ -202,7 +231,7 @@ class ChunkedReader(Stage):
             raise ValueError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
         self.chunk_bytes = chunk_bytes
         self.with_source = bool(with_source)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         self._limit: Limiter | None = None
         self._gov: IoGovernor | None = None
 
@@ -221,9 +250,7 @@ class ChunkedReader(Stage):
 
     def open(self, unit: int) -> None:
         super().open(unit)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self.concurrency, thread_name_prefix=f"iopipe-{self.name}"
-        )
+        self._pool = WorkerPool(self.concurrency, f"iopipe-{self.name}")
         self._limit = Limiter(1)
         self._gov = IoGovernor(self._limit, self.concurrency, _NOWAIT)
 

@@ -10,7 +10,6 @@ thread a group at a time so a slow generator never blocks the loop.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 from .._errors import StageError
 from .._queue import END, Group
 from .._stats import StageCounters
+from .._threads import WorkerPool
 from ._base import OutQueue, shutdown_executor
 
 __all__ = ["SHARD_MODES", "Source", "resolve_rank"]
@@ -179,7 +179,7 @@ class Source:
         self._world = world_size
         self.shard = shard
         self.counters = StageCounters("source", 1)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -222,9 +222,7 @@ class Source:
 
     def open(self) -> None:
         if not self.sized and not self.is_async:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="iopipe-source"
-            )
+            self._pool = WorkerPool(1, "iopipe-source")
 
     def close(self, timeout: float) -> None:
         shutdown_executor(self._pool, timeout)
@@ -328,26 +326,36 @@ class Source:
             await self._put(outq, self._make_group(batch, keys, cache))
 
 
-def list_files(pattern: str | os.PathLike[str]) -> list[str]:
+def list_files(
+    pattern: str | os.PathLike[str], *, allow_empty: bool = False, hint: str = ""
+) -> list[str]:
     """Expand a glob (``**`` recursive), a directory (all files below) or one file path.
 
     Returns the paths sorted, so the listing is the same on every run and rank.
 
+    Args:
+        pattern: The glob, directory or file.
+        allow_empty: Return ``[]`` when a glob or directory matches no file.
+        hint: Appended to the no-match message (how the caller allows it).
+
     Raises:
-        FileNotFoundError: nothing matches.
+        FileNotFoundError: the path does not exist, or nothing matches (unless
+            ``allow_empty``); the message names the pattern.
     """
     import glob as _glob
 
     text = os.fspath(pattern)
     if _glob.has_magic(text):
         paths = [p for p in _glob.glob(text, recursive=True) if os.path.isfile(p)]
+        nothing = f"no files match the glob {text!r}"
     elif os.path.isdir(text):
         paths = [os.path.join(d, f) for d, _, fs in os.walk(text) for f in fs]
+        nothing = f"no files match {text!r}: the directory holds no files"
     elif os.path.isfile(text):
         paths = [text]
     else:
         raise FileNotFoundError(f"no such file or directory: {text!r}")
-    if not paths:
-        raise FileNotFoundError(f"no files match {text!r}")
+    if not paths and not allow_empty:
+        raise FileNotFoundError(nothing + hint)
     paths.sort()
     return paths
