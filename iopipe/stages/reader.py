@@ -159,8 +159,7 @@ def _read_job(
                         misses += miss
                     out.append(buf)
             except Exception as err:
-                exc = _explained(err, fd, path, offset, length)
-                raise ItemFailure(i, exc) from None
+                raise ItemFailure(i, _explained(err, fd, path, offset, length)) from None
     finally:
         if fd >= 0:
             os.close(fd)
