@@ -59,7 +59,8 @@ def build(files: list[str], *, fuse: bool, **kw: Any) -> Pipeline[Any]:
 def both(files: list[str], **kw: Any) -> tuple[list[Any], list[Any]]:
     with build(files, fuse=True, **kw) as a, build(files, fuse=False, **kw) as b:
         out = list(a), list(b)
-        assert a._rt is not None and b._rt is not None
+        assert a._rt is not None
+        assert b._rt is not None
         assert kinds(a._rt.plan) == ["read+map+batch"]  # the fused run did run
         assert kinds(b._rt.plan) == ["read", "map", "batch"]
         return out
