@@ -20,7 +20,7 @@ are private):
 """
 
 from ._config import ConfigError
-from ._errors import IopipeError, PipelineClosedError, StageError
+from ._errors import IopipeError, PipelineClosedError, StageError, TooManyFailures
 from ._loader import DataLoader
 from ._pipeline import Pipeline
 from ._stats import PipelineStats, StageStats
@@ -52,6 +52,7 @@ __all__ = [
     "TokenFile",
     "TokenFileError",
     "TokenShards",
+    "TooManyFailures",
     "Verdict",
     "bottleneck",
     "iter_checkpoint",

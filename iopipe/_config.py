@@ -214,6 +214,14 @@ def _choice(*options: str) -> Callable[[Any, str], Any]:
     return check
 
 
+def _max_failures(v: Any, path: str) -> int | float:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    if isinstance(v, float) and 0 < v < 1:
+        return v
+    raise ConfigError(path, f"expected an int >= 0 or a number in (0, 1), got {v!r}")
+
+
 def _function(v: Any, path: str) -> Callable[..., Any]:
     return resolve_function(v, path)
 
@@ -269,6 +277,8 @@ _OPTIONS: Spec = {
     "on_stats": (_function, False),
     "cpu_budget": (_int(1), False),
     "memory_budget_bytes": (_size, False),
+    "on_error": (_choice("raise", "skip"), False),
+    "max_failures": (_max_failures, False),
 }
 
 _STAGES: dict[str, Spec] = {

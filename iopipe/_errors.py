@@ -7,9 +7,10 @@ a :class:`StageError` whose ``__cause__`` is the original exception.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["IopipeError", "PipelineClosedError", "StageError", "item_label"]
+__all__ = ["IopipeError", "PipelineClosedError", "StageError", "TooManyFailures", "item_label"]
 
 
 class IopipeError(Exception):
@@ -40,6 +41,49 @@ class StageError(IopipeError):
     def __reduce__(self) -> tuple[Any, ...]:
         cause = self.__cause__ if self.__cause__ is not None else RuntimeError("unknown")
         return (type(self), (self.stage, self.item, cause))
+
+
+class TooManyFailures(StageError):
+    """More items failed than ``max_failures`` allows under ``on_error="skip"``.
+
+    Raised for the stage where items failed (so ``except iopipe.StageError``
+    catches it); when items failed in several stages the pipeline raises an
+    ``ExceptionGroup`` of one ``TooManyFailures`` per stage.  See the "Failure
+    policy" section of docs/design.md.
+
+    Attributes:
+        stage: Name of the stage whose items failed.
+        item: Always ``None`` (many items failed; see ``errors``).
+        failures: Items this stage skipped this epoch.
+        errors: The collected failures (at most the first 100), each a
+            :class:`StageError` naming its item, caused by the original exception.
+        budget: The budget that was exceeded, as text (``"max_failures=2"``).
+
+    ``__cause__`` is an ``ExceptionGroup`` of ``errors``.
+    """
+
+    def __init__(
+        self, stage: str, failures: int, errors: Sequence[StageError], budget: str
+    ) -> None:
+        shown = "" if len(errors) >= failures else f" (the first {len(errors)} kept)"
+        IopipeError.__init__(
+            self,
+            f"stage {stage!r}: {failures} item(s) failed, more than {budget} allows "
+            f"(on_error='skip'); the causes{shown} are in __cause__",
+        )
+        self.stage = stage
+        self.item = None
+        self.failures = failures
+        self.errors = tuple(errors)
+        self.budget = budget
+        if self.errors:
+            self.__cause__ = ExceptionGroup(
+                f"{len(self.errors)} failure(s) in stage {stage!r}", list(self.errors)
+            )
+        self.add_note(f"iopipe stage: {stage}, {failures} item(s) skipped")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.stage, self.failures, self.errors, self.budget))
 
 
 def item_label(item: Any, limit: int = 200) -> str:

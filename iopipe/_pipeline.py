@@ -30,6 +30,7 @@ from ._autotune import (
 from ._config import pipeline_from_config, pipeline_to_config
 from ._errors import PipelineClosedError, StageError
 from ._loop import LoopThread
+from ._policy import FailurePolicy, check_policy
 from ._queue import END, GroupQueue, Handoff
 from ._stats import PipelineStats, snapshot
 from ._verdict import StatsReporter, check_monitoring
@@ -58,9 +59,12 @@ class _Sink:
     def __init__(self, handoff: Handoff, tap: Callable[[int], None] | None = None) -> None:
         self.handoff = handoff
         self.tap = tap  # the autotuner's throughput meter (iopipe/_autotune.py)
+        self.policy: FailurePolicy | None = None  # on_error="skip": checked at the end
 
     async def put(self, group: Any) -> None:
         if group is END:
+            if self.policy is not None:  # a fraction's last check, over the whole epoch
+                self.policy.check(final=True)
             self.handoff.put_end()
         else:
             await self.handoff.put(group)
@@ -84,6 +88,7 @@ class _Runtime:
         # this object but none of its threads (see shutdown and Pipeline._runtime).
         self.pid = os.getpid()
         self.tuner: AutoTuner | None = None  # set by Pipeline._runtime when a stage is "auto"
+        self.policy: FailurePolicy | None = None  # set by Pipeline._runtime for on_error="skip"
         source.open()
         weight = 1
         for s in stages:
@@ -115,7 +120,10 @@ class _Runtime:
         self.source.counters.__init__("source", 1)  # type: ignore[misc]
         for s in self.stages:
             s.reset_counters()
+        if self.policy is not None:
+            self.policy.reset()
         sink: Any = _Sink(ep.handoff, self.tuner.on_group if self.tuner is not None else None)
+        sink.policy = self.policy
         queues: list[Any] = [GroupQueue(self._capacity(s)) for s in self.stages[:-1]]
         ins: list[Any] = [GroupQueue(2 * self.group_size), *queues] if self.stages else []
         outs: list[Any] = [*queues, sink] if self.stages else []
@@ -142,7 +150,9 @@ class _Runtime:
         except BaseExceptionGroup as eg:
             errors = [
                 _as_stage_error(e)
-                for e in leaf_errors(eg)
+                # One exception can be raised by two tasks (a job and the emitter
+                # awaiting it): count each once.
+                for e in {id(e): e for e in leaf_errors(eg)}.values()
                 if not isinstance(e, asyncio.CancelledError)
             ]
             if errors:
@@ -185,6 +195,7 @@ class _Epoch:
         self.buf: list[Any] = []
         self.counts: list[int] | None = None
         self.i = 0
+        self.tail = 0  # source items that failed after the group's last element (skip)
         self.finished = False
         self.task: asyncio.Task[Any] | None = None  # run_epoch's task, once it runs
         self.future: concurrent.futures.Future[None] = rt.loop.submit(rt.run_epoch(self))
@@ -193,7 +204,8 @@ class _Epoch:
         """Source items handed to the consumer so far this epoch."""
         if self.counts is None:
             return self.consumed + self.i
-        return self.consumed + sum(self.counts[: self.i])
+        done = self.consumed + sum(self.counts[: self.i])
+        return done + self.tail if self.i >= len(self.buf) else done
 
     def stage_done(self, task: asyncio.Task[Any]) -> None:
         self.stage_ended[task.get_name()] = time.perf_counter()
@@ -204,7 +216,7 @@ class _Epoch:
             return  # inherited through os.fork(): the parent's to stop (see _Runtime.shutdown)
         # Keep the consumer's position, drop what it had not taken yet.
         self.consumed = self.position()
-        self.buf, self.i, self.counts = [], 0, None
+        self.buf, self.i, self.counts, self.tail = [], 0, None, 0
         self.handoff.close()
         fut = self.future
         if not fut.done():
@@ -268,7 +280,7 @@ class _EpochIterator(Generic[T]):
     def _refill(self) -> T:
         ep = self._ep
         ep.consumed = ep.position()
-        ep.buf, ep.i, ep.counts = [], 0, None
+        ep.buf, ep.i, ep.counts, ep.tail = [], 0, None, 0
         if ep.finished:
             raise StopIteration
         if self._pipe._closed:
@@ -293,6 +305,7 @@ class _EpochIterator(Generic[T]):
         ep.delivered += len(group.items)
         ep.buf = group.items
         ep.counts = group.counts
+        ep.tail = group.dropped
         ep.i = 1
         return ep.buf[0]  # type: ignore[no-any-return]
 
@@ -308,6 +321,7 @@ class _EpochIterator(Generic[T]):
                 ) from None
             if group is END or group.items:
                 return group
+            ep.consumed += group.dropped  # every item of the group failed (on_error="skip")
 
     def _close(self) -> None:
         self._finalizer()
@@ -339,9 +353,12 @@ class Pipeline(Generic[T]):
         on_stats: Callable[[PipelineStats], Any] | None = None,
         cpu_budget: int | None = None,
         memory_budget_bytes: int | None = None,
+        on_error: str = "raise",
+        max_failures: int | float | None = None,
     ) -> None:
         check_monitoring(stats_interval, on_stats)
         check_budgets(cpu_budget, memory_budget_bytes)
+        check_policy(on_error, max_failures)
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
@@ -369,6 +386,8 @@ class Pipeline(Generic[T]):
             "on_stats": on_stats,
             "cpu_budget": cpu_budget,
             "memory_budget_bytes": memory_budget_bytes,
+            "on_error": on_error,
+            "max_failures": max_failures,
         }
         self._rt: _Runtime | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -411,6 +430,13 @@ class Pipeline(Generic[T]):
                 (seconds between reports of the stats and the bottleneck verdict to
                 the ``"iopipe"`` logger), ``on_stats`` (called with each report's
                 :class:`PipelineStats`, on the loop thread: for TensorBoard, W&B),
+                ``on_error`` (``"raise"``, the default: the first failing item
+                stops the epoch; ``"skip"``: items whose read or map fails, and
+                batches whose collate fails, are dropped, counted in the stats
+                and logged), ``max_failures`` (with ``"skip"``: an int count, a
+                float share in (0, 1) of the items seen, or None for no limit;
+                past it the epoch raises :class:`TooManyFailures`; see "Failure
+                policy" in docs/design.md),
                 ``cpu_budget`` and ``memory_budget_bytes`` (bounds for ``"auto"``
                 settings; default ``os.cpu_count()`` and 1 GiB; docs/tuning.md).
 
@@ -603,6 +629,7 @@ class Pipeline(Generic[T]):
             stages = [s.fresh() for s in self._stages]
             stages = [s for s in stages if not (isinstance(s, DeviceTransfer) and not s.active)]
             source = _fresh_source(self._source)
+            policy = _failure_policy(self._options, source, stages)
             self._rt = _Runtime(source, stages, self.group_size, self._use_uvloop)
             self._rt.tuner = make_tuner(
                 stages,
@@ -610,6 +637,7 @@ class Pipeline(Generic[T]):
                 cpu_budget=self._cpu_budget,
                 memory_budget_bytes=self._memory_budget_bytes,
             )
+            self._rt.policy = policy
             self._finalizer = weakref.finalize(self, self._rt.shutdown)
         return self._rt
 
@@ -779,6 +807,22 @@ def _handoff_groups(rt: _Runtime, handoff: int) -> int:
             w *= s.batch_size
     unit = rt.group_size if w == 1 else w
     return max(handoff, -(-last.n * w // unit))
+
+
+def _failure_policy(
+    options: Mapping[str, Any], source: Source, stages: list[Stage]
+) -> FailurePolicy | None:
+    """The policy of ``on_error="skip"``, given to every stage (None for ``"raise"``).
+
+    Set before the stages are planned: a stage with a policy is not fused.
+    """
+    if options["on_error"] != "skip":
+        return None
+    counters = source.counters
+    policy = FailurePolicy(options["max_failures"], lambda: counters.items)
+    for s in stages:
+        s.policy = policy
+    return policy
 
 
 def _fresh_source(src: Source) -> Source:

@@ -15,6 +15,7 @@ operations per group, never per item.  Two queue kinds exist:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 import time
 from collections import deque
@@ -61,7 +62,11 @@ class Group:
         keys: One source key per entry of ``items``, for error messages and the cache.
         hits: Cached outputs as ``(position in group, key, value)``, or ``None``.
         batched: Whether each entry of ``items`` is a whole batch.
-        counts: For batched groups, the number of source items in each batch.
+        counts: The number of source items each entry of ``items`` stands for:
+            for batched groups, and for groups that lost items to
+            ``on_error="skip"`` (see :meth:`drop`); ``None`` means one each.
+        dropped: Source items of this group that failed after its last entry
+            (``on_error="skip"``): the consumer counts them once past the group.
     """
 
     items: list[Any]
@@ -69,17 +74,54 @@ class Group:
     hits: list[tuple[int, Any, Any]] | None = None
     batched: bool = False
     counts: list[int] | None = None
+    dropped: int = 0
 
     @property
     def weight(self) -> int:
         """Source items this group holds, cache hits included."""
         if self.counts is not None:
-            return sum(self.counts)
+            return sum(self.counts) + (len(self.hits) if self.hits else 0)
         return len(self.items) + (len(self.hits) if self.hits else 0)
 
     def replace_items(self, items: list[Any]) -> Group:
         """Return a group like this one with ``items`` substituted (same length)."""
-        return Group(items, self.keys, self.hits, self.batched, self.counts)
+        return Group(items, self.keys, self.hits, self.batched, self.counts, self.dropped)
+
+    def drop(self, items: list[Any], failed: set[int]) -> Group:
+        """Return this group with ``items`` (one per entry) less the entries at ``failed``.
+
+        For ``on_error="skip"``.  The source items a dropped entry stood for are
+        added to the count of the next entry kept, or to ``dropped`` when none
+        follows: the consumer's position (``state_dict``) passes them exactly
+        when it passes the next entry, never before (a hit of the cache that
+        sits between them only makes it count them later).
+        """
+        counts = self.counts
+        kept: list[Any] = []
+        keys: list[Any] = []
+        new_counts: list[int] = []
+        carry = 0
+        for j, (x, key) in enumerate(zip(items, self.keys, strict=True)):
+            c = 1 if counts is None else counts[j]
+            if j in failed:
+                carry += c
+                continue
+            kept.append(x)
+            keys.append(key)
+            new_counts.append(c + carry)
+            carry = 0
+        hits = self.hits
+        if hits:
+            # Hits sit at positions among all the group's entries: close the gaps.
+            taken = {pos for pos, _, _ in hits}
+            misses = [p for p in range(len(items) + len(hits)) if p not in taken]
+            gone = sorted(misses[j] for j in failed)
+            hits = [(pos - _count_below(gone, pos), k, v) for pos, k, v in hits]
+        return Group(kept, keys, hits, self.batched, new_counts, self.dropped + carry)
+
+
+def _count_below(sorted_values: list[int], x: int) -> int:
+    return bisect.bisect_left(sorted_values, x)
 
 
 @dataclass(slots=True)

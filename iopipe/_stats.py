@@ -30,6 +30,7 @@ class StageCounters:
     wait_output_s: float = 0.0
     jobs: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    failures: int = 0  # items skipped under on_error="skip" (iopipe/_policy.py)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -58,6 +59,7 @@ class StageStats:
         elapsed_s: Seconds the stage has been running this epoch (until it
             finished, for a stage that is done).
         extra: Stage-specific figures (the cache's ``hits``, ``misses``, ``bytes_held``).
+        failures: Items the stage skipped because they failed (``on_error="skip"``).
     """
 
     name: str
@@ -72,6 +74,7 @@ class StageStats:
     queue_now: int
     elapsed_s: float
     extra: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    failures: int = 0
 
     @property
     def utilization(self) -> float:
@@ -102,6 +105,11 @@ class PipelineStats:
     delivered: int
     consumer_wait_s: float
     epoch: int
+
+    @property
+    def failures(self) -> int:
+        """Items skipped because they failed, over all stages (``on_error="skip"``)."""
+        return sum(s.failures for s in self.stages)
 
     @property
     def consumer_wait_share(self) -> float:
@@ -154,6 +162,9 @@ class PipelineStats:
             if s.extra:
                 extras = ", ".join(f"{k}={v:g}" for k, v in s.extra.items())
                 lines.append(f"{s.name}: {extras}")
+        if self.failures:
+            per = ", ".join(f"{s.name} {s.failures}" for s in self.stages if s.failures)
+            lines.append(f"skipped (on_error='skip'): {self.failures} items failed: {per}")
         return "\n".join(lines)
 
 
@@ -181,4 +192,5 @@ def snapshot(
         queue_now=queue_now,
         elapsed_s=max(0.0, elapsed),
         extra=MappingProxyType(extra),
+        failures=counters.failures,
     )

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, ClassVar, Protocol
 
 from .._errors import StageError
+from .._policy import FailurePolicy
 from .._queue import END, Group
 from .._stats import StageCounters
 from .._threads import Job, WorkerPool
@@ -32,6 +33,7 @@ __all__ = [
     "gather_spans",
     "job_sizer",
     "pump",
+    "skippable",
 ]
 
 #: A job should take about this long, so that the ~30 us cost of handing it to a
@@ -48,7 +50,10 @@ class InQueue(Protocol):
 
 
 class ItemFailure(Exception):
-    """Raised inside a job: item ``index`` of the job failed with ``__cause__``."""
+    """Raised inside a job: item ``index`` of the job failed with ``__cause__``.
+
+    Under ``on_error="skip"`` jobs return it in place of the item's output instead.
+    """
 
     def __init__(self, index: int, cause: BaseException) -> None:
         super().__init__(index, cause)
@@ -223,6 +228,15 @@ async def pump(
     await outq.put(END)
 
 
+def skippable(exc: BaseException) -> bool:
+    """Whether ``on_error="skip"`` may skip an item that failed with ``exc``.
+
+    Only ordinary exceptions are about the item; MemoryError (and anything that
+    is not an Exception: KeyboardInterrupt, SystemExit) always stops the epoch.
+    """
+    return isinstance(exc, Exception) and not isinstance(exc, MemoryError)
+
+
 def leaf_errors(exc: BaseException) -> list[BaseException]:
     """The non-group exceptions inside (possibly nested) exception groups."""
     if isinstance(exc, BaseExceptionGroup):
@@ -272,6 +286,9 @@ class Stage:
     #: Set by ``concurrency="auto"`` / ``prefetch("auto")``: the autotuner
     #: (iopipe/_autotune.py) moves this stage's limit while it runs.
     autotune: bool = False
+    #: The pipeline's failure policy under ``on_error="skip"`` (set on the running
+    #: copy by the pipeline); ``None`` under ``"raise"``: fail at the first error.
+    policy: FailurePolicy | None = None
 
     def __init__(self, *, name: str | None, concurrency: int) -> None:
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
@@ -370,6 +387,22 @@ class Stage:
             item = group.keys[index] if index < len(group.keys) else None
             return StageError(self.name, item, exc.cause)
         return StageError(self.name, None, exc)
+
+    def drop_failed(
+        self, group: Group, out: list[Any], failed: list[tuple[int, BaseException]]
+    ) -> Group:
+        """Skip the entries of ``group`` at the ``failed`` indices (``on_error="skip"``).
+
+        ``out`` holds this stage's output per entry (anything at a failed index).
+        Each failure is counted and logged by the policy, which raises once the
+        budget is exceeded.
+        """
+        policy = self.policy
+        assert policy is not None
+        for i, exc in failed:
+            n = group.counts[i] if group.batched and group.counts is not None else 1
+            policy.record(self.name, self.counters, group.keys[i], exc, n)
+        return group.drop(out, {i for i, _ in failed})
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:

@@ -10,7 +10,7 @@ from torch.utils.data import default_collate
 
 from .._queue import BatchKey, Group
 from .._threads import WorkerPool
-from ._base import OutQueue, Stage, drain, pump, shutdown_executor, timed
+from ._base import OutQueue, Stage, drain, pump, shutdown_executor, skippable, timed
 
 __all__ = ["Batcher"]
 
@@ -75,19 +75,40 @@ class Batcher(Stage):
         """Re-chunk the incoming groups into groups of exactly one batch's items."""
         items: list[Any] = []
         keys: list[Any] = []
+        # Source items per item, once a group came with counts (items lost to
+        # on_error="skip" upstream, or batches being batched again); else None.
+        counts: list[int] | None = None
+        carry = 0  # source items dropped upstream, to count with the next item
         bs = self.batch_size
         async for g in groups:
             if g.hits:  # pragma: no cover - the cache stage merges hits before us
                 raise RuntimeError("iopipe: unmerged cache hits reached the batcher")
+            if counts is None and (g.counts is not None or g.dropped):
+                counts = [1] * len(items)
+            if counts is not None:
+                more = list(g.counts) if g.counts is not None else [1] * len(g.items)
+                if carry and more:
+                    more[0] += carry
+                    carry = 0
+                counts.extend(more)
+                carry += g.dropped
             items.extend(g.items)
             keys.extend(g.keys)
             while len(items) >= bs:
-                yield Group(items[:bs], keys[:bs])
+                if counts is None:
+                    yield Group(items[:bs], keys[:bs])
+                else:
+                    yield Group(items[:bs], keys[:bs], counts=counts[:bs])
+                    del counts[:bs]
                 del items[:bs], keys[:bs]
         if items and not self.drop_last:
-            yield Group(items, keys)
+            yield Group(items, keys, counts=counts, dropped=carry)
+        elif carry:  # failed items after the last batch: the consumer still counts them
+            yield Group([], [], counts=[], dropped=carry)
 
     async def _collate(self, group: Group) -> Group:
+        if not group.items:  # only items that failed upstream (on_error="skip")
+            return Group([], [], batched=True, counts=[], dropped=group.dropped)
         index = self._count
         self._count += 1
         collate = self.collate_fn or default_collate
@@ -98,13 +119,20 @@ class Batcher(Stage):
                 self._pool, timed, _collate_job, collate, group.items
             )
         except Exception as exc:
-            from .._errors import StageError
+            if self.policy is None or not skippable(exc):
+                from .._errors import StageError
 
-            raise StageError(self.name, key, exc)
+                raise StageError(self.name, key, exc)
+            self.policy.record(self.name, self.counters, key, exc, len(group.items), what="")
+            return Group([], [], batched=True, counts=[], dropped=group.weight + group.dropped)
         self.counters.busy_s += dt
         self.counters.items += 1
         self.counters.jobs += 1
-        return Group([batch], [key], batched=True, counts=[len(group.items)])
+        if group.counts is None:
+            return Group([batch], [key], batched=True, counts=[len(group.items)])
+        return Group(
+            [batch], [key], batched=True, counts=[sum(group.counts)], dropped=group.dropped
+        )
 
     async def run(self, inq: Any, outq: OutQueue) -> None:
         self._count = 0

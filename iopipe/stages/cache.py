@@ -103,7 +103,7 @@ class Cache(Stage):
             for key, value in zip(group.keys, group.items, strict=True):
                 self._store(key, value)
             if group.hits:
-                n = group.weight
+                n = len(group.items) + len(group.hits)
                 merged: list[Any] = [_MISSING] * n
                 mkeys: list[Any] = [None] * n
                 for pos, key, value in group.hits:
@@ -113,12 +113,23 @@ class Cache(Stage):
                 for i in range(n):
                     if merged[i] is _MISSING:
                         mkeys[i], merged[i] = next(fresh)
-                group = Group(merged, mkeys)
+                group = _merged(group, merged, mkeys)
             self.counters.items += group.weight
             await outq.put(group)
         from .._queue import END
 
         await outq.put(END)
+
+
+def _merged(group: Group, merged: list[Any], mkeys: list[Any]) -> Group:
+    """The group of hits and fresh outputs in order, keeping what failed items count."""
+    if group.counts is None:
+        return Group(merged, mkeys, dropped=group.dropped)
+    # Items were dropped by on_error="skip": a hit counts 1, a fresh item its count.
+    fresh = iter(group.counts)
+    hit = {pos for pos, _, _ in group.hits or ()}
+    counts = [1 if i in hit else next(fresh) for i in range(len(merged))]
+    return Group(merged, mkeys, counts=counts, dropped=group.dropped)
 
 
 MISSING = _MISSING

@@ -28,10 +28,11 @@ from ._base import (
     job_sizer,
     pump,
     shutdown_executor,
+    skippable,
     timed,
 )
 
-__all__ = ["EXECUTORS", "Decoder", "map_items"]
+__all__ = ["EXECUTORS", "Decoder", "map_items", "map_items_skipping"]
 
 EXECUTORS = ("thread", "process", "async", "inline")
 
@@ -47,8 +48,33 @@ def map_items(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     return out
 
 
+def map_items_skipping(
+    fn: Callable[[Any], Any], items: list[Any]
+) -> tuple[list[Any], list[tuple[int, BaseException]]]:
+    """Like :func:`map_items`, going on past failures (``on_error="skip"``).
+
+    Returns the outputs (``None`` at a failed index) and ``(index, exception)``
+    per failed item.  A MemoryError still stops the job (see ``skippable``).
+    """
+    out: list[Any] = []
+    failed: list[tuple[int, BaseException]] = []
+    for i, x in enumerate(items):
+        try:
+            out.append(fn(x))
+        except Exception as exc:
+            if not skippable(exc):
+                raise ItemFailure(i, exc) from None
+            out.append(None)
+            failed.append((i, exc))
+    return out, failed
+
+
 def _timed_map(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], float]:
     return timed(map_items, fn, items)
+
+
+def _timed_map_skipping(fn: Callable[[Any], Any], items: list[Any]) -> tuple[Any, float]:
+    return timed(map_items_skipping, fn, items)
 
 
 def _process_init() -> None:
@@ -146,10 +172,10 @@ class Decoder(Stage):
     def window(self) -> int:
         return max(2, -(-2 * self.concurrency // max(1, self.unit)))
 
-    async def _run_job(self, items: list[Any]) -> list[Any]:
+    async def _run_job(self, items: list[Any], job: Callable[..., Any] = _timed_map) -> Any:
         assert self._limit is not None
         async with self._limit:
-            out, dt = await self.submit(self._pool, _timed_map, self.fn, items)
+            out, dt = await self.submit(self._pool, job, self.fn, items)
         self.counters.busy_s += dt
         self.counters.jobs += 1
         self._sizer.observe(dt, len(items))
@@ -166,10 +192,20 @@ class Decoder(Stage):
             finally:
                 self.counters.busy_s += loop_time() - t0
 
+    async def _run_async_item_skipping(self, x: Any, i: int) -> Any:
+        try:
+            return await self._run_async_item(x, i)
+        except ItemFailure as exc:
+            if not skippable(exc.cause):
+                raise
+            return exc
+
     async def _process(self, group: Group) -> Group:
         items = group.items
         if not items:
             return group
+        if self.policy is not None:
+            return await self._process_skipping(group)
         try:
             if self.executor == "inline":
                 out, dt = timed(map_items, self.fn, items)
@@ -190,6 +226,44 @@ class Decoder(Stage):
             raise self.fail(group, exc)
         except concurrent.futures.BrokenExecutor as exc:
             raise self.fail(group, exc)
+        self.counters.items += len(out)
+        return group.replace_items(out)
+
+    async def _process_skipping(self, group: Group) -> Group:
+        """``_process`` under ``on_error="skip"``: failed items are dropped, not raised."""
+        items = group.items
+        failed: list[tuple[int, BaseException]] = []
+        try:
+            if self.executor == "inline":
+                (out, failed), dt = timed(map_items_skipping, self.fn, items)
+                self.counters.busy_s += dt
+            elif self.executor == "async":
+                out = list(
+                    await asyncio.gather(
+                        *(self._run_async_item_skipping(x, i) for i, x in enumerate(items))
+                    )
+                )
+                failed = [(i, y.cause) for i, y in enumerate(out) if isinstance(y, ItemFailure)]
+            else:
+                spans = self._sizer.split(len(items), self._limit.limit if self._limit else 1)
+                parts = await gather_spans(
+                    [self._run_job(items[a:b], _timed_map_skipping) for a, b in spans],
+                    [a for a, _ in spans],
+                )
+                out = []
+                for (a, _), (part, part_failed) in zip(spans, parts, strict=True):
+                    out.extend(part)
+                    failed.extend((a + i, exc) for i, exc in part_failed)
+        except SpanFailure as sf:  # a MemoryError
+            raise self.fail(group, sf.exc, sf.offset)
+        except ItemFailure as exc:
+            raise self.fail(group, exc)
+        except concurrent.futures.BrokenExecutor as exc:
+            raise self.fail(group, exc)
+        if failed:
+            group = self.drop_failed(group, out, failed)
+            self.counters.items += len(group.items)
+            return group
         self.counters.items += len(out)
         return group.replace_items(out)
 

@@ -30,6 +30,7 @@ from ._base import (
     gather_spans,
     pump,
     shutdown_executor,
+    skippable,
     timed_cpu,
 )
 
@@ -123,14 +124,16 @@ def _read_probing(fd: int, buf: Any, offset: int, path: str, flags: int) -> int:
 
 
 def _read_job(
-    entries: list[tuple[str, int, int | None]], chunk_bytes: int, flags: int
+    entries: list[tuple[str, int, int | None]], chunk_bytes: int, flags: int, skip: bool = False
 ) -> tuple[list[Any], int]:
     """Read whole small items; size large ones for chunked reading (worker thread).
 
     Returns the buffers and the number of cache misses (-1: the probe is not
     supported here).  Consecutive byte ranges of one file share one descriptor
     (token windows, say, would otherwise pay an open and a close per range).
-    Every descriptor it opens is closed before it returns.
+    Every descriptor it opens is closed before it returns.  With ``skip``
+    (``on_error="skip"``) an item that fails gets an :class:`ItemFailure` in
+    place of its buffer and the job goes on.
     """
     out: list[Any] = []
     misses = 0
@@ -144,7 +147,10 @@ def _read_job(
                 try:
                     fd = os.open(path, _O_FLAGS)
                 except OSError as exc:
-                    raise ItemFailure(i, exc) from None
+                    if not skip:
+                        raise ItemFailure(i, exc) from None
+                    out.append(ItemFailure(i, exc))
+                    continue
                 fd_path = path
             try:
                 size = length if length is not None else max(0, os.fstat(fd).st_size - offset)
@@ -159,11 +165,17 @@ def _read_job(
                         misses += miss
                     out.append(buf)
             except Exception as err:
-                raise ItemFailure(i, _explained(err, fd, path, offset, length)) from None
+                failure = _explained(err, fd, path, offset, length)
+                if not skip or not skippable(failure):
+                    raise ItemFailure(i, failure) from None
+                out.append(ItemFailure(i, failure))
     finally:
         if fd >= 0:
             os.close(fd)
     return out, misses
+
+
+_read_job_skipping = functools.partial(_read_job, skip=True)
 
 
 def _explained(exc: Exception, fd: int, path: str, offset: int, length: int | None) -> Exception:
@@ -293,13 +305,18 @@ class ChunkedReader(Stage):
         try:
             entries = [normalize_item(x) for x in group.items]
         except (TypeError, ValueError) as exc:
-            raise self.fail(group, exc)
+            if self.policy is None:
+                raise self.fail(group, exc)
+            group, entries = self._drop_unreadable(group)
+            if not entries:
+                return group
         results: list[Any] = []
         assert self._gov is not None
         spans = self._gov.split(len(entries))
+        job = _read_job if self.policy is None else _read_job_skipping
         try:
             done = await gather_spans(
-                [self._job(_read_job, b - a, entries[a:b], self.chunk_bytes) for a, b in spans],
+                [self._job(job, b - a, entries[a:b], self.chunk_bytes) for a, b in spans],
                 [a for a, _ in spans],
             )
         except SpanFailure as sf:
@@ -312,6 +329,8 @@ class ChunkedReader(Stage):
                     results.append(x.buf)
                 else:
                     results.append(x)
+        if self.policy is not None:
+            return await self._finish_skipping(group, results, larges)
         if larges:
             tasks = [asyncio.ensure_future(self._read_large(lg)) for _, lg in larges]
             try:
@@ -329,6 +348,52 @@ class ChunkedReader(Stage):
         if self.with_source:
             results = [(src, buf) for src, buf in zip(group.items, results, strict=True)]
         return group.replace_items(results)
+
+    def _drop_unreadable(self, group: Group) -> tuple[Group, list[tuple[str, int, int | None]]]:
+        """Skip the items that are not paths or byte ranges (``on_error="skip"``)."""
+        entries = []
+        failed: list[tuple[int, BaseException]] = []
+        for i, x in enumerate(group.items):
+            try:
+                entries.append(normalize_item(x))
+            except (TypeError, ValueError) as exc:
+                failed.append((i, exc))
+        return self.drop_failed(group, group.items, failed), entries
+
+    async def _finish_skipping(
+        self, group: Group, results: list[Any], larges: list[tuple[int, _Large]]
+    ) -> Group:
+        """The end of ``_process`` under ``on_error="skip"``: drop the items that failed."""
+        failed = [(i, r.cause) for i, r in enumerate(results) if isinstance(r, ItemFailure)]
+        if larges:
+            tasks = [asyncio.ensure_future(self._read_large(lg)) for _, lg in larges]
+            try:
+                outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                raise
+            for (idx, _), res in zip(larges, outcomes, strict=True):
+                if isinstance(res, asyncio.CancelledError):
+                    raise res
+                if isinstance(res, BaseException):
+                    if not skippable(res):
+                        raise self.fail(group, ItemFailure(0, res), idx)
+                    failed.append((idx, res))
+        if not failed:
+            self.counters.items += len(results)
+            self.counters.bytes += sum(len(r) for r in results)
+            if self.with_source:
+                results = [(src, buf) for src, buf in zip(group.items, results, strict=True)]
+            return group.replace_items(results)
+        failed.sort(key=lambda f: f[0])
+        gone = {i for i, _ in failed}
+        self.counters.bytes += sum(len(r) for i, r in enumerate(results) if i not in gone)
+        if self.with_source:
+            results = [(src, buf) for src, buf in zip(group.items, results, strict=True)]
+        group = self.drop_failed(group, results, failed)
+        self.counters.items += len(group.items)
+        return group
 
     async def run(self, inq: Any, outq: OutQueue) -> None:
         await pump(
