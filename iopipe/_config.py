@@ -279,6 +279,8 @@ _OPTIONS: Spec = {
     "memory_budget_bytes": (_size, False),
     "on_error": (_choice("raise", "skip"), False),
     "max_failures": (_max_failures, False),
+    "stall_warning": (_number, False),
+    "max_inflight_bytes": (_size, False),
 }
 
 _STAGES: dict[str, Spec] = {

@@ -27,6 +27,7 @@ from ._autotune import (
     make_tuner,
     map_pool_size,
 )
+from ._budget import ByteBudget, check_inflight_bytes
 from ._config import pipeline_from_config, pipeline_to_config
 from ._errors import PipelineClosedError, StageError
 from ._loop import LoopThread
@@ -34,7 +35,17 @@ from ._policy import FailurePolicy, check_policy
 from ._queue import END, GroupQueue, Handoff
 from ._stats import PipelineStats, snapshot
 from ._verdict import StatsReporter, check_monitoring
-from .stages._base import Stage, leaf_errors
+from ._watchdog import (
+    DEFAULT_STALL_WARNING_S,
+    Stall,
+    StallTimeoutError,
+    abandon_stuck,
+    check_stall_warning,
+    find_stall,
+    logger,
+    queue_summary,
+)
+from .stages._base import Limiter, Stage, leaf_errors
 from .stages.batch import Batcher
 from .stages.cache import Cache
 from .stages.decode import Decoder
@@ -75,6 +86,9 @@ class _Sink:
 class _Runtime:
     """What a running pipeline owns: the loop thread and the opened stages."""
 
+    #: The ``max_inflight_bytes`` option: each epoch gets a ByteBudget of it.
+    max_inflight_bytes: int | None = None
+
     def __init__(
         self, source: Source, stages: list[Stage], group_size: int, use_uvloop: bool | None
     ) -> None:
@@ -109,10 +123,11 @@ class _Runtime:
             # belong to the parent (closing them here would stop its pipeline), and
             # locks may be held by threads that do not exist in this process.
             return
+        deadline = time.monotonic() + timeout  # one bound for the whole shutdown
         self.loop.stop(timeout)
         for s in self.stages:
-            s.close(timeout)
-        self.source.close(timeout)
+            s.close(max(0.0, deadline - time.monotonic()))
+        self.source.close(max(0.0, deadline - time.monotonic()))
 
     async def run_epoch(self, ep: _Epoch) -> None:
         """Run the source and every stage until END reaches the consumer (loop thread)."""
@@ -120,6 +135,9 @@ class _Runtime:
         self.source.counters.__init__("source", 1)  # type: ignore[misc]
         for s in self.stages:
             s.reset_counters()
+        reader = _budgeted_reader(self.stages)
+        if reader is not None:
+            reader.budget = ep.budget
         if self.policy is not None:
             self.policy.reset()
         sink: Any = _Sink(ep.handoff, self.tuner.on_group if self.tuner is not None else None)
@@ -198,6 +216,9 @@ class _Epoch:
         self.tail = 0  # source items that failed after the group's last element (skip)
         self.finished = False
         self.task: asyncio.Task[Any] | None = None  # run_epoch's task, once it runs
+        self.budget: ByteBudget | None = None
+        if rt.max_inflight_bytes is not None:
+            self.budget = ByteBudget(rt.max_inflight_bytes, skip, self.idle_after_reader)
         self.future: concurrent.futures.Future[None] = rt.loop.submit(rt.run_epoch(self))
 
     def position(self) -> int:
@@ -218,6 +239,8 @@ class _Epoch:
         self.consumed = self.position()
         self.buf, self.i, self.counts, self.tail = [], 0, None, 0
         self.handoff.close()
+        if self.budget is not None:
+            self.budget.close()  # wakes (and fails) reads waiting for room
         fut = self.future
         if not fut.done():
             fut.cancel()  # cancels the task on the loop thread
@@ -239,6 +262,37 @@ class _Epoch:
         # them too, so nothing of this epoch (a read, an open file) runs on.
         await asyncio.gather(*(s.quiesce() for s in self.rt.stages))
 
+    def idle_after_reader(self) -> bool:
+        """Whether nothing after the budgeted reader is queued or running (reader threads ask).
+
+        Then no byte held can reach the consumer without more reads: the budget
+        lets one more through rather than deadlock (iopipe/_budget.py).
+        """
+        reader = _budgeted_reader(self.rt.stages)
+        budget = self.budget
+        if reader is None or budget is None or len(reader._inflight) > budget.waiting:
+            return False
+        at = self.rt.stages.index(reader)
+        if any(q is not None and q.counters.used for q in self.queues[at + 1 :]):
+            return False
+        for unit in self.units():
+            for s in [unit, *(getattr(unit, "members", None) or [])]:
+                if s is reader:
+                    continue
+                limit = getattr(s, "_limit", None)
+                if s._inflight or (isinstance(limit, Limiter) and limit.held):
+                    return False
+        return True
+
+    def units(self) -> list[Stage]:
+        """What runs: the stages, or the fused plan of them."""
+        return list(getattr(self.rt, "plan", self.rt.stages))
+
+    def stall(self) -> Stall:
+        """Where the consumer's data is stuck: the oldest job in a worker, else the queues."""
+        found = find_stall(self.rt.source, self.units())
+        return found if found is not None else Stall(self.stuck_stage())
+
     def stuck_stage(self) -> str:
         """Name the stage nearest the consumer that still holds work (for timeouts)."""
         names = [self.rt.source.name] + [s.name for s in self.rt.stages]
@@ -256,10 +310,19 @@ class _Epoch:
 class _EpochIterator(Generic[T]):
     """Iterator over one epoch; dropping it (``break``, ``del``) stops the epoch."""
 
-    def __init__(self, pipe: Pipeline[T], ep: _Epoch, timeout: float | None) -> None:
+    def __init__(
+        self,
+        pipe: Pipeline[T],
+        ep: _Epoch,
+        timeout: float | None,
+        stall_warning: float | None = None,
+    ) -> None:
         self._pipe = pipe  # keeps the pipeline (and its threads) alive while iterating
         self._ep = ep
         self._timeout = timeout
+        self._stall_warning = stall_warning
+        loop = ep.rt.loop
+        self._alive = lambda: loop.alive
         self._finalizer = weakref.finalize(self, ep.stop)
 
     def __iter__(self) -> _EpochIterator[T]:
@@ -302,6 +365,8 @@ class _EpochIterator(Generic[T]):
             ep.finished = True
             self._close()
             raise StopIteration
+        if ep.budget is not None:  # the consumer holds this group now, not the pipeline
+            ep.budget.release_upto(ep.consumed + group.weight + group.dropped)
         ep.delivered += len(group.items)
         ep.buf = group.items
         ep.counts = group.counts
@@ -310,18 +375,52 @@ class _EpochIterator(Generic[T]):
         return ep.buf[0]  # type: ignore[no-any-return]
 
     def _get(self) -> Any:
+        """Wait for the next non-empty group; warn every ``stall_warning`` s of waiting.
+
+        The watchdog costs nothing while groups flow: the hand-off's wait only
+        expires (and the stall is looked for) once nothing arrived for a while.
+        """
         ep = self._ep
+        timeout, every = self._timeout, self._stall_warning
+        wait = timeout if every is None else every if timeout is None else min(timeout, every)
+        waited = 0.0  # seconds this call has waited, counted as waits expire
         while True:
             try:
-                group = ep.handoff.get(self._timeout, lambda: ep.rt.loop.alive)
+                group = ep.handoff.get(wait, self._alive)
             except TimeoutError:
-                raise TimeoutError(
-                    f"iopipe: no data within timeout={self._timeout} s; items are stuck in stage "
-                    f"{ep.stuck_stage()!r}"
-                ) from None
+                assert wait is not None
+                waited += wait
+                if timeout is not None and waited >= timeout * (1 - 1e-9):
+                    raise self._timed_out(timeout) from None
+                assert every is not None
+                self._warn(waited, every)
+                wait = every if timeout is None else min(every, timeout - waited)
+                continue
             if group is END or group.items:
                 return group
             ep.consumed += group.dropped  # every item of the group failed (on_error="skip")
+
+    def _timed_out(self, timeout: float) -> StallTimeoutError:
+        ep = self._ep
+        stall = ep.stall()
+        # Jobs running since before the wait began are stuck: stopping the epoch and
+        # close() do not wait for them (iopipe/_threads.py, iopipe/_watchdog.py).
+        abandon_stuck(ep.rt.source, ep.units(), timeout)
+        return StallTimeoutError(
+            f"iopipe: no data within timeout={timeout} s; {stall.describe()}", stall
+        )
+
+    def _warn(self, waited: float, every: float) -> None:
+        ep = self._ep
+        stall = ep.stall()
+        abandon_stuck(ep.rt.source, ep.units(), every)
+        names = [ep.rt.source.name, *(s.name for s in ep.rt.stages)]
+        logger.warning(
+            "iopipe: no data for %.0f s; %s (queued after each stage, items/capacity: %s)",
+            waited,
+            stall.describe(),
+            queue_summary(names, ep.queues),
+        )
 
     def _close(self) -> None:
         self._finalizer()
@@ -355,6 +454,8 @@ class Pipeline(Generic[T]):
         memory_budget_bytes: int | None = None,
         on_error: str = "raise",
         max_failures: int | float | None = None,
+        stall_warning: float | None = DEFAULT_STALL_WARNING_S,
+        max_inflight_bytes: int | None = None,
     ) -> None:
         check_monitoring(stats_interval, on_stats)
         check_budgets(cpu_budget, memory_budget_bytes)
@@ -365,6 +466,8 @@ class Pipeline(Generic[T]):
             raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
         if not isinstance(handoff, int) or handoff < 1:
             raise ValueError(f"handoff must be an int >= 1, got {handoff!r}")
+        check_stall_warning(stall_warning)
+        check_inflight_bytes(max_inflight_bytes)
         self._source = source
         self._stages = stages
         self._timeout = timeout
@@ -388,6 +491,8 @@ class Pipeline(Generic[T]):
             "memory_budget_bytes": memory_budget_bytes,
             "on_error": on_error,
             "max_failures": max_failures,
+            "stall_warning": stall_warning,
+            "max_inflight_bytes": max_inflight_bytes,
         }
         self._rt: _Runtime | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -437,6 +542,14 @@ class Pipeline(Generic[T]):
                 float share in (0, 1) of the items seen, or None for no limit;
                 past it the epoch raises :class:`TooManyFailures`; see "Failure
                 policy" in docs/design.md),
+                ``stall_warning`` (seconds, default 60; ``None``: off: when the
+                consumer has waited that long for data, a warning on the
+                ``"iopipe"`` logger names the stage and the items stuck there,
+                repeated each interval; docs/reliability.md),
+                ``max_inflight_bytes`` (bytes read and not yet handed to the
+                consumer: in reads, queues, prefetch and the stages between;
+                the reader waits while the bound is reached; a single item
+                larger than the bound still passes, alone; docs/reliability.md),
                 ``cpu_budget`` and ``memory_budget_bytes`` (bounds for ``"auto"``
                 settings; default ``os.cpu_count()`` and 1 GiB; docs/tuning.md).
 
@@ -628,9 +741,14 @@ class Pipeline(Generic[T]):
         if self._rt is None:
             stages = [s.fresh() for s in self._stages]
             stages = [s for s in stages if not (isinstance(s, DeviceTransfer) and not s.active)]
+            if self._options["max_inflight_bytes"] is not None:
+                reader = _budgeted_reader(stages)
+                if reader is not None:
+                    reader.byte_bound = self._options["max_inflight_bytes"]  # never fused
             source = _fresh_source(self._source)
             policy = _failure_policy(self._options, source, stages)
             self._rt = _Runtime(source, stages, self.group_size, self._use_uvloop)
+            self._rt.max_inflight_bytes = self._options["max_inflight_bytes"]
             self._rt.tuner = make_tuner(
                 stages,
                 group_size=self.group_size,
@@ -659,7 +777,9 @@ class Pipeline(Generic[T]):
         self._epoch += 1
         self._skip = 0
         self._last = self._position = ep
-        it: _EpochIterator[T] = _EpochIterator(self, ep, self._timeout)
+        it: _EpochIterator[T] = _EpochIterator(
+            self, ep, self._timeout, self._options["stall_warning"]
+        )
         self._current = weakref.ref(it)
         if self._stats_interval is not None or self._on_stats is not None:
             StatsReporter(self, ep, self._stats_interval, self._on_stats).start()
@@ -768,7 +888,16 @@ class Pipeline(Generic[T]):
             )
         elapsed = (ep.ended or time.perf_counter()) - ep.started
         delivered = ep.delivered - len(ep.buf) + ep.i
-        return PipelineStats(tuple(snaps), elapsed, delivered, ep.handoff.wait_s, ep.epoch)
+        budget = ep.budget
+        return PipelineStats(
+            tuple(snaps),
+            elapsed,
+            delivered,
+            ep.handoff.wait_s,
+            ep.epoch,
+            inflight_bytes=budget.held if budget is not None else 0,
+            peak_inflight_bytes=budget.peak if budget is not None else 0,
+        )
 
     def close(self) -> None:
         """Stop the running epoch, join every thread and release workers (idempotent).
@@ -823,6 +952,11 @@ def _failure_policy(
     for s in stages:
         s.policy = policy
     return policy
+
+
+def _budgeted_reader(stages: list[Stage]) -> ChunkedReader | None:
+    """The reader that ``max_inflight_bytes`` gates: the first one."""
+    return next((s for s in stages if isinstance(s, ChunkedReader)), None)
 
 
 def _fresh_source(src: Source) -> Source:

@@ -98,6 +98,9 @@ class PipelineStats:
         delivered: Elements (items or batches) handed to the consumer.
         consumer_wait_s: Seconds the consumer spent blocked waiting for data.
         epoch: The current (or last) epoch number.
+        inflight_bytes: With ``max_inflight_bytes``: bytes read and not yet taken
+            by the consumer, now (0 without the option; iopipe/_budget.py).
+        peak_inflight_bytes: The most such bytes at any moment of the epoch.
     """
 
     stages: tuple[StageStats, ...]
@@ -105,6 +108,8 @@ class PipelineStats:
     delivered: int
     consumer_wait_s: float
     epoch: int
+    inflight_bytes: int = 0
+    peak_inflight_bytes: int = 0
 
     @property
     def failures(self) -> int:

@@ -136,9 +136,7 @@ class WorkerPool(concurrent.futures.Executor):
 
     def _start_worker(self) -> None:
         w = _Worker(self._work, self._idle)
-        t = threading.Thread(
-            target=w.loop, name=f"{self.name}_{len(self._workers)}", daemon=True
-        )
+        t = threading.Thread(target=w.loop, name=f"{self.name}_{len(self._workers)}", daemon=True)
         w.thread = t
         t.start()
         self._workers.append(w)

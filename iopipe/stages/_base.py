@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import copy
 import math
 import time
@@ -35,6 +36,17 @@ __all__ = [
     "pump",
     "skippable",
 ]
+
+#: The group a stage's task is processing, and the span ``(start, stop)`` of it that
+#: a job covers (``stop`` -1: to the end): set by :func:`pump` and
+#: :func:`gather_spans`, read by :meth:`Stage.submit`, so the stall watchdog can
+#: name a stuck job's items while the stages keep no per-item books.
+CURRENT_GROUP: contextvars.ContextVar[Group | None] = contextvars.ContextVar(
+    "iopipe_group", default=None
+)
+CURRENT_SPAN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "iopipe_span", default=None
+)
 
 #: A job should take about this long, so that the ~30 us cost of handing it to a
 #: thread stays a few percent of the work (bench/bench_pipeline.py shows the effect).
@@ -219,9 +231,11 @@ async def pump(
                 slots.release()
                 break
             if ordered:
+                CURRENT_GROUP.set(group)  # the task's context copies it
                 pending.append(tg.create_task(process(group)))
                 ready.set()
             else:
+                CURRENT_GROUP.set(group)
                 tg.create_task(one_unordered(group))
         finished = True
         ready.set()
@@ -298,7 +312,7 @@ class Stage:
         self.capacity: int | None = None  # output queue capacity in items; None = default
         self.counters = StageCounters(self.name, concurrency)
         self.unit = 1  # items per group in this stage's input (set by the pipeline)
-        # Jobs running in workers: job -> (source keys, payload, submit time), per job
+        # Jobs running in workers: job -> (group, span of it, submit time), per job
         # (never per item); the stall watchdog names stuck items from it.
         self._inflight: dict[concurrent.futures.Future[Any], tuple[Any, Any, float]] = {}
 
@@ -314,8 +328,6 @@ class Stage:
         pool: concurrent.futures.Executor | None,
         fn: Callable[..., Any],
         *args: Any,
-        keys: Any = None,
-        items: Any = None,
     ) -> Any:
         """Run ``fn(*args)`` in ``pool`` and await it; the job is tracked until it ends.
 
@@ -327,16 +339,26 @@ class Stage:
             raise RuntimeError(f"stage {self.name!r} is not open")
         fut = pool.submit(fn, *args)
         inflight = self._inflight
-        inflight[fut] = (keys, items, time.perf_counter())
+        inflight[fut] = (CURRENT_GROUP.get(), CURRENT_SPAN.get(), time.perf_counter())
         fut.add_done_callback(lambda f: inflight.pop(f, None))
         return await asyncio.wrap_future(fut)
 
-    def running_jobs(self) -> list[tuple[Any, Any, float]]:
-        """``(keys, items, seconds running)`` of each job in a worker, oldest first (any thread)."""
+    def running_jobs(self) -> list[tuple[list[Any], list[Any], float]]:
+        """``(keys, items, seconds running)`` of each job in a worker, oldest first (any thread).
+
+        ``keys`` and ``items`` are the job's part of its input group (empty when
+        the job was submitted outside a pumped group).
+        """
         now = time.perf_counter()
         out = []
-        for fut, (keys, items, t0) in self._inflight.copy().items():
+        for fut, (group, span, t0) in self._inflight.copy().items():
             started = getattr(fut, "started", 0.0) or t0  # a WorkerPool job knows its start
+            keys: list[Any] = []
+            items: list[Any] = []
+            if group is not None:
+                a, b = span if span is not None else (0, -1)
+                b = len(group.keys) if b < 0 else b
+                keys, items = group.keys[a:b], group.items[a:b]
             out.append((keys, items, now - started))
         out.sort(key=lambda job: -job[2])
         return out
@@ -559,7 +581,11 @@ class SpanFailure(Exception):
 
 async def gather_spans(coros: list[Any], offsets: list[int]) -> list[Any]:
     """Gather job coroutines; an ItemFailure is re-raised with its job's offset."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
+    tasks = []
+    for i, c in enumerate(coros):
+        CURRENT_SPAN.set((offsets[i], offsets[i + 1] if i + 1 < len(offsets) else -1))
+        tasks.append(asyncio.ensure_future(c))  # the task's context copies the span
+    CURRENT_SPAN.set(None)
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -112,12 +111,9 @@ class Batcher(Stage):
         index = self._count
         self._count += 1
         collate = self.collate_fn or default_collate
-        loop = asyncio.get_running_loop()
         key = BatchKey(index, group.keys[0], group.keys[-1])
         try:
-            batch, dt = await loop.run_in_executor(
-                self._pool, timed, _collate_job, collate, group.items
-            )
+            batch, dt = await self.submit(self._pool, timed, _collate_job, collate, group.items)
         except Exception as exc:
             if self.policy is None or not skippable(exc):
                 from .._errors import StageError

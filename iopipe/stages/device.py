@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -108,14 +107,13 @@ class DeviceTransfer(Stage):
         return self.pin_memory or self.device.type != "cpu"
 
     async def _process(self, group: Group) -> Group:
-        loop = asyncio.get_running_loop()
         job = functools.partial(
             _transfer, device=self.device, pin=self.pin_memory, stream=self._stream
         )
         out = []
         for key, item in zip(group.keys, group.items, strict=True):
             try:
-                moved, dt = await loop.run_in_executor(self._pool, timed, job, item)
+                moved, dt = await self.submit(self._pool, timed, job, item)
             except Exception as exc:
                 raise StageError(self.name, key, exc)
             self.counters.busy_s += dt

@@ -48,7 +48,7 @@ def fusable(stage: Stage) -> bool:
     if stage.autotune or stage.policy is not None:  # on_error="skip" runs stages apart
         return False
     if isinstance(stage, ChunkedReader):
-        return True
+        return stage.byte_bound is None  # max_inflight_bytes reserves per item: staged reads
     if isinstance(stage, Decoder):
         return stage.executor == "thread"
     return isinstance(stage, Batcher)

@@ -12,11 +12,13 @@ import asyncio
 import errno
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .._budget import ByteBudget
 from .._queue import Group
 from .._threads import WorkerPool
 from ._base import (
@@ -124,7 +126,11 @@ def _read_probing(fd: int, buf: Any, offset: int, path: str, flags: int) -> int:
 
 
 def _read_job(
-    entries: list[tuple[str, int, int | None]], chunk_bytes: int, flags: int, skip: bool = False
+    entries: list[tuple[str, int, int | None]],
+    chunk_bytes: int,
+    flags: int,
+    skip: bool = False,
+    reserve: Callable[[int], None] | None = None,
 ) -> tuple[list[Any], int]:
     """Read whole small items; size large ones for chunked reading (worker thread).
 
@@ -133,7 +139,8 @@ def _read_job(
     (token windows, say, would otherwise pay an open and a close per range).
     Every descriptor it opens is closed before it returns.  With ``skip``
     (``on_error="skip"``) an item that fails gets an :class:`ItemFailure` in
-    place of its buffer and the job goes on.
+    place of its buffer and the job goes on.  With ``reserve`` (``max_inflight_bytes``)
+    each item's size is reserved before its buffer is allocated (it may wait).
     """
     out: list[Any] = []
     misses = 0
@@ -154,6 +161,8 @@ def _read_job(
                 fd_path = path
             try:
                 size = length if length is not None else max(0, os.fstat(fd).st_size - offset)
+                if reserve is not None:
+                    reserve(size)  # may wait for room: iopipe/_budget.py
                 buf = np.empty(size, np.uint8)
                 if size > chunk_bytes:
                     out.append(_Large(path, buf, offset))
@@ -228,6 +237,10 @@ class ChunkedReader(Stage):
     """
 
     kind = "read"
+    #: The epoch's byte budget (``max_inflight_bytes``), set by the pipeline per epoch.
+    budget: ByteBudget | None = None
+    #: ``max_inflight_bytes`` when this reader is gated by it (a gated reader is never fused).
+    byte_bound: int | None = None
 
     def __init__(
         self,
@@ -302,6 +315,9 @@ class ChunkedReader(Stage):
             raise
 
     async def _process(self, group: Group) -> Group:
+        # Taken before any await: tickets follow the source order (iopipe/_budget.py).
+        budget = self.budget
+        ticket = budget.ticket(group.weight + group.dropped) if budget is not None else None
         try:
             entries = [normalize_item(x) for x in group.items]
         except (TypeError, ValueError) as exc:
@@ -314,6 +330,8 @@ class ChunkedReader(Stage):
         assert self._gov is not None
         spans = self._gov.split(len(entries))
         job = _read_job if self.policy is None else _read_job_skipping
+        if ticket is not None:
+            job = functools.partial(job, reserve=ticket.take)
         try:
             done = await gather_spans(
                 [self._job(job, b - a, entries[a:b], self.chunk_bytes) for a, b in spans],

@@ -21,7 +21,7 @@ import numpy as np
 from .._errors import StageError
 from .._queue import END, Group
 from .._stats import StageCounters
-from .._threads import WorkerPool
+from .._threads import Job, WorkerPool
 from ._base import OutQueue, shutdown_executor
 
 __all__ = ["SHARD_MODES", "Source", "resolve_rank"]
@@ -180,6 +180,7 @@ class Source:
         self.shard = shard
         self.counters = StageCounters("source", 1)
         self._pool: WorkerPool | None = None
+        self.job: Job | None = None  # the pull running in the worker, if any
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -300,10 +301,12 @@ class Source:
         it: Iterator[Any] = iter(self.items)  # type: ignore[arg-type]
         if world > 1:
             it = _shard_iter(it, rank, world, self.shard)
-        loop = asyncio.get_running_loop()
+        pool = self._pool
+        assert pool is not None
         while True:
             t0 = time.perf_counter()
-            batch = await loop.run_in_executor(self._pool, _pull, it, g)
+            self.job = pool.submit(_pull, it, g)  # the stall watchdog reads it
+            batch = await asyncio.wrap_future(self.job)
             self.counters.busy_s += time.perf_counter() - t0
             if not batch:
                 return
