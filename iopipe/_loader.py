@@ -12,6 +12,7 @@ processes.  See docs/dataloader.md.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import warnings
@@ -23,7 +24,13 @@ import torch
 from torch.utils.data import DataLoader as _TorchDataLoader
 from torch.utils.data import IterableDataset
 
-from ._errors import StageError
+from ._errors import StageError, item_label
+from ._loader_skip import (
+    Fetched,
+    SkippingAsyncMapFetcher,
+    SkippingCollate,
+    SkippingMapFetcher,
+)
 from ._loader_state import (
     STATE_VERSION,
     EpochPlan,
@@ -35,7 +42,9 @@ from ._loader_state import (
     rng_sources,
 )
 from ._pipeline import Pipeline
-from ._stats import PipelineStats
+from ._policy import FailurePolicy, check_policy
+from ._stats import PipelineStats, StageStats
+from ._watchdog import Stall
 from ._workers import (
     NOTHING,
     AsyncFeed,
@@ -89,6 +98,18 @@ class DataLoader(_TorchDataLoader[Any]):
             is on when any of the three is given; missing ``rank``/``world_size``
             come from the initialised ``torch.distributed`` group.  Map-style
             datasets shard with ``DistributedSampler`` as with torch.
+        on_error: ``"raise"`` (default): as torch, a failing ``__getitem__``
+            raises.  ``"skip"``: a sample whose ``__getitem__`` fails is left out
+            of its batch (which may come out short; a batch with no sample left,
+            or whose ``collate_fn`` fails, is dropped), counted in
+            :meth:`stats` and logged once on the ``"iopipe"`` logger with its
+            index.  Thread and main workers only (``ValueError`` with
+            ``worker_type="process"``).  See docs/dataloader.md.
+        max_failures: With ``on_error="skip"``: samples that may fail per epoch
+            (an int), a share of the samples attempted (a float in (0, 1),
+            checked from 100 samples on and at the end of the epoch), or None
+            (no limit, the default).  Past it the iterator raises
+            :class:`~iopipe.TooManyFailures` and the epoch ends.
 
     Iterating: one live iterator per loader (a new ``iter()`` ends the previous
     epoch, whose iterator then raises).  :meth:`state_dict` and
@@ -121,7 +142,10 @@ class DataLoader(_TorchDataLoader[Any]):
         rank: int | None = None,
         world_size: int | None = None,
         shard: str | None = None,
+        on_error: str = "raise",
+        max_failures: int | float | None = None,
     ) -> None:
+        check_policy(on_error, max_failures)
         if worker_type not in WORKER_TYPES:
             raise ValueError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
         if shard is not None and shard not in SHARD_MODES:
@@ -172,6 +196,17 @@ class DataLoader(_TorchDataLoader[Any]):
                 UserWarning,
                 stacklevel=2,
             )
+        if on_error == "skip" and self._mode == "process":
+            raise ValueError(
+                "on_error='skip' needs worker_type='thread' or 'main' (worker processes run "
+                f"torch's own fetcher), got worker_type={worker_type!r}, "
+                f"num_workers={num_workers!r}"
+            )
+        self.on_error, self.max_failures = on_error, max_failures
+        self._seen = 0  # samples attempted this epoch (on_error="skip")
+        self._policy = (
+            FailurePolicy(max_failures, lambda: self._seen) if on_error == "skip" else None
+        )
         self._async = not self._iterable and _is_async(self.dataset)
         if self._async and self._mode != "thread":
             raise ValueError(
@@ -238,7 +273,11 @@ class DataLoader(_TorchDataLoader[Any]):
                 torch.set_rng_state(pre_global)
         self._iterators += 1
         self._plan = plan
-        it = _LoaderIter(self, batches, plan, engine=self._mode != "main")
+        if self._policy is not None:
+            self._policy.reset()
+            self._seen = 0
+        iter_cls = _LoaderIter if self._policy is None else _SkippingLoaderIter
+        it = iter_cls(self, batches, plan, engine=self._mode != "main")
         stop = self._procs.stop_event
         if stop is not None:  # a dropped iterator releases the source thread
             weakref.finalize(it, stop.set)
@@ -319,8 +358,21 @@ class DataLoader(_TorchDataLoader[Any]):
 
     def _job_fn(self) -> Callable[[Any], Any]:
         if self._iterable:
+            return self._collate()
+        return self._fetcher()
+
+    def _fetcher(self) -> MapFetcher:
+        cls = MapFetcher if self._policy is None else SkippingMapFetcher
+        return cls(self.dataset, self.collate_fn, self._auto_collation)
+
+    def _async_fetcher(self) -> AsyncMapFetcher:
+        cls = AsyncMapFetcher if self._policy is None else SkippingAsyncMapFetcher
+        return cls(self.dataset, self.collate_fn, self._auto_collation)
+
+    def _collate(self) -> Collate:
+        if self._policy is None:
             return Collate(self.collate_fn)
-        return MapFetcher(self.dataset, self.collate_fn, self._auto_collation)
+        return SkippingCollate(self.collate_fn, batched=self.batch_size is not None)
 
     def _pin_now(self) -> bool:
         return bool(self.pin_memory) and torch.cuda.is_available()
@@ -346,19 +398,19 @@ class DataLoader(_TorchDataLoader[Any]):
             gate = FirstGate() if conc > 1 and not self._iterable else None
             self._gate = gate
             if self._async:
-                afetcher = AsyncMapFetcher(self.dataset, self.collate_fn, self._auto_collation)
+                afetcher = self._async_fetcher()
                 afetcher.gate = gate
                 pipe = pipe.map(
                     afetcher, concurrency=conc, executor="async", ordered=ordered, name="fetch"
                 )
-                pipe = pipe.map(Collate(self.collate_fn), concurrency=1, name="collate")
+                pipe = pipe.map(self._collate(), concurrency=1, name="collate")
             elif self._iterable:
-                pipe = pipe.map(Collate(self.collate_fn), concurrency=conc, name="collate")
+                pipe = pipe.map(self._collate(), concurrency=conc, name="collate")
             else:
                 # One job more than workers is in flight, waiting on `slots`: a worker
                 # that finishes a batch starts the next at once instead of waiting for
                 # the loop thread to be scheduled and submit it (bench/bench_loader.py).
-                fetcher = MapFetcher(self.dataset, self.collate_fn, self._auto_collation)
+                fetcher = self._fetcher()
                 fetcher.gate = gate
                 fetcher.slots = threading.Semaphore(conc)
                 pipe = pipe.map(
@@ -429,8 +481,26 @@ class DataLoader(_TorchDataLoader[Any]):
     def stats(self) -> PipelineStats:
         """Per-stage statistics of the current (or last) epoch; see :class:`~iopipe.Pipeline`."""
         if self._pipe is None:
-            return PipelineStats((), 0.0, 0, 0.0, self._epoch)
-        return self._pipe.stats()
+            stats = PipelineStats((), 0.0, 0, 0.0, self._epoch)
+        else:
+            stats = self._pipe.stats()
+        if self._policy is None or not self._policy.counts:
+            return stats
+        # Samples skipped under on_error="skip" are counted by the consumer thread
+        # (worker_type="main" has no stages: the count gets a row of its own).
+        counts = self._policy.counts
+        stages = [
+            dataclasses.replace(s, failures=counts[s.name]) if s.name in counts else s
+            for s in stats.stages
+        ]
+        names = {s.name for s in stages}
+        stages += [_failures_row(k, v) for k, v in counts.items() if k not in names]
+        return dataclasses.replace(stats, stages=tuple(stages))
+
+    @property
+    def _policy_stage(self) -> str:
+        """The stage a skipped sample is counted in: where ``__getitem__``/collation runs."""
+        return "collate" if self._iterable else "fetch"
 
     def _pin_warnings(self) -> None:
         # The warnings torch's iterator gives (in _BaseDataLoaderIter.__init__).
@@ -560,10 +630,102 @@ class _LoaderIter:
         _reraise(err, self._loader)
 
 
+def _failures_row(name: str, failures: int) -> StageStats:
+    return StageStats(name, 1, 0, 0, 0.0, 0.0, 0.0, 0, 0.0, 0, 0.0, failures=failures)
+
+
+class _SkippingLoaderIter(_LoaderIter):
+    """:class:`_LoaderIter` under ``on_error="skip"``: batches come as ``Fetched``.
+
+    Counts and logs each batch's failures in batch order (consumer thread); a
+    batch with nothing left counts as taken (for ``state_dict``) and is passed
+    over.  Past ``max_failures`` it raises :class:`~iopipe.TooManyFailures` and
+    the epoch ends (later ``next()`` calls raise StopIteration).
+    """
+
+    def __init__(
+        self, loader: DataLoader, batches: Iterator[Any], plan: EpochPlan, *, engine: bool
+    ) -> None:
+        super().__init__(loader, batches, plan, engine=engine)
+        assert loader._policy is not None
+        self._policy = loader._policy
+        self._over = False
+
+    def __next__(self) -> Any:
+        if self._over:
+            raise StopIteration
+        plan = self._plan
+        if plan.superseded:
+            return super().__next__()  # raises
+        while True:
+            try:
+                batch = self._next_batch()
+            except StopIteration:
+                self._end_if_over(final=True)
+                raise
+            plan.yielded += 1
+            if isinstance(batch, Failed):
+                raise batch.exc
+            if not isinstance(batch, Fetched):  # pragma: no cover - every job returns one
+                return batch
+            self._account(batch)
+            if batch.batch is not NOTHING:
+                return batch.batch
+
+    def _account(self, fetched: Fetched) -> None:
+        loader = self._loader
+        loader._seen += fetched.n
+        stage = loader._policy_stage
+        try:
+            for what, exc, lost in fetched.failures:
+                index = not (isinstance(what, str) and what.startswith("batch "))
+                self._policy.record(stage, None, what, exc, lost, what="index" if index else "")
+        except BaseException:
+            self._stop()
+            raise
+        self._end_if_over(final=False)
+
+    def _end_if_over(self, *, final: bool) -> None:
+        try:
+            self._policy.check(final=final)
+        except BaseException:
+            self._stop()
+            raise
+
+    def _stop(self) -> None:
+        self._over = True  # the plan keeps its position: state_dict() resumes here
+        pipe = self._loader._pipe
+        if pipe is not None:
+            pipe._stop_current()
+
+
+def _timeout_detail(err: TimeoutError) -> str:
+    """The pipeline's timeout message, its stuck jobs named by batch and indices.
+
+    A fetch job's items are ``(batch number, indices)``; the pipeline's own
+    message would name them by their position in the loader's feed.
+    """
+    text = str(err).removeprefix("iopipe: ")
+    stall = getattr(err, "stall", None)
+    if not isinstance(stall, Stall) or not stall.jobs:
+        return text
+    job = stall.jobs[0]
+    batches = [x for x in job.items if isinstance(x, tuple) and len(x) == 2]
+    if not batches:
+        return text
+    what = "; ".join(f"batch {n} (indices {item_label(index, 120)})" for n, index in batches[:4])
+    more = f" and {len(batches) - 4} more" if len(batches) > 4 else ""
+    head = text.split(";", 1)[0]
+    return (
+        f"{head}; items are stuck in stage {stall.stage!r} on {what}{more} "
+        f"for {job.running_s:.1f} s"
+    )
+
+
 def _reraise(err: BaseException, loader: DataLoader) -> NoReturn:
     """Raise what the consumer should see for a pipeline error (outside any except block)."""
     if isinstance(err, TimeoutError):
-        detail = str(err).removeprefix("iopipe: ")
+        detail = _timeout_detail(err)
         if loader._mode == "process":
             detail += " (the torch worker processes)"
         raise RuntimeError(

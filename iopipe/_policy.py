@@ -89,12 +89,17 @@ class FailurePolicy:
         self.total = 0
         self.counts: dict[str, int] = {}
         self.causes: dict[str, list[StageError]] = {}
+        # The error raised once the budget was exceeded: raised again, the same
+        # object, by any stage that fails an item while the epoch winds down, so
+        # the consumer gets one error (tasks' duplicates are merged by identity).
+        self.tripped: Exception | None = None
 
     def reset(self) -> None:
         """Start a new epoch's count."""
         self.total = 0
         self.counts = {}
         self.causes = {}
+        self.tripped = None
 
     def record(
         self,
@@ -111,6 +116,8 @@ class FailurePolicy:
             TooManyFailures: (or an ExceptionGroup of them, one per stage) the
                 budget is exceeded.
         """
+        if self.tripped is not None:
+            raise self.tripped
         if counters is not None:
             counters.failures += n
         self.total += n
@@ -144,8 +151,11 @@ class FailurePolicy:
 
     def check(self, *, final: bool) -> None:
         """Raise the error for an exceeded budget, with every collected cause."""
+        if self.tripped is not None:
+            raise self.tripped
         if self.exceeded(final=final):
-            raise self.error()
+            self.tripped = self.error()
+            raise self.tripped
 
     def budget(self) -> str:
         limit = self.max_failures

@@ -15,7 +15,6 @@ operations per group, never per item.  Two queue kinds exist:
 from __future__ import annotations
 
 import asyncio
-import bisect
 import threading
 import time
 from collections import deque
@@ -23,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["END", "BatchKey", "Group", "GroupQueue", "Handoff", "QueueCounters"]
+__all__ = ["END", "GAP", "BatchKey", "Group", "GroupQueue", "Handoff", "QueueCounters"]
 
 
 class _End:
@@ -93,9 +92,13 @@ class Group:
         For ``on_error="skip"``.  The source items a dropped entry stood for are
         added to the count of the next entry kept, or to ``dropped`` when none
         follows: the consumer's position (``state_dict``) passes them exactly
-        when it passes the next entry, never before (a hit of the cache that
-        sits between them only makes it count them later).
+        when it passes the next entry.  In a group with cache hits the next
+        entry may be a hit, which only the cache stage can place: a dropped
+        entry then stays among the hits as a :data:`GAP` at its position, and
+        the cache stage attributes it when it merges (``stages/cache.py``).
         """
+        if self.hits:
+            return self._drop_among_hits(items, failed)
         counts = self.counts
         kept: list[Any] = []
         keys: list[Any] = []
@@ -110,18 +113,30 @@ class Group:
             keys.append(key)
             new_counts.append(c + carry)
             carry = 0
-        hits = self.hits
-        if hits:
-            # Hits sit at positions among all the group's entries: close the gaps.
-            taken = {pos for pos, _, _ in hits}
-            misses = [p for p in range(len(items) + len(hits)) if p not in taken]
-            gone = sorted(misses[j] for j in failed)
-            hits = [(pos - _count_below(gone, pos), k, v) for pos, k, v in hits]
-        return Group(kept, keys, hits, self.batched, new_counts, self.dropped + carry)
+        return Group(kept, keys, None, self.batched, new_counts, self.dropped + carry)
+
+    def _drop_among_hits(self, items: list[Any], failed: set[int]) -> Group:
+        hits = self.hits or []
+        taken = {pos for pos, _, _ in hits}
+        misses = [p for p in range(len(items) + len(hits)) if p not in taken]
+        gaps = [(misses[j], self.keys[j], GAP) for j in sorted(failed)]
+        kept = [x for j, x in enumerate(items) if j not in failed]
+        keys = [k for j, k in enumerate(self.keys) if j not in failed]
+        # counts (all ones) tells the cache stage that gaps are among the hits.
+        merged = sorted([*hits, *gaps], key=lambda h: h[0])
+        return Group(kept, keys, merged, self.batched, [1] * len(kept), self.dropped)
 
 
-def _count_below(sorted_values: list[int], x: int) -> int:
-    return bisect.bisect_left(sorted_values, x)
+class _Gap:
+    """Marks, among a group's cache hits, a source item dropped by ``on_error="skip"``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "GAP"
+
+
+GAP: Any = _Gap()
 
 
 @dataclass(slots=True)

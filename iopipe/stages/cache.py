@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._queue import Group
+from .._queue import GAP, Group
 from ._base import OutQueue, Stage, drain
 
 __all__ = ["Cache", "nbytes"]
@@ -125,11 +125,23 @@ def _merged(group: Group, merged: list[Any], mkeys: list[Any]) -> Group:
     """The group of hits and fresh outputs in order, keeping what failed items count."""
     if group.counts is None:
         return Group(merged, mkeys, dropped=group.dropped)
-    # Items were dropped by on_error="skip": a hit counts 1, a fresh item its count.
+    # Items were dropped by on_error="skip": they sit among the hits as GAPs, and
+    # each is counted with the entry that follows it (see Group.drop).
     fresh = iter(group.counts)
     hit = {pos for pos, _, _ in group.hits or ()}
-    counts = [1 if i in hit else next(fresh) for i in range(len(merged))]
-    return Group(merged, mkeys, counts=counts, dropped=group.dropped)
+    items: list[Any] = []
+    keys: list[Any] = []
+    counts: list[int] = []
+    carry = 0
+    for i, (x, key) in enumerate(zip(merged, mkeys, strict=True)):
+        if x is GAP:
+            carry += 1
+            continue
+        items.append(x)
+        keys.append(key)
+        counts.append((1 if i in hit else next(fresh)) + carry)
+        carry = 0
+    return Group(items, keys, counts=counts, dropped=group.dropped + carry)
 
 
 MISSING = _MISSING
