@@ -496,3 +496,9 @@ def test_skip_on_a_chain_that_would_be_fused(files: list[str]) -> None:
     with pipe.batch(3, collate_fn=list) as p:
         assert list(p) == [[0, 1, 2], [3, 4, 6], [7]]
         assert p.stats().stage("map").failures == 1
+
+
+def test_dataloader_without_batching_skips_single_samples() -> None:
+    with DataLoader(Flaky(), batch_size=None, num_workers=2, on_error="skip") as dl:
+        assert [int(x) for x in dl] == GOOD
+        assert dl.stats().stage("fetch").failures == 3
