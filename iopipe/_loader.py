@@ -203,10 +203,9 @@ class DataLoader(_TorchDataLoader[Any]):
                 f"num_workers={num_workers!r}"
             )
         self.on_error, self.max_failures = on_error, max_failures
-        self._seen = 0  # samples attempted this epoch (on_error="skip")
-        self._policy = (
-            FailurePolicy(max_failures, lambda: self._seen) if on_error == "skip" else None
-        )
+        # Counts the samples attempted in policy.items_seen (no closure over self:
+        # a cycle would keep the loader, and its threads, alive until a gc pass).
+        self._policy = FailurePolicy(max_failures) if on_error == "skip" else None
         self._async = not self._iterable and _is_async(self.dataset)
         if self._async and self._mode != "thread":
             raise ValueError(
@@ -275,7 +274,6 @@ class DataLoader(_TorchDataLoader[Any]):
         self._plan = plan
         if self._policy is not None:
             self._policy.reset()
-            self._seen = 0
         iter_cls = _LoaderIter if self._policy is None else _SkippingLoaderIter
         it = iter_cls(self, batches, plan, engine=self._mode != "main")
         stop = self._procs.stop_event
@@ -674,7 +672,7 @@ class _SkippingLoaderIter(_LoaderIter):
 
     def _account(self, fetched: Fetched) -> None:
         loader = self._loader
-        loader._seen += fetched.n
+        self._policy.items_seen += fetched.n
         stage = loader._policy_stage
         try:
             for what, exc, lost in fetched.failures:

@@ -80,12 +80,16 @@ class FailurePolicy:
             (0, 1): the share of the items seen so far that may fail, checked
             once ``MIN_ITEMS_FOR_FRACTION`` were seen and at the end of the
             epoch.  None: no limit.
-        seen: Returns the items seen so far this epoch (the source's count).
+        seen: Returns the items seen so far this epoch (the source's count);
+            None: the owner adds them up in ``items_seen``.
     """
 
-    def __init__(self, max_failures: int | float | None, seen: Callable[[], int]) -> None:
+    def __init__(
+        self, max_failures: int | float | None, seen: Callable[[], int] | None = None
+    ) -> None:
         self.max_failures = max_failures
-        self.seen = seen
+        self._seen = seen
+        self.items_seen = 0
         self.total = 0
         self.counts: dict[str, int] = {}
         self.causes: dict[str, list[StageError]] = {}
@@ -100,6 +104,7 @@ class FailurePolicy:
         self.counts = {}
         self.causes = {}
         self.tripped = None
+        self.items_seen = 0
 
     def record(
         self,
@@ -136,6 +141,10 @@ class FailurePolicy:
             self.total,
         )
         self.check(final=False)
+
+    def seen(self) -> int:
+        """Items seen so far this epoch."""
+        return self._seen() if self._seen is not None else self.items_seen
 
     def exceeded(self, *, final: bool) -> bool:
         """Whether the failures so far exceed the budget (``final``: the epoch is over)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -502,3 +504,16 @@ def test_dataloader_without_batching_skips_single_samples() -> None:
     with DataLoader(Flaky(), batch_size=None, num_workers=2, on_error="skip") as dl:
         assert [int(x) for x in dl] == GOOD
         assert dl.stats().stage("fetch").failures == 3
+
+
+def test_a_skipping_loader_is_freed_when_dropped() -> None:
+    # No reference cycle through the policy: dropping the loader stops its threads at once.
+    gc.disable()
+    try:
+        dl = DataLoader(Flaky(), batch_size=4, num_workers=2, on_error="skip")
+        assert len(list(dl)) == 5
+        ref = weakref.ref(dl)
+        del dl
+        assert ref() is None
+    finally:
+        gc.enable()
