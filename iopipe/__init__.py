@@ -8,6 +8,7 @@ are private):
 - ``_queue``     bounded queues between stages and the one thread hand-off
 - ``_stats``     per-stage counters and the frozen snapshots of ``stats()``
 - ``_errors``    the exception hierarchy
+- ``_policy``    ``on_error="skip"`` / ``max_failures``: the failure policy
 - ``_verdict``   the bottleneck verdict and periodic stats reports
 - ``_config``    pipelines from config files (TOML, JSON, YAML) and back
 - ``_autotune``  ``concurrency="auto"``: the hill-climbing controller
