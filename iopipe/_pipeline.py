@@ -173,6 +173,13 @@ class _Runtime:
                 for e in {id(e): e for e in leaf_errors(eg)}.values()
                 if not isinstance(e, asyncio.CancelledError)
             ]
+            # Several groups of one stage can fail at once (a broken process pool fails
+            # every job in flight; two batches fail to collate): the consumer gets that
+            # stage's first failure, and a group only when several stages failed.
+            first: dict[Any, BaseException] = {}
+            for e in errors:
+                first.setdefault(getattr(e, "stage", id(e)), e)
+            errors = list(first.values())
             if errors:
                 ep.handoff.put_error(
                     errors[0]
@@ -466,6 +473,8 @@ class Pipeline(Generic[T]):
             raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
         if not isinstance(handoff, int) or handoff < 1:
             raise ValueError(f"handoff must be an int >= 1, got {handoff!r}")
+        if use_uvloop is not None and not isinstance(use_uvloop, bool):
+            raise TypeError(f"use_uvloop must be True, False or None, got {use_uvloop!r}")
         check_stall_warning(stall_warning)
         check_inflight_bytes(max_inflight_bytes)
         self._source = source
@@ -565,8 +574,18 @@ class Pipeline(Generic[T]):
                 allow_empty=allow_empty,
                 hint="; pass allow_empty=True to Pipeline.from_files for empty epochs",
             )
-        else:
+        elif isinstance(paths, Iterable):
             items = list(paths)
+            if not items and not allow_empty:
+                raise ValueError(
+                    "paths is an empty list; pass allow_empty=True to Pipeline.from_files "
+                    "for empty epochs"
+                )
+        else:
+            raise TypeError(
+                "paths must be a glob, a directory, a file or a list of paths and byte "
+                f"ranges, got {type(paths).__name__}: {paths!r:.80}"
+            )
         src = Source(
             items, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard
         )
