@@ -176,10 +176,10 @@ class _Runtime:
             # Several groups of one stage can fail at once (a broken process pool fails
             # every job in flight; two batches fail to collate): the consumer gets that
             # stage's first failure, and a group only when several stages failed.
-            first: dict[Any, BaseException] = {}
+            by_stage: dict[Any, BaseException] = {}
             for e in errors:
-                first.setdefault(getattr(e, "stage", id(e)), e)
-            errors = list(first.values())
+                by_stage.setdefault(getattr(e, "stage", id(e)), e)
+            errors = list(by_stage.values())
             if errors:
                 ep.handoff.put_error(
                     errors[0]
