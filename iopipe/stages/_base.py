@@ -307,6 +307,8 @@ class Stage:
     def __init__(self, *, name: str | None, concurrency: int) -> None:
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name must be a non-empty str or None, got {name!r}")
         self.name = name or self.kind
         self.concurrency = concurrency
         self.capacity: int | None = None  # output queue capacity in items; None = default

@@ -44,6 +44,8 @@ class Batcher(Stage):
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"collate_fn must be callable, got {collate_fn!r:.80}")
         self.batch_size = batch_size
+        if not isinstance(drop_last, bool):
+            raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
         self.drop_last = bool(drop_last)
         self.collate_fn = collate_fn
         self._pool: WorkerPool | None = None

@@ -101,6 +101,19 @@ def _mp_context() -> Any:
     return ctx
 
 
+def _check_picklable(fn: Callable[[Any], Any]) -> None:
+    """Fail at build time, not mid-epoch, for a function worker processes cannot receive."""
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        ForkingPickler.dumps(fn)
+    except Exception as exc:
+        raise TypeError(
+            "executor='process' needs a picklable function (a def at module level, not a "
+            f"lambda or a nested function), got {fn!r:.80}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 class Decoder(Stage):
     """Apply ``fn`` to each item with up to ``concurrency`` jobs in flight.
 
@@ -134,6 +147,10 @@ class Decoder(Stage):
             raise TypeError(f"executor='async' needs an async def function, got {fn!r:.80}")
         if executor != "async" and is_async:
             raise TypeError(f"{fn!r:.80} is an async function: use executor='async'")
+        if executor == "process":
+            _check_picklable(fn)
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered must be True or False, got {ordered!r}")
         self.fn = fn
         self.executor = executor
         self.ordered = bool(ordered)

@@ -74,7 +74,12 @@ class DeviceTransfer(Stage):
         self, device: str | torch.device, *, pin_memory: bool = False, name: str | None = None
     ) -> None:
         super().__init__(name=name, concurrency=1)
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device must be a torch.device or a name such as 'cuda:0', got {device!r}: {exc}"
+            ) from exc
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(self.device)!r} requested but CUDA is not available")
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()

@@ -254,6 +254,8 @@ class ChunkedReader(Stage):
         if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
         self.chunk_bytes = chunk_bytes
+        if not isinstance(with_source, bool):
+            raise TypeError(f"with_source must be True or False, got {with_source!r}")
         self.with_source = bool(with_source)
         self._pool: WorkerPool | None = None
         self._limit: Limiter | None = None

@@ -173,6 +173,8 @@ class Source:
             )
         if rank is not None or world_size is not None:
             resolve_rank(rank, world_size)  # validate now
+        if not isinstance(shuffle, bool):
+            raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
         self.shuffle = bool(shuffle)
         self.seed = seed
         self._rank = rank
