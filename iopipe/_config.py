@@ -406,6 +406,8 @@ def pipeline_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> 
     specs = [_stage_spec(st, f"stages[{i}]") for i, st in enumerate(stages)]
 
     kind = kinds[0]
+    if kind != "files" and "allow_empty" in source:
+        raise ConfigError("source.allow_empty", f"applies to a 'files' source only, not {kind!r}")
     what = source.pop(kind)
     pipe: Pipeline[Any]
     try:
