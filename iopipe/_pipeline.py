@@ -410,9 +410,9 @@ class _EpochIterator(Generic[T]):
     def _timed_out(self, timeout: float) -> StallTimeoutError:
         ep = self._ep
         stall = ep.stall()
-        # Jobs running since before the wait began are stuck: stopping the epoch and
-        # close() do not wait for them (iopipe/_threads.py, iopipe/_watchdog.py).
-        abandon_stuck(ep.rt.source, ep.units(), timeout)
+        # The consumer gave up on the jobs running now: stopping the epoch and close()
+        # do not wait for them (iopipe/_threads.py, iopipe/_watchdog.py).
+        abandon_stuck(ep.rt.source, ep.units(), 0.0)
         return StallTimeoutError(
             f"iopipe: no data within timeout={timeout} s; {stall.describe()}", stall
         )
@@ -423,7 +423,7 @@ class _EpochIterator(Generic[T]):
         abandon_stuck(ep.rt.source, ep.units(), every)
         names = [ep.rt.source.name, *(s.name for s in ep.rt.stages)]
         logger.warning(
-            "iopipe: no data for %.0f s; %s (queued after each stage, items/capacity: %s)",
+            "iopipe: no data for %.1f s; %s (queued after each stage, items/capacity: %s)",
             waited,
             stall.describe(),
             queue_summary(names, ep.queues),

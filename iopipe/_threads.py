@@ -190,7 +190,7 @@ class WorkerPool(concurrent.futures.Executor):
                 continue
             while t.is_alive():
                 item = w.current
-                if item is not None and item.job.abandoned:
+                if item is not None and item.job.abandoned and not item.job.done():
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
