@@ -517,3 +517,11 @@ def test_a_skipping_loader_is_freed_when_dropped() -> None:
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_reader_with_source_skips_too(files: list[str]) -> None:
+    os.remove(files[3])
+    pipe = Pipeline.from_files(files, on_error="skip").read(with_source=True)
+    with pipe as p:
+        out = [(src, bytes(buf)) for src, buf in p]
+    assert out == [(f, bytes([i]) * 10) for i, f in enumerate(files) if i != 3]
