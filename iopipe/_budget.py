@@ -11,9 +11,12 @@ regroup items, such as ``batch()``, need no byte books of their own).
 Invariant: ``held <= bound``, except that a reservation is let through over
 the bound when nothing else can make progress: nothing is held at all (a
 single item larger than the bound passes, alone), or the pipeline after the
-reader is idle (nothing queued, no job running, the consumer waiting): a bound
-smaller than one batch's bytes then admits what that batch needs instead of
-deadlocking.  Cache hits are not counted (the cache's own ``max_bytes`` bounds
+reader is idle (nothing queued after it, no job running there, every job of
+the reader waiting for room): a bound smaller than one batch's (or one group's)
+bytes then admits what that batch needs instead of deadlocking.  So does a
+read that waits for room while holding a read slot that the chunks of an item
+larger than the bound need: up to ``concurrency`` items may then pass with it.
+Cache hits are not counted (the cache's own ``max_bytes`` bounds
 them); neither are objects a ``map`` makes from the buffers.
 
 Thread-safety: :meth:`Ticket.take` runs in reader threads, :meth:`release_upto`
@@ -30,7 +33,7 @@ from collections.abc import Callable
 __all__ = ["BudgetClosedError", "ByteBudget", "Ticket", "check_inflight_bytes"]
 
 #: How often a blocked reservation re-checks whether the pipeline went idle.
-_POLL_S = 0.01
+_POLL_S = 0.005
 
 
 def check_inflight_bytes(value: object) -> None:
