@@ -23,6 +23,7 @@ starts with the key path (``stages[2].concurrency: expected an int >= 1 or
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -281,6 +282,7 @@ _OPTIONS: Spec = {
     "max_failures": (_max_failures, False),
     "stall_warning": (_number, False),
     "max_inflight_bytes": (_size, False),
+    "fuse": (_bool, False),
 }
 
 _STAGES: dict[str, Spec] = {
@@ -487,7 +489,13 @@ def pipeline_to_config(pipe: Pipeline[Any]) -> dict[str, Any]:
     if isinstance(source.get("files"), list):  # byte ranges as lists: plain data
         source["files"] = [x if isinstance(x, str) else list(x) for x in source["files"]]
     source.update({k: v for k, v in src.config().items() if v is not None})
-    options = dict(pipe._options)
+    # Options left at their defaults are not written: the config says what was chosen.
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(type(pipe).__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    options = {k: v for k, v in pipe._options.items() if not (k in defaults and v == defaults[k])}
     out: dict[str, Any] = {
         "source": source,
         "options": _plain_values({k: v for k, v in options.items() if v is not None}, "options"),

@@ -50,6 +50,8 @@ from .stages.batch import Batcher
 from .stages.cache import Cache
 from .stages.decode import Decoder
 from .stages.device import DeviceTransfer
+from .stages.fused import Fused
+from .stages.fused import plan as fused_plan
 from .stages.prefetch import Prefetcher
 from .stages.reader import ChunkedReader
 from .stages.source import Source, list_files
@@ -90,10 +92,15 @@ class _Runtime:
     max_inflight_bytes: int | None = None
 
     def __init__(
-        self, source: Source, stages: list[Stage], group_size: int, use_uvloop: bool | None
+        self,
+        source: Source,
+        stages: list[Stage],
+        group_size: int,
+        use_uvloop: bool | None,
+        fuse: bool = True,
     ) -> None:
         self.source = source
-        self.stages = stages
+        self.stages = stages  # as built: stats, errors and state speak of these
         self.group_size = group_size
         self.cache = next((s for s in stages if isinstance(s, Cache)), None)
         self.loop = LoopThread(use_uvloop=use_uvloop)
@@ -112,6 +119,11 @@ class _Runtime:
                 s.capacity = s.n * weight
             if isinstance(s, Batcher):
                 weight *= s.batch_size
+        # What runs: consecutive thread stages fused where they can be (stages/fused.py).
+        self.plan: list[Stage] = fused_plan(stages) if fuse else list(stages)
+        for s in self.plan:
+            if isinstance(s, Fused):
+                s.open(s.members[0].unit)
 
     def shutdown(self, timeout: float = _STOP_TIMEOUT_S) -> None:
         """Stop the loop, then release every stage's workers (idempotent, any thread)."""
@@ -127,6 +139,9 @@ class _Runtime:
         self.loop.stop(timeout)
         for s in self.stages:
             s.close(max(0.0, deadline - time.monotonic()))
+        for s in self.plan:
+            if isinstance(s, Fused):
+                s.close(timeout)
         self.source.close(max(0.0, deadline - time.monotonic()))
 
     async def run_epoch(self, ep: _Epoch) -> None:
@@ -142,10 +157,19 @@ class _Runtime:
             self.policy.reset()
         sink: Any = _Sink(ep.handoff, self.tuner.on_group if self.tuner is not None else None)
         sink.policy = self.policy
-        queues: list[Any] = [GroupQueue(self._capacity(s)) for s in self.stages[:-1]]
-        ins: list[Any] = [GroupQueue(2 * self.group_size), *queues] if self.stages else []
-        outs: list[Any] = [*queues, sink] if self.stages else []
-        ep.queues = [*ins, ep.handoff]  # the output queue of the source and of each stage
+        plan = self.plan
+        queues: list[Any] = [GroupQueue(self._capacity(s)) for s in plan[:-1]]
+        ins: list[Any] = [GroupQueue(2 * self.group_size), *queues] if plan else []
+        outs: list[Any] = [*queues, ep.handoff] if plan else []
+        # The output queue of the source and of each stage (None inside a fused run).
+        out_of: dict[int, Any] = {}
+        for unit, q in zip(plan, outs, strict=True):
+            members = unit.members if isinstance(unit, Fused) else [unit]
+            for m in members:
+                out_of[id(m)] = None
+            out_of[id(members[-1])] = q
+        ep.queues = [ins[0] if plan else ep.handoff, *(out_of[id(s)] for s in self.stages)]
+        outs = [*queues, sink] if plan else []
         if self.tuner is not None:
             self.tuner.start_epoch(self.stages, ep.queues)
         first = ins[0] if self.stages else sink
@@ -161,7 +185,7 @@ class _Runtime:
                     ),
                     name="source",
                 )
-                for stage, inq, outq in zip(self.stages, ins, outs, strict=True):
+                for stage, inq, outq in zip(plan, ins, outs, strict=True):
                     task = tg.create_task(stage.run(inq, outq), name=stage.name)
                     task.add_done_callback(ep.stage_done)
                 src.add_done_callback(ep.stage_done)
@@ -236,7 +260,9 @@ class _Epoch:
         return done + self.tail if self.i >= len(self.buf) else done
 
     def stage_done(self, task: asyncio.Task[Any]) -> None:
-        self.stage_ended[task.get_name()] = time.perf_counter()
+        now = time.perf_counter()
+        for name in task.get_name().split("+"):  # a fused run is named "read+map+batch"
+            self.stage_ended[name] = now
 
     def stop(self) -> None:
         """Cancel whatever still runs of this epoch and wait for it (bounded)."""
@@ -267,7 +293,7 @@ class _Epoch:
             await asyncio.wait([task])
         # Jobs already running in workers outlive their cancelled tasks: wait for
         # them too, so nothing of this epoch (a read, an open file) runs on.
-        await asyncio.gather(*(s.quiesce() for s in self.rt.stages))
+        await asyncio.gather(*(s.quiesce() for s in self.rt.plan))
 
     def idle_after_reader(self) -> bool:
         """Whether nothing after the budgeted reader is queued or running (reader threads ask).
@@ -303,6 +329,10 @@ class _Epoch:
     def stuck_stage(self) -> str:
         """Name the stage nearest the consumer that still holds work (for timeouts)."""
         names = [self.rt.source.name] + [s.name for s in self.rt.stages]
+        for unit in reversed(self.rt.plan):
+            member = unit.busy_member() if isinstance(unit, Fused) else None
+            if member is not None:
+                return member.name
         for i in range(len(self.rt.stages) - 1, -1, -1):
             s = self.rt.stages[i]
             limit = getattr(s, "_limit", None)
@@ -463,6 +493,7 @@ class Pipeline(Generic[T]):
         max_failures: int | float | None = None,
         stall_warning: float | None = DEFAULT_STALL_WARNING_S,
         max_inflight_bytes: int | None = None,
+        fuse: bool = True,
     ) -> None:
         check_monitoring(stats_interval, on_stats)
         check_budgets(cpu_budget, memory_budget_bytes)
@@ -477,6 +508,8 @@ class Pipeline(Generic[T]):
             raise TypeError(f"use_uvloop must be True, False or None, got {use_uvloop!r}")
         check_stall_warning(stall_warning)
         check_inflight_bytes(max_inflight_bytes)
+        if not isinstance(fuse, bool):
+            raise TypeError(f"fuse must be True or False, got {fuse!r}")
         self._source = source
         self._stages = stages
         self._timeout = timeout
@@ -502,6 +535,7 @@ class Pipeline(Generic[T]):
             "max_failures": max_failures,
             "stall_warning": stall_warning,
             "max_inflight_bytes": max_inflight_bytes,
+            "fuse": fuse,
         }
         self._rt: _Runtime | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -560,7 +594,10 @@ class Pipeline(Generic[T]):
                 the reader waits while the bound is reached; a single item
                 larger than the bound still passes, alone; docs/reliability.md),
                 ``cpu_budget`` and ``memory_budget_bytes`` (bounds for ``"auto"``
-                settings; default ``os.cpu_count()`` and 1 GiB; docs/tuning.md).
+                settings; default ``os.cpu_count()`` and 1 GiB; docs/tuning.md),
+                ``fuse`` (default True: consecutive ``read``/thread ``map``/``batch``
+                stages run as one job per group while reads hit the page cache;
+                docs/design.md).
 
         Raises:
             FileNotFoundError: a path does not exist, or a glob or directory
@@ -766,7 +803,14 @@ class Pipeline(Generic[T]):
                     reader.byte_bound = self._options["max_inflight_bytes"]  # never fused
             source = _fresh_source(self._source)
             policy = _failure_policy(self._options, source, stages)
-            self._rt = _Runtime(source, stages, self.group_size, self._use_uvloop)
+            self._rt = _Runtime(
+                source,
+                stages,
+                self.group_size,
+                self._use_uvloop,
+                # Skipping failed items (on_error="skip") happens stage by stage.
+                fuse=self._options["fuse"] and self._options.get("on_error", "raise") == "raise",
+            )
             self._rt.max_inflight_bytes = self._options["max_inflight_bytes"]
             self._rt.tuner = make_tuner(
                 stages,

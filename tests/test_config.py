@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from iopipe import ConfigError, IopipeError, Pipeline
-from iopipe._config import format_size, function_name, parse_size, resolve_function
+from iopipe._config import _OPTIONS, format_size, function_name, parse_size, resolve_function
 
 
 def first_byte(buf: Any) -> int:
@@ -65,7 +65,12 @@ def test_to_config_round_trips(data: Path) -> None:
             "seed": 3,
             "shard": "pad",
         },
-        "options": {"timeout": 30, "handoff": 3, "group_size": 4, "stats_interval": 60},
+        "options": {
+            "timeout": 30,
+            "handoff": 3,
+            "group_size": 4,
+            "stats_interval": 60,
+        },
         "stages": [
             {"stage": "read", "chunk_bytes": 4 << 20, "concurrency": 4, "with_source": False},
             {"stage": "prefetch", "n": 8},
@@ -99,7 +104,8 @@ def test_a_pipeline_built_in_code_round_trips_and_runs_the_same(data: Path) -> N
     )
     cfg = built.to_config()
     assert cfg["source"] == {"files": str(data), "shuffle": False, "seed": 0, "shard": "pad"}
-    assert cfg["options"] == {"handoff": 2, "cpu_budget": 2, "memory_budget_bytes": 1 << 20}
+    # Options left at their defaults are not written.
+    assert cfg["options"] == {"cpu_budget": 2, "memory_budget_bytes": 1 << 20}
     assert [s.get("concurrency", s.get("n")) for s in cfg["stages"]] == ["auto", "auto", 4, "auto"]
     assert "name" not in cfg["stages"][2]  # "map_1" is what map() names a second map anyway
     rebuilt = Pipeline.from_config(cfg)
@@ -318,7 +324,7 @@ ERRORS = [
     (
         "options.colour",
         "red",
-        "options.colour: unknown key; expected one of cpu_budget, group_size, handoff, memory_budget_bytes, on_stats, stats_interval, timeout, use_uvloop",
+        "options.colour: unknown key; expected one of " + ", ".join(sorted(_OPTIONS)),
     ),
     ("version", 2, "version: unknown key; expected one of options, source, stages"),
 ]
