@@ -12,6 +12,8 @@ import asyncio
 import concurrent.futures
 import inspect
 import multiprocessing
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +101,36 @@ def _mp_context() -> Any:
     # if the process's forkserver already runs.)
     ctx.set_forkserver_preload(["torch", __name__])
     return ctx
+
+
+def _forget_parents_forkserver() -> None:
+    """In a child made by ``os.fork()``, drop the forkserver handle inherited from the parent.
+
+    multiprocessing keeps one forkserver per process, and a forked child inherits
+    the parent's handle: its first process pool would ``waitpid()`` a server that
+    is not its child and fail (``ChildProcessError``).  Forgetting the handle makes
+    the child start a server of its own; closing the child's copy of the "alive"
+    descriptor leaves the parent's server to the parent.  (Private attributes of
+    multiprocessing.forkserver, read defensively; tests/test_faults.py checks it.)
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    server._forkserver_pid = None  # type: ignore[union-attr]
+    server._forkserver_address = None  # type: ignore[union-attr]
+    server._forkserver_alive_fd = None  # type: ignore[union-attr]
+    server._lock = threading.Lock()  # type: ignore[union-attr]  # may be held at the fork
+    if isinstance(alive, int):
+        try:
+            os.close(alive)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_parents_forkserver)
 
 
 def _check_picklable(fn: Callable[[Any], Any]) -> None:
