@@ -398,11 +398,16 @@ FORK_SCRIPT = """
             print("child: own pipeline", sum(len(b) for b in own))
         with DataLoader(list(range(30)), batch_size=4, num_workers=2) as own_dl:
             print("child: own loader", sum(len(b) for b in own_dl))
+        # The parent's forkserver is not the child's: its process pool starts its own.
+        with Pipeline.from_iterable(range(8)).map(abs, executor="process") as own_proc:
+            print("child: own process map", sum(own_proc))
 
     if __name__ == "__main__":
         pipe = Pipeline.from_iterable(range(100), group_size=4).map(abs, concurrency=2).batch(4)
         dl = DataLoader(list(range(50)), batch_size=5, num_workers=2, worker_type={worker_type!r})
         assert sum(len(b) for b in pipe) == 100  # a whole epoch ran
+        proc = Pipeline.from_iterable(range(8)).map(abs, executor="process", concurrency=1)
+        assert sum(proc) == 28  # the forkserver runs
         it, dit = iter(pipe), iter(dl)
         next(it), next(dit)  # and one is mid-epoch at the fork
         sys.stdout.flush()
@@ -418,8 +423,9 @@ FORK_SCRIPT = """
         _, status = os.waitpid(pid, 0)
         print("parent: child exit", os.waitstatus_to_exitcode(status))
         print("parent: rest", sum(len(b) for b in it), sum(len(b) for b in dit))
-        print("parent: again", sum(len(b) for b in pipe), sum(len(b) for b in dl))
+        print("parent: again", sum(len(b) for b in pipe), sum(len(b) for b in dl), sum(proc))
         pipe.close()
+        proc.close()
         dl.close()
 """
 
@@ -437,9 +443,10 @@ def test_fork_after_a_pipeline_ran(tmp_path: Path, worker_type: str) -> None:
         "child: inherited pipeline 100",
         "child: own pipeline 30",
         "child: own loader 30",
+        "child: own process map 28",
         "parent: child exit 0",
         "parent: rest 96 45",
-        "parent: again 100 50",
+        "parent: again 100 50 28",
     ], out
 
 
