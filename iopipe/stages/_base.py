@@ -22,7 +22,7 @@ from .._errors import StageError
 from .._policy import FailurePolicy
 from .._queue import END, Group
 from .._stats import StageCounters
-from .._threads import Job, WorkerPool
+from .._threads import Job, WorkerPool, interpreter_exiting
 
 __all__ = [
     "ItemFailure",
@@ -379,7 +379,7 @@ class Stage:
             for f in list(self._inflight.copy())
             if not f.cancel() and not getattr(f, "abandoned", False)
         ]
-        if pending:
+        if pending and not interpreter_exiting():  # at exit, nobody waits for a stuck job
             await asyncio.wait([asyncio.wrap_future(f) for f in pending])
 
     def config(self) -> dict[str, Any]:
