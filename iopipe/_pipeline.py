@@ -602,6 +602,8 @@ class Pipeline(Generic[T]):
         Raises:
             FileNotFoundError: a path does not exist, or a glob or directory
                 matched no file (unless ``allow_empty``).
+            ValueError: ``paths`` is an empty list (unless ``allow_empty``).
+            TypeError: ``paths`` is neither a path nor an iterable of paths.
         """
         if not isinstance(allow_empty, bool):
             raise TypeError(f"allow_empty must be True or False, got {allow_empty!r}")
