@@ -26,7 +26,22 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Job", "WorkerPool"]
+__all__ = ["Job", "WorkerPool", "interpreter_exiting"]
+
+#: Set as the interpreter starts to exit, before any ``atexit`` handler (so before the
+#: pipelines' finalizers): from then on nobody waits for a job still running.
+_EXITING = threading.Event()
+try:
+    threading._register_atexit(_EXITING.set)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - a Python without the hook
+    import atexit
+
+    atexit.register(_EXITING.set)
+
+
+def interpreter_exiting() -> bool:
+    """Whether the interpreter has begun to exit (then stuck jobs are not waited for)."""
+    return _EXITING.is_set()
 
 
 class Job(concurrent.futures.Future[Any]):
@@ -179,8 +194,9 @@ class WorkerPool(concurrent.futures.Executor):
     def join(self, timeout: float) -> list[threading.Thread]:
         """Wait at most ``timeout`` s for the workers to exit; return those still alive.
 
-        Workers running an abandoned job are not waited for (they exit once the
-        job returns).  Call :meth:`shutdown` first.
+        Workers running an abandoned job, or any job once the interpreter exits,
+        are not waited for (they exit once the job returns; as daemon threads they
+        never hold up the exit).  Call :meth:`shutdown` first.
         """
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
@@ -190,7 +206,8 @@ class WorkerPool(concurrent.futures.Executor):
                 continue
             while t.is_alive():
                 item = w.current
-                if item is not None and item.job.abandoned and not item.job.done():
+                job = item.job if item is not None else None
+                if job is not None and not job.done() and (job.abandoned or _EXITING.is_set()):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -302,6 +302,54 @@ def test_the_interpreter_exits_promptly_with_a_job_that_never_returns(
     assert "Traceback" not in proc.stderr
 
 
+STUCK_NO_TIMEOUT = """
+    import threading
+    from iopipe import Pipeline
+
+    entered = threading.Event()
+
+    def never(x):
+        if x == 2:
+            entered.set()
+            threading.Event().wait()  # never returns; no timeout anywhere
+        return x
+
+    pipe = Pipeline.from_iterable(range(10), group_size=1).map(never)
+
+    def consume():
+        try:
+            for _ in pipe:  # blocks in next() until exit closes the pipeline
+                pass
+        except Exception:
+            pass
+
+    threading.Thread(target=consume, daemon=True).start()
+    entered.wait(30)
+    print("leaving", flush=True)
+"""
+
+
+def test_the_interpreter_exits_with_a_stuck_job_and_no_timeout(tmp_path: Path) -> None:
+    # At exit nobody waits for a running job: not the epoch's stop, not close().
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(STUCK_NO_TIMEOUT))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(tmp_path),
+            timeout=CHILD_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the child hung with a stuck job; stderr:\n{exc.stderr}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "leaving"
+    assert "Traceback" not in proc.stderr
+
+
 # -- DataLoader ----------------------------------------------------------------------------
 
 
