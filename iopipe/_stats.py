@@ -170,6 +170,11 @@ class PipelineStats:
         if self.failures:
             per = ", ".join(f"{s.name} {s.failures}" for s in self.stages if s.failures)
             lines.append(f"skipped (on_error='skip'): {self.failures} items failed: {per}")
+        if self.peak_inflight_bytes:
+            lines.append(
+                f"bytes in flight (max_inflight_bytes): {_fmt_bytes(self.inflight_bytes)} now, "
+                f"peak {_fmt_bytes(self.peak_inflight_bytes)}"
+            )
         return "\n".join(lines)
 
 

@@ -54,6 +54,7 @@ def test_a_slow_consumer_never_lets_the_reader_exceed_the_bound(files: str) -> N
     assert stats.peak_inflight_bytes <= BOUND + ITEM
     assert stats.peak_inflight_bytes >= BOUND // 2  # the bound, not the queues, held it back
     assert stats.inflight_bytes == 0  # everything was handed over
+    assert "bytes in flight (max_inflight_bytes): 0 B now, peak " in str(stats)
 
 
 def test_the_bound_holds_with_a_map_a_cache_and_a_prefetch(files: str) -> None:
