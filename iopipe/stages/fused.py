@@ -283,7 +283,8 @@ class Fused(Stage):
                 except _StepFailure as sf:
                     raise self._failure(group, start + sf.step, sf.exc, index)
                 finally:
-                    self._where.remove(cell)
+                    # By identity: two cells can be equal ([0], 0) while their jobs differ.
+                    self._where = [c for c in self._where if c is not cell]
             self._account(group, start, res)
             items = res.items
             start += res.done
