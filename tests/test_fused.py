@@ -266,3 +266,52 @@ def test_the_governor_climbs_while_each_doubling_pays(monkeypatch: pytest.Monkey
     assert lim.limit == 4
     feed(gov, clock, 9, 0.04)  # 25% more: keep; at the maximum
     assert lim.limit == 4
+
+
+def test_the_governor_tries_again_after_settling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A noisy first trial does not decide the run: a later re-probe finds the gain."""
+    clock = Clock()
+    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
+    lim = Limiter(1)
+    gov = RateGovernor(lim, 2)
+    gov.started()
+    feed(gov, clock, 3, 0.1)
+    assert lim.limit == 2
+    feed(gov, clock, 5, 0.1)  # the trial looked no better (say, a noisy neighbour)
+    assert lim.limit == 1
+    feed(gov, clock, 3 * RateGovernor.REPROBE, 0.1)  # settled windows, then a re-probe
+    assert lim.limit == 2
+    feed(gov, clock, 5, 0.05)  # now two jobs are twice as fast: kept
+    assert lim.limit == 2
+    # The next re-probe tries fewer jobs; slower, so it goes back up.
+    feed(gov, clock, 5 * RateGovernor.REPROBE, 0.05)
+    assert lim.limit == 1
+    feed(gov, clock, 3, 0.1)
+    assert lim.limit == 2
+
+
+def test_the_governor_keeps_fewer_jobs_when_they_are_as_fast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
+    lim = Limiter(1)
+    gov = RateGovernor(lim, 2)
+    gov.started()
+    feed(gov, clock, 3, 0.1)
+    feed(gov, clock, 5, 0.04)  # two jobs pay: kept
+    assert lim.limit == 2
+    feed(gov, clock, 5 * RateGovernor.REPROBE, 0.04)  # re-probe down
+    assert lim.limit == 1
+    feed(gov, clock, 3, 0.04)  # one job is as fast now (the consumer is the bottleneck)
+    assert lim.limit == 1
+
+
+def test_a_governor_with_one_job_never_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
+    lim = Limiter(1)
+    gov = RateGovernor(lim, 1)
+    gov.started()
+    feed(gov, clock, 100, 0.1)
+    assert lim.limit == 1

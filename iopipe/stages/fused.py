@@ -85,19 +85,37 @@ def plan(stages: list[Stage]) -> list[Stage]:
 class RateGovernor:
     """Moves a :class:`Limiter` between 1 and ``maximum`` by measured throughput.
 
-    Starts at 1.  After a window of finished jobs it doubles the limit and keeps
-    the new one only if the items finished per second rose by 10% or more;
-    otherwise it goes back and stays there.  When downstream is the bottleneck,
-    more jobs cannot raise the rate, so the limit stays low (and the CPU free).
+    Starts at 1 and measures the items finished per second over windows of a few
+    jobs (at least ``MIN_WINDOW_S``).  It doubles the limit and keeps the new one
+    only if the rate rose by 10% or more, else it goes back and settles.  Every
+    ``REPROBE`` windows after settling it tries again, alternately one step up
+    (kept at +10%) and one step down (kept unless the rate fell by 3% or more),
+    so one noisy measurement does not decide a whole run.  When downstream is the
+    bottleneck more jobs cannot raise the rate, so the limit stays low.
     """
 
-    __slots__ = ("_prev", "_settled", "_win_items", "_win_jobs", "_win_start", "limiter", "maximum")
+    MIN_WINDOW_S = 0.05
+    REPROBE = 8
+
+    __slots__ = (
+        "_down_next",
+        "_probed",
+        "_trial",
+        "_win_items",
+        "_win_jobs",
+        "_win_start",
+        "_windows",
+        "limiter",
+        "maximum",
+    )
 
     def __init__(self, limiter: Limiter, maximum: int) -> None:
         self.limiter = limiter
         self.maximum = max(1, maximum)
-        self._prev: tuple[int, float] | None = None
-        self._settled = self.maximum == 1
+        self._trial: tuple[int, float, bool] | None = None  # (limit before, its rate, up?)
+        self._probed = False  # the first window's trial of a second job happened
+        self._windows = 0  # windows since the last decision
+        self._down_next = True  # the next re-probe tries a lower limit (when above 1)
         self._win_items = 0
         self._win_jobs = 0
         self._win_start = -1.0
@@ -107,28 +125,42 @@ class RateGovernor:
         if self._win_start < 0:
             self._win_start = time.perf_counter()
 
+    def _try(self, limit: int, rate: float, up: bool) -> None:
+        self._trial = (limit, rate, up)
+        self.limiter.set_limit(min(self.maximum, 2 * limit) if up else max(1, limit // 2))
+
     def observe(self, items: int) -> None:
         """Account one finished job of ``items`` items."""
-        if self._settled:
+        if self.maximum == 1:
             return
         self._win_items += items
         self._win_jobs += 1
         now = time.perf_counter()
         span = now - self._win_start
         limit = self.limiter.limit
-        if self._win_jobs < 2 * limit + 1 or span < 0.05:
+        if self._win_jobs < 2 * limit + 1 or span < self.MIN_WINDOW_S:
             return
         rate = self._win_items / span
         self._win_items, self._win_jobs, self._win_start = 0, 0, now
-        prev = self._prev
-        if prev is not None and rate < 1.1 * prev[1]:
-            self.limiter.set_limit(prev[0])  # the raise did not pay: back, and stay
-            self._settled = True
-        elif limit < self.maximum:
-            self._prev = (limit, rate)
-            self.limiter.set_limit(min(self.maximum, 2 * limit))
-        else:
-            self._settled = True
+        if self._trial is not None:
+            before, before_rate, up = self._trial
+            self._trial = None
+            self._windows = 0
+            if up and rate >= 1.1 * before_rate:
+                if limit < self.maximum:
+                    self._try(limit, rate, up=True)  # it paid: try further
+            elif up or rate < 0.97 * before_rate:
+                self.limiter.set_limit(before)  # it did not pay: back
+            return
+        if not self._probed:
+            self._probed = True
+            self._try(limit, rate, up=True)
+            return
+        self._windows += 1
+        if self._windows >= self.REPROBE:
+            down = limit >= self.maximum or (self._down_next and limit > 1)
+            self._down_next = not down
+            self._try(limit, rate, up=not down)
 
 
 class _StepFailure(Exception):
