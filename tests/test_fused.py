@@ -279,7 +279,10 @@ def test_the_governor_tries_again_after_settling(monkeypatch: pytest.MonkeyPatch
     assert lim.limit == 2
     feed(gov, clock, 5, 0.1)  # the trial looked no better (say, a noisy neighbour)
     assert lim.limit == 1
-    feed(gov, clock, 3 * RateGovernor.REPROBE, 0.1)  # settled windows, then a re-probe
+    # A trial that did not pay doubles the wait for the next: 16 settled windows.
+    feed(gov, clock, 3 * 2 * RateGovernor.REPROBE - 1, 0.1)
+    assert lim.limit == 1
+    feed(gov, clock, 1, 0.1)  # ... then a re-probe
     assert lim.limit == 2
     feed(gov, clock, 5, 0.05)  # now two jobs are twice as fast: kept
     assert lim.limit == 2
@@ -315,3 +318,22 @@ def test_a_governor_with_one_job_never_moves(monkeypatch: pytest.MonkeyPatch) ->
     gov.started()
     feed(gov, clock, 100, 0.1)
     assert lim.limit == 1
+
+
+def test_a_governor_starting_high_first_tries_fewer_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DataLoader's start: all workers, then one fewer step if that is as fast."""
+    clock = Clock()
+    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
+    lim = Limiter(4)
+    gov = RateGovernor(lim, 4, start_high=True)
+    gov.started()
+    feed(gov, clock, 9, 0.025)  # 4,000 items/s with four
+    assert lim.limit == 2
+    feed(gov, clock, 5, 0.025)  # as fast with two: kept
+    assert lim.limit == 2
+    lim2 = Limiter(4)
+    gov2 = RateGovernor(lim2, 4, start_high=True)
+    gov2.started()
+    feed(gov2, clock, 9, 0.025)
+    feed(gov2, clock, 5, 0.05)  # half as fast: back to four
+    assert lim2.limit == 4

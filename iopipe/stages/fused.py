@@ -85,13 +85,18 @@ def plan(stages: list[Stage]) -> list[Stage]:
 class RateGovernor:
     """Moves a :class:`Limiter` between 1 and ``maximum`` by measured throughput.
 
-    Starts at 1 and measures the items finished per second over windows of a few
-    jobs (at least ``MIN_WINDOW_S``).  It doubles the limit and keeps the new one
-    only if the rate rose by 10% or more, else it goes back and settles.  Every
-    ``REPROBE`` windows after settling it tries again, alternately one step up
-    (kept at +10%) and one step down (kept unless the rate fell by 3% or more),
-    so one noisy measurement does not decide a whole run.  When downstream is the
-    bottleneck more jobs cannot raise the rate, so the limit stays low.
+    Measures the items finished per second over windows of a few jobs (at least
+    ``MIN_WINDOW_S``).  A step up (doubling) is kept only if the rate rose by 10%
+    or more; a step down (halving) is kept unless the rate fell by 3% or more.
+    The first window tries a step up from the limiter's start, or with
+    ``start_high`` a step down from it.  After settling it tries again every
+    ``REPROBE`` windows, alternately up and down, so one noisy measurement does
+    not decide a whole run; each trial that does not pay doubles that interval
+    (up to 32 times), so a workload that needs its setting pays little for the
+    probes.  When downstream is the bottleneck more jobs cannot raise the rate,
+    so the limit stays low (and the CPU free).
+
+    Not thread-safe: call :meth:`observe` from one thread, or under a lock.
     """
 
     MIN_WINDOW_S = 0.05
@@ -99,6 +104,8 @@ class RateGovernor:
 
     __slots__ = (
         "_down_next",
+        "_interval",
+        "_start_high",
         "_probed",
         "_trial",
         "_win_items",
@@ -109,9 +116,11 @@ class RateGovernor:
         "maximum",
     )
 
-    def __init__(self, limiter: Limiter, maximum: int) -> None:
-        self.limiter = limiter
+    def __init__(self, limiter: Any, maximum: int, *, start_high: bool = False) -> None:
+        self.limiter = limiter  # anything with ``limit`` and ``set_limit(n)``
         self.maximum = max(1, maximum)
+        self._start_high = start_high
+        self._interval = self.REPROBE
         self._trial: tuple[int, float, bool] | None = None  # (limit before, its rate, up?)
         self._probed = False  # the first window's trial of a second job happened
         self._windows = 0  # windows since the last decision
@@ -147,17 +156,24 @@ class RateGovernor:
             self._trial = None
             self._windows = 0
             if up and rate >= 1.1 * before_rate:
+                self._interval = self.REPROBE
                 if limit < self.maximum:
                     self._try(limit, rate, up=True)  # it paid: try further
-            elif up or rate < 0.97 * before_rate:
-                self.limiter.set_limit(before)  # it did not pay: back
+            elif not up and rate >= 0.97 * before_rate:
+                self._interval = self.REPROBE  # as fast with fewer: keep the lower limit
+            else:
+                self.limiter.set_limit(before)  # it did not pay: back, and wait longer
+                self._interval = min(32 * self.REPROBE, 2 * self._interval)
             return
         if not self._probed:
             self._probed = True
-            self._try(limit, rate, up=True)
+            if self._start_high and limit > 1:
+                self._try(limit, rate, up=False)
+            elif limit < self.maximum:
+                self._try(limit, rate, up=True)
             return
         self._windows += 1
-        if self._windows >= self.REPROBE:
+        if self._windows >= self._interval:
             down = limit >= self.maximum or (self._down_next and limit > 1)
             self._down_next = not down
             self._try(limit, rate, up=not down)
