@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ from ._workers import (
     Failed,
     Feed,
     FirstGate,
+    GovernedSlots,
     MapFetcher,
     RankShard,
     WorkerProcesses,
@@ -224,6 +224,7 @@ class DataLoader(_TorchDataLoader[Any]):
         self._plan: EpochPlan | None = None
         self._pending: tuple[int, int, bool, RngState | None, bool] | None = None
         self._pipe: Pipeline[Any] | None = None
+        self._slots: GovernedSlots | None = None  # thread workers' fetch bound
         self._feed: Feed | None = None
         self._gate: FirstGate | None = None
         self._inner: _TorchDataLoader[Any] | None = None
@@ -336,6 +337,8 @@ class DataLoader(_TorchDataLoader[Any]):
         pipe = self._pipeline()
         assert self._feed is not None
         self._feed.current = jobs
+        if self._slots is not None:
+            self._slots.restart()
         if self._gate is not None and isinstance(self._feed, AsyncFeed):
             self._feed.gate = self._gate.arm(plan.skip)
         return iter(pipe)
@@ -410,7 +413,7 @@ class DataLoader(_TorchDataLoader[Any]):
                 # the loop thread to be scheduled and submit it (bench/bench_loader.py).
                 fetcher = self._fetcher()
                 fetcher.gate = gate
-                fetcher.slots = threading.Semaphore(conc)
+                fetcher.slots = self._slots = GovernedSlots(conc)
                 pipe = pipe.map(
                     fetcher,
                     concurrency=conc + 1,

@@ -184,6 +184,59 @@ def collate(collate_fn: Callable[[Any], Any], n: int, data: Any) -> Any:
         raise
 
 
+class GovernedSlots:
+    """Bounds the fetches that run at once; the bound moves with measured throughput.
+
+    Starts at ``limit`` (``num_workers``).  A dataset whose ``__getitem__`` is
+    GIL-bound Python fetches as fast or faster with fewer threads (two threads
+    contending for the GIL on a page-cached read loop were 15% slower than one on
+    the benchmark machine); one that waits on storage or the network needs them
+    all.  A :class:`~iopipe.stages.fused.RateGovernor` started high tries fewer
+    and keeps them only when batches come as fast (docs/dataloader.md).
+    """
+
+    def __init__(self, limit: int, *, govern: bool = True) -> None:
+        from .stages.fused import RateGovernor
+
+        self._cond = threading.Condition()
+        self._limit = max(1, limit)
+        self._held = 0
+        self.governor = (
+            RateGovernor(self, self._limit, start_high=True) if govern and limit > 1 else None
+        )
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, limit: int) -> None:
+        """Change the bound (called by the governor, under this object's lock)."""
+        with self._cond:
+            self._limit = max(1, limit)
+            self._cond.notify_all()
+
+    def restart(self) -> None:
+        """A new epoch: measurement windows start afresh (idle time is not throughput)."""
+        with self._cond:
+            if self.governor is not None:
+                self.governor.restart()
+
+    def __enter__(self) -> None:
+        with self._cond:
+            while self._held >= self._limit:
+                self._cond.wait(1.0)
+            self._held += 1
+            if self.governor is not None:
+                self.governor.started()
+
+    def __exit__(self, et: object, exc: object, tb: object) -> None:
+        with self._cond:
+            self._held -= 1
+            if et is None and self.governor is not None:
+                self.governor.observe(1)
+            self._cond.notify()
+
+
 class MapFetcher:
     """Fetch and collate one batch of a map-style dataset, as torch's ``_MapDatasetFetcher``.
 
@@ -201,7 +254,7 @@ class MapFetcher:
         getitems = getattr(dataset, "__getitems__", None)
         self.getitems = getitems if auto_collation and getitems else None
         self.gate: FirstGate | None = None
-        self.slots: threading.Semaphore | None = None
+        self.slots: GovernedSlots | None = None
 
     def __call__(self, job: tuple[int, Any]) -> Any:
         n, index = job

@@ -337,3 +337,52 @@ def test_a_governor_starting_high_first_tries_fewer_jobs(monkeypatch: pytest.Mon
     feed(gov2, clock, 9, 0.025)
     feed(gov2, clock, 5, 0.05)  # half as fast: back to four
     assert lim2.limit == 4
+
+
+def test_governed_slots_bound_running_fetches_as_the_limit_moves() -> None:
+    """The DataLoader's fetch bound: never more running than the current limit."""
+    import threading
+
+    from iopipe._workers import GovernedSlots
+
+    slots = GovernedSlots(4, govern=False)
+    running, peak, lock = 0, [], threading.Lock()
+    go = threading.Event()
+
+    def fetch() -> None:
+        nonlocal running
+        with slots:
+            with lock:
+                running += 1
+                peak.append(running)
+            go.wait(10)
+            with lock:
+                running -= 1
+
+    slots.set_limit(2)
+    threads = [threading.Thread(target=fetch) for _ in range(6)]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join(10)
+    assert max(peak) <= 2
+    assert len(peak) == 6
+
+
+def test_governed_slots_feed_their_governor(monkeypatch: pytest.MonkeyPatch) -> None:
+    from iopipe._workers import GovernedSlots
+
+    clock = Clock()
+    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
+    slots = GovernedSlots(2)
+    assert slots.governor is not None
+    for _ in range(5):  # a window at two: 2 * 2 + 1 fetches
+        with slots:
+            clock.t += 0.1
+    assert slots.limit == 1  # the first trial: one fewer step
+    slots.restart()
+    with pytest.raises(KeyError), slots:  # a failed fetch releases and is not counted
+        raise KeyError(1)
+    assert slots.limit == 1
+    assert GovernedSlots(1).governor is None

@@ -105,8 +105,8 @@ class RateGovernor:
     __slots__ = (
         "_down_next",
         "_interval",
-        "_start_high",
         "_probed",
+        "_start_high",
         "_trial",
         "_win_items",
         "_win_jobs",
@@ -133,6 +133,10 @@ class RateGovernor:
         """A job starts (opens the first measurement window)."""
         if self._win_start < 0:
             self._win_start = time.perf_counter()
+
+    def restart(self) -> None:
+        """Drop the window being measured (an epoch starts: idle time is not throughput)."""
+        self._win_items, self._win_jobs, self._win_start = 0, 0, -1.0
 
     def _try(self, limit: int, rate: float, up: bool) -> None:
         self._trial = (limit, rate, up)
@@ -408,6 +412,8 @@ class Fused(Stage):
     # -- the stream -----------------------------------------------------------
     async def run(self, inq: Any, outq: OutQueue) -> None:
         self._count = 0
+        if self._gov is not None:
+            self._gov.restart()
         first, last = self.members[0], self.members[-1]
         groups = drain(inq, first.counters)
         if self.batcher is not None:
