@@ -368,7 +368,7 @@ def test_the_interpreter_exits_with_a_loader_left_mid_epoch(
 ) -> None:
     script = LOADER_SCRIPT.format(worker_type=worker_type, rest="print('left', flush=True)")
     code, out, err = finish(run_child(script, tmp_path))
-    assert out.split() == ["ready", "left"]
+    assert out.split() == ["ready", "left"], (code, out, err)
     assert code == 0, err
     assert "Traceback" not in err, err
 
