@@ -386,3 +386,16 @@ def test_governed_slots_feed_their_governor(monkeypatch: pytest.MonkeyPatch) -> 
         raise KeyError(1)
     assert slots.limit == 1
     assert GovernedSlots(1).governor is None
+
+
+def test_a_bad_read_item_names_the_reader_and_the_item(files: list[str]) -> None:
+    pipe = Pipeline.from_iterable([files[0], 3.5, files[1]]).read().map(total).batch(2)
+    with pipe:
+        got, err = consume(pipe)
+    assert pipe._rt is not None
+    assert kinds(pipe._rt.plan) == ["read+map+batch"]
+    assert got == []
+    assert isinstance(err, StageError)
+    assert (err.stage, err.item) == ("read", 1)  # a float's key is its index in the source
+    assert isinstance(err.__cause__, TypeError)
+    assert "read() expects paths or (path, offset, length) tuples, got float: 3.5" in str(err)

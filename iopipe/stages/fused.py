@@ -220,7 +220,7 @@ def _fused_job(
         try:
             if kind == "read":
                 c0 = time.thread_time()
-                items, res.misses = _read_job(items, step[1], flags)
+                items, res.misses = _read_job(_entries(items), step[1], flags)
                 res.read_cpu = time.thread_time() - c0
                 res.read_bytes = sum(len(x) for x in items if not isinstance(x, _Large))
                 if any(isinstance(x, _Large) for x in items):
@@ -238,6 +238,19 @@ def _fused_job(
         res.seconds.append(time.perf_counter() - t0)
     res.items, res.done = items, len(steps)
     return res
+
+
+def _entries(items: list[Any]) -> list[tuple[str, int, int | None]]:
+    """``normalize_item`` of each item (paths take a fast path); a bad one is an ItemFailure."""
+    try:
+        return [(x, 0, None) if type(x) is str else normalize_item(x) for x in items]
+    except (TypeError, ValueError):
+        for i, x in enumerate(items):
+            try:
+                normalize_item(x)
+            except (TypeError, ValueError) as exc:
+                raise ItemFailure(i, exc) from None
+        raise
 
 
 class Fused(Stage):
@@ -315,12 +328,7 @@ class Fused(Stage):
         assert self._limit is not None
         assert self._gov is not None
         steps = self._steps(group)
-        items: list[Any] = group.items
-        if self.reader is not None:
-            try:
-                items = [normalize_item(x) for x in items]
-            except (TypeError, ValueError) as exc:
-                raise self.reader.fail(group, exc)
+        items: list[Any] = group.items  # a reader's items are normalized in the job
         start = 0
         while start < len(steps):
             flags = self.reader._gov.probe_flags if self.reader and self.reader._gov else 0

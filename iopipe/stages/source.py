@@ -183,6 +183,9 @@ class Source:
         self.counters = StageCounters("source", 1)
         self._pool: WorkerPool | None = None
         self.job: Job | None = None  # the pull running in the worker, if any
+        # Whether every item is its own key (a list of paths, say): then a group's
+        # keys are a copy of its items, not a call per item.  None: not checked yet.
+        self._self_keyed: bool | None = None
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -276,11 +279,18 @@ class Source:
     ) -> None:
         seq: Any = self.items
         order = self.order(epoch)
+        if self._self_keyed is None:  # one pass, for in-memory lists only (not lazy sequences)
+            self._self_keyed = isinstance(seq, list | tuple) and all(
+                isinstance(x, str | int | bytes | PurePath) for x in seq
+            )
         for start in range(skip, len(order), g):
             t0 = time.perf_counter()
             idx = order[start : start + g].tolist()
             items = [seq[i] for i in idx]
-            keys = [_key(x, i) for x, i in zip(items, idx, strict=True)]
+            if self._self_keyed:
+                keys = list(items)
+            else:
+                keys = [_key(x, i) for x, i in zip(items, idx, strict=True)]
             group = self._make_group(items, keys, cache)
             self.counters.busy_s += time.perf_counter() - t0
             await self._put(outq, group)
