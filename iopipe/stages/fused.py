@@ -285,7 +285,9 @@ class Fused(Stage):
         self._pool = None  # the member that owns it shuts it down
 
     def window(self) -> int:
-        return sum(m.window() for m in self.members)
+        # Groups in process: enough for the widest member plus one moving through
+        # the others (staged), never the sum: each group holds its decoded items.
+        return max(m.window() for m in self.members) + 1
 
     async def quiesce(self) -> None:
         await asyncio.gather(super().quiesce(), *(m.quiesce() for m in self.members))
