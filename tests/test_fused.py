@@ -238,104 +238,105 @@ def feed(gov: RateGovernor, clock: Clock, jobs: int, seconds_per_job: float) -> 
         gov.observe(100)
 
 
+def window(gov: RateGovernor, clock: Clock, seconds_per_job: float) -> None:
+    """Finish one measurement window's jobs (2 * limit + 1) at the given pace."""
+    feed(gov, clock, 2 * gov.limiter.limit + 1, seconds_per_job)
+
+
+def governor(monkeypatch: pytest.MonkeyPatch, start: int, maximum: int, **kw: Any) -> Any:
+    clock = Clock()
+    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
+    lim = Limiter(start)
+    gov = RateGovernor(lim, maximum, **kw)
+    gov.started()
+    window(gov, clock, 1.0)  # the first window is a warm-up: slow, and not judged
+    return gov, lim, clock
+
+
 def test_the_governor_keeps_a_second_job_only_when_it_pays(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
-    lim = Limiter(1)
-    gov = RateGovernor(lim, 4)
-    gov.started()
-    feed(gov, clock, 3, 0.1)  # 1,000 items/s at one job
+    gov, lim, clock = governor(monkeypatch, 1, 4)
+    window(gov, clock, 0.1)  # 1,000 items/s at one job
     assert lim.limit == 2
-    feed(gov, clock, 5, 0.1)  # no faster with two: back to one, and stay
+    window(gov, clock, 0.01)  # settling: jobs of the old limit finish, not judged
+    window(gov, clock, 0.1)  # no faster with two: back to one
     assert lim.limit == 1
-    feed(gov, clock, 20, 0.01)
+    for _ in range(2 * RateGovernor.REPROBE - 1):  # a failed trial doubles the wait
+        window(gov, clock, 0.1)
     assert lim.limit == 1
 
 
 def test_the_governor_climbs_while_each_doubling_pays(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
-    lim = Limiter(1)
-    gov = RateGovernor(lim, 4)
-    gov.started()
-    feed(gov, clock, 3, 0.1)
+    gov, lim, clock = governor(monkeypatch, 1, 4)
+    window(gov, clock, 0.1)
     assert lim.limit == 2
-    feed(gov, clock, 5, 0.05)  # twice the rate: keep, try 4
+    window(gov, clock, 0.1)  # settling
+    window(gov, clock, 0.05)  # twice the rate: keep, try 4
     assert lim.limit == 4
-    feed(gov, clock, 9, 0.04)  # 25% more: keep; at the maximum
+    window(gov, clock, 0.05)  # settling
+    window(gov, clock, 0.04)  # 25% more: keep; at the maximum
     assert lim.limit == 4
 
 
 def test_the_governor_tries_again_after_settling(monkeypatch: pytest.MonkeyPatch) -> None:
     """A noisy first trial does not decide the run: a later re-probe finds the gain."""
-    clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
-    lim = Limiter(1)
-    gov = RateGovernor(lim, 2)
-    gov.started()
-    feed(gov, clock, 3, 0.1)
-    assert lim.limit == 2
-    feed(gov, clock, 5, 0.1)  # the trial looked no better (say, a noisy neighbour)
+    gov, lim, clock = governor(monkeypatch, 1, 2)
+    window(gov, clock, 0.1)
+    window(gov, clock, 0.1)  # settling
+    window(gov, clock, 0.1)  # the trial looked no better (say, a noisy neighbour)
     assert lim.limit == 1
-    # A trial that did not pay doubles the wait for the next: 16 settled windows.
-    feed(gov, clock, 3 * 2 * RateGovernor.REPROBE - 1, 0.1)
+    window(gov, clock, 0.1)  # settling back at one
+    for _ in range(2 * RateGovernor.REPROBE - 1):
+        window(gov, clock, 0.1)
     assert lim.limit == 1
-    feed(gov, clock, 1, 0.1)  # ... then a re-probe
+    window(gov, clock, 0.1)  # ... then a re-probe
     assert lim.limit == 2
-    feed(gov, clock, 5, 0.05)  # now two jobs are twice as fast: kept
+    window(gov, clock, 0.1)  # settling
+    window(gov, clock, 0.05)  # now two jobs are twice as fast: kept
     assert lim.limit == 2
-    # The next re-probe tries fewer jobs; slower, so it goes back up.
-    feed(gov, clock, 5 * RateGovernor.REPROBE, 0.05)
+    for _ in range(RateGovernor.REPROBE):  # the next re-probe tries fewer
+        window(gov, clock, 0.05)
     assert lim.limit == 1
-    feed(gov, clock, 3, 0.1)
+    window(gov, clock, 0.05)  # settling
+    window(gov, clock, 0.1)  # slower: back to two
     assert lim.limit == 2
 
 
 def test_the_governor_keeps_fewer_jobs_when_they_are_as_fast(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
-    lim = Limiter(1)
-    gov = RateGovernor(lim, 2)
-    gov.started()
-    feed(gov, clock, 3, 0.1)
-    feed(gov, clock, 5, 0.04)  # two jobs pay: kept
+    gov, lim, clock = governor(monkeypatch, 1, 2)
+    window(gov, clock, 0.1)
+    window(gov, clock, 0.1)  # settling
+    window(gov, clock, 0.04)  # two jobs pay: kept
     assert lim.limit == 2
-    feed(gov, clock, 5 * RateGovernor.REPROBE, 0.04)  # re-probe down
+    for _ in range(RateGovernor.REPROBE):  # re-probe down
+        window(gov, clock, 0.04)
     assert lim.limit == 1
-    feed(gov, clock, 3, 0.04)  # one job is as fast now (the consumer is the bottleneck)
+    window(gov, clock, 0.01)  # settling: two jobs of the old limit finish at once
+    window(gov, clock, 0.039)  # one job is as fast (the consumer is the bottleneck)
     assert lim.limit == 1
 
 
 def test_a_governor_with_one_job_never_moves(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
-    lim = Limiter(1)
-    gov = RateGovernor(lim, 1)
-    gov.started()
+    gov, lim, clock = governor(monkeypatch, 1, 1)
     feed(gov, clock, 100, 0.1)
     assert lim.limit == 1
 
 
 def test_a_governor_starting_high_first_tries_fewer_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The DataLoader's start: all workers, then one fewer step if that is as fast."""
-    clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
-    lim = Limiter(4)
-    gov = RateGovernor(lim, 4, start_high=True)
-    gov.started()
-    feed(gov, clock, 9, 0.025)  # 4,000 items/s with four
+    """The DataLoader's start: all workers, then half as many if that is as fast."""
+    gov, lim, clock = governor(monkeypatch, 4, 4, start_high=True)
+    window(gov, clock, 0.025)  # 4,000 items/s with four
     assert lim.limit == 2
-    feed(gov, clock, 5, 0.025)  # as fast with two: kept
+    window(gov, clock, 0.011)  # settling: the jobs started under four finish fast
+    window(gov, clock, 0.024)  # as fast with two: kept
     assert lim.limit == 2
-    lim2 = Limiter(4)
-    gov2 = RateGovernor(lim2, 4, start_high=True)
-    gov2.started()
-    feed(gov2, clock, 9, 0.025)
-    feed(gov2, clock, 5, 0.05)  # half as fast: back to four
+    gov2, lim2, clock2 = governor(monkeypatch, 4, 4, start_high=True)
+    window(gov2, clock2, 0.025)
+    window(gov2, clock2, 0.011)  # settling (would look fast, and is not judged)
+    window(gov2, clock2, 0.05)  # half as fast: back to four
     assert lim2.limit == 4
 
 
@@ -377,7 +378,7 @@ def test_governed_slots_feed_their_governor(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
     slots = GovernedSlots(2)
     assert slots.governor is not None
-    for _ in range(5):  # a window at two: 2 * 2 + 1 fetches
+    for _ in range(10):  # a warm-up window and one at two (2 * 2 + 1 fetches each)
         with slots:
             clock.t += 0.1
     assert slots.limit == 1  # the first trial: one fewer step

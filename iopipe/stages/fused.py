@@ -87,9 +87,10 @@ class RateGovernor:
 
     Measures the items finished per second over windows of a few jobs (at least
     ``MIN_WINDOW_S``).  A step up (doubling) is kept only if the rate rose by 10%
-    or more; a step down (halving) is kept unless the rate fell by 3% or more.
-    The first window tries a step up from the limiter's start, or with
-    ``start_high`` a step down from it.  After settling it tries again every
+    or more; a step down (halving) only if the rate did not fall.  The first
+    window is a warm-up and not judged, nor is the first after any change of limit
+    (jobs started under the old limit finish in it); after the second, it tries a
+    step up from the limiter's start, or with ``start_high`` a step down from it.  After settling it tries again every
     ``REPROBE`` windows, alternately up and down, so one noisy measurement does
     not decide a whole run; each trial that does not pay doubles that interval
     (up to 32 times), so a workload that needs its setting pays little for the
@@ -105,7 +106,8 @@ class RateGovernor:
     __slots__ = (
         "_down_next",
         "_interval",
-        "_probed",
+        "_seen",
+        "_settling",
         "_start_high",
         "_trial",
         "_win_items",
@@ -122,7 +124,10 @@ class RateGovernor:
         self._start_high = start_high
         self._interval = self.REPROBE
         self._trial: tuple[int, float, bool] | None = None  # (limit before, its rate, up?)
-        self._probed = False  # the first window's trial of a second job happened
+        self._seen = 0  # windows measured outside trials (the first is a warm-up)
+        # After a change of limit, jobs started under the old one still finish: the
+        # next window is not judged (it would credit the new limit with their work).
+        self._settling = False
         self._windows = 0  # windows since the last decision
         self._down_next = True  # the next re-probe tries a lower limit (when above 1)
         self._win_items = 0
@@ -140,7 +145,11 @@ class RateGovernor:
 
     def _try(self, limit: int, rate: float, up: bool) -> None:
         self._trial = (limit, rate, up)
-        self.limiter.set_limit(min(self.maximum, 2 * limit) if up else max(1, limit // 2))
+        self._set(min(self.maximum, 2 * limit) if up else max(1, limit // 2))
+
+    def _set(self, limit: int) -> None:
+        self._settling = True
+        self.limiter.set_limit(limit)
 
     def observe(self, items: int) -> None:
         """Account one finished job of ``items`` items."""
@@ -155,6 +164,9 @@ class RateGovernor:
             return
         rate = self._win_items / span
         self._win_items, self._win_jobs, self._win_start = 0, 0, now
+        if self._settling:
+            self._settling = False
+            return
         if self._trial is not None:
             before, before_rate, up = self._trial
             self._trial = None
@@ -163,14 +175,16 @@ class RateGovernor:
                 self._interval = self.REPROBE
                 if limit < self.maximum:
                     self._try(limit, rate, up=True)  # it paid: try further
-            elif not up and rate >= 0.97 * before_rate:
+            elif not up and rate >= before_rate:
                 self._interval = self.REPROBE  # as fast with fewer: keep the lower limit
             else:
-                self.limiter.set_limit(before)  # it did not pay: back, and wait longer
+                self._set(before)  # it did not pay: back, and wait longer
                 self._interval = min(32 * self.REPROBE, 2 * self._interval)
             return
-        if not self._probed:
-            self._probed = True
+        self._seen += 1
+        if self._seen == 1:
+            return  # start-up (threads, first batch fetched alone) is not the steady rate
+        if self._seen == 2:
             if self._start_high and limit > 1:
                 self._try(limit, rate, up=False)
             elif limit < self.maximum:
