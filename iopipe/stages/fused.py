@@ -376,17 +376,7 @@ class Fused(Stage):
     async def _read_larges(self, group: Group, items: list[Any]) -> None:
         assert self.reader is not None
         larges = [(i, x) for i, x in enumerate(items) if isinstance(x, _Large)]
-        tasks = [asyncio.ensure_future(self.reader._read_large(x)) for _, x in larges]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException as exc:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for (i, _), t in zip(larges, tasks, strict=True):
-                if t.done() and not t.cancelled() and t.exception() is exc:
-                    raise self.reader.fail(group, ItemFailure(0, exc), i)
-            raise
+        await self.reader.read_larges(group, larges)
         self.reader.counters.bytes += sum(len(x.buf) for _, x in larges)
 
     def _account(self, group: Group, start: int, res: _JobResult) -> None:

@@ -301,6 +301,24 @@ class ChunkedReader(Stage):
         self._gov.observe(wall, cpu, items, misses)
         return out
 
+    async def read_larges(self, group: Group, larges: list[tuple[int, _Large]]) -> None:
+        """Read a group's large items ``(index in group, item)`` concurrently, in pieces.
+
+        A failure is raised as a StageError naming the item; the other reads are
+        cancelled and waited for first.
+        """
+        tasks = [asyncio.ensure_future(self._read_large(lg)) for _, lg in larges]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException as exc:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for (idx, _), t in zip(larges, tasks, strict=True):
+                if t.done() and not t.cancelled() and t.exception() is exc:
+                    raise self.fail(group, ItemFailure(0, exc), idx)
+            raise
+
     async def _read_large(self, large: _Large) -> None:
         """Read one large item chunk by chunk, up to ``concurrency`` chunks at once."""
         size = len(large.buf)
@@ -352,17 +370,7 @@ class ChunkedReader(Stage):
         if self.policy is not None:
             return await self._finish_skipping(group, results, larges)
         if larges:
-            tasks = [asyncio.ensure_future(self._read_large(lg)) for _, lg in larges]
-            try:
-                await asyncio.gather(*tasks)
-            except BaseException as exc:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                for (idx, _), t in zip(larges, tasks, strict=True):
-                    if t.done() and not t.cancelled() and t.exception() is exc:
-                        raise self.fail(group, ItemFailure(0, exc), idx)
-                raise
+            await self.read_larges(group, larges)
         self.counters.items += len(results)
         self.counters.bytes += sum(len(r) for r in results)
         if self.with_source:
