@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ._workers import NOTHING, AsyncMapFetcher, Collate, Failed, MapFetcher, _label
+from ._workers import NOTHING, AsyncMapFetcher, Collate, Failed, MapFetcher, _label, getitems_note
 from .stages._base import skippable
 
 __all__ = ["Fetched", "SkippingAsyncMapFetcher", "SkippingCollate", "SkippingMapFetcher"]
@@ -105,11 +105,7 @@ class SkippingMapFetcher(MapFetcher):
                 return samples, len(samples), []
             except Exception as exc:
                 if not skippable(exc):
-                    raise _noted(
-                        exc,
-                        f"iopipe.DataLoader: dataset.__getitems__({_label(index)}) failed "
-                        f"(batch {n})",
-                    ) from None
+                    raise _noted(exc, getitems_note(index, n)) from None
                 # Retried one index at a time below, to find which samples failed.
         out: list[Any] = []
         failures: list[Any] = []
@@ -156,11 +152,7 @@ class SkippingAsyncMapFetcher(AsyncMapFetcher):
                 return Fetched(samples, len(samples), [])
             except Exception as exc:
                 if not skippable(exc):
-                    raise _noted(
-                        exc,
-                        f"iopipe.DataLoader: dataset.__getitems__({_label(index)}) failed "
-                        f"(batch {n})",
-                    ) from None
+                    raise _noted(exc, getitems_note(index, n)) from None
         indices = list(index)
         tasks = [asyncio.ensure_future(self._attempt(n, i, index)) for i in indices]
         try:

@@ -184,6 +184,11 @@ def collate(collate_fn: Callable[[Any], Any], n: int, data: Any) -> Any:
         raise
 
 
+def getitems_note(index: Any, n: int) -> str:
+    """The note added to an exception of ``dataset.__getitems__`` (batch ``n``)."""
+    return f"iopipe.DataLoader: dataset.__getitems__({_label(index)}) failed (batch {n})"
+
+
 class GovernedSlots:
     """Bounds the fetches that run at once; the bound moves with measured throughput.
 
@@ -282,9 +287,7 @@ class MapFetcher:
             try:
                 return self.getitems(index)
             except Exception as exc:
-                exc.add_note(
-                    f"iopipe.DataLoader: dataset.__getitems__({_label(index)}) failed (batch {n})"
-                )
+                exc.add_note(getitems_note(index, n))
                 raise
         out = []
         for i in index:
@@ -322,9 +325,7 @@ class AsyncMapFetcher(MapFetcher):
             try:
                 return await self.getitems(index)
             except Exception as exc:
-                exc.add_note(
-                    f"iopipe.DataLoader: dataset.__getitems__({_label(index)}) failed (batch {n})"
-                )
+                exc.add_note(getitems_note(index, n))
                 raise
         tasks = [asyncio.ensure_future(self._one(n, i, index)) for i in index]
         try:
