@@ -3,26 +3,29 @@
 Why not :class:`concurrent.futures.ThreadPoolExecutor`: its workers are joined
 at interpreter exit (``threading._register_atexit``), so one job that never
 returns (a read from a hung NFS mount, a user function blocked forever) hangs
-the whole program on exit.  A :class:`WorkerPool` runs the same design (one
-shared queue, threads started lazily up to ``max_workers``, an idle count so a
-free worker is reused before a new one starts) on *daemon* threads named
+the whole program on exit.  A :class:`WorkerPool` runs a similar design (threads
+started lazily up to ``max_workers``, an idle worker reused before a new one
+starts, a queue beyond that) on *daemon* threads named
 ``<name>_<n>`` (``iopipe-read_0``), and :meth:`WorkerPool.join` waits for them
 with a bound.  A job marked :attr:`Job.abandoned` (the pipeline gave up on it
 after a timeout or a stall warning) is not waited for at all: its thread ends
 on its own when the job returns, and the interpreter exits without it.
 
-Hot path: ``submit`` costs what ThreadPoolExecutor's does (bench numbers in the
-report of issue 7, ``bench/bench_threads.py``); a worker records one start
-time per job, which the stall watchdog reads (iopipe/_watchdog.py).
+Unlike ThreadPoolExecutor, an idle worker is woken last-in first-out and goes
+idle before its job's result wakes the submitter: a pipeline that runs one job
+at a time keeps it on one thread, with warm caches and one malloc arena (taking
+turns between two threads cost 15-25% more CPU per small file and twice the
+page faults, ``bench/bench_threads.py``).  A worker records one start time per
+job, which the stall watchdog reads (iopipe/_watchdog.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -67,55 +70,97 @@ class _Item:
         self.fn = fn
         self.args = args
 
-    def run(self) -> None:
-        job = self.job
-        if not job.set_running_or_notify_cancel():
-            return
-        job.started = time.perf_counter()
-        try:
-            result = self.fn(*self.args)
-        except BaseException as exc:
-            job.set_exception(exc)
-            self = None  # type: ignore[assignment]  # break the traceback's cycle
-        else:
-            job.set_result(result)
+
+class _Shared:
+    """What the pool and its threads share (the threads hold no pool reference)."""
+
+    __slots__ = ("idle", "lock", "pending", "shutdown")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: deque[_Item] = deque()  # jobs no worker has taken yet
+        self.idle: list[_Worker] = []  # a stack: the last worker to go idle is woken first
+        self.shutdown = False
+
+
+#: What :meth:`_Worker.next_job` returns when the worker is to exit.
+_STOP: Any = object()
 
 
 class _Worker:
-    """What one thread knows: the shared queue and the item it runs (no pool reference)."""
+    """One thread: takes the oldest queued job, runs it, and waits idle when none is left."""
 
-    __slots__ = ("current", "idle", "thread", "work")
+    __slots__ = ("current", "shared", "thread", "wake")
 
-    def __init__(self, work: queue.SimpleQueue[_Item | None], idle: threading.Semaphore) -> None:
-        self.work = work
-        self.idle = idle
+    def __init__(self, shared: _Shared) -> None:
+        self.shared = shared
+        self.wake = threading.Lock()  # released (by submit or shutdown) to wake this worker
+        self.wake.acquire()
         self.current: _Item | None = None
         self.thread: threading.Thread | None = None
 
     def loop(self) -> None:
-        work = self.work
-        while True:
-            item = work.get()
+        item = self.next_job()
+        while item is not _STOP:
             if item is None:
-                work.put(None)  # wake the next worker: all of them are shutting down
-                return
-            self.current = item
-            item.run()
-            self.current = None
-            del item
-            self.idle.release()
+                self.wake.acquire()  # until a job is queued, or shutdown
+                item = self.next_job()
+                continue
+            job = item.job
+            result: Any = None
+            error: BaseException | None = None
+            ran = job.set_running_or_notify_cancel()
+            if ran:
+                self.current = item
+                job.started = time.perf_counter()
+                try:
+                    result = item.fn(*item.args)
+                except BaseException as exc:
+                    error = exc
+                self.current = None
+            # Take the next job or go idle *before* the result wakes the submitter:
+            # its next submit then finds this thread instead of starting another.
+            item = self.next_job()
+            if ran:
+                if error is None:
+                    job.set_result(result)
+                else:
+                    job.set_exception(error)
+            del job, result, error  # neither the worker nor a traceback keeps them alive
+
+    def next_job(self) -> Any:
+        """The oldest queued job; else None, this worker now idle; ``_STOP`` at shutdown."""
+        sh = self.shared
+        with sh.lock:
+            if sh.pending:
+                return sh.pending.popleft()
+            if sh.shutdown:
+                return _STOP
+            sh.idle.append(self)
+            return None
 
 
-def _wake_all(work: queue.SimpleQueue[_Item | None]) -> None:
-    work.put(None)
+def _wake_all(shared: _Shared) -> None:
+    """Shut down: every idle worker wakes with nothing to do and exits."""
+    with shared.lock:
+        shared.shutdown = True
+        idle, shared.idle = shared.idle, []
+    for w in idle:
+        w.wake.release()
 
 
 class WorkerPool(concurrent.futures.Executor):
     """A thread pool of daemon threads with a bounded, stuck-job-aware join.
 
+    Jobs wait in one queue and start in the order submitted.  A submit wakes the
+    worker that went idle last (its CPU caches and malloc arena are warm: a
+    pipeline running one job at a time keeps to one thread instead of taking
+    turns), else starts a thread while there are fewer than ``max_workers``; a
+    worker that finishes a job takes the oldest queued one before going idle.
+
     Thread-safety: :meth:`submit`, :meth:`shutdown` and :meth:`join` may be
     called from any thread.  Invariant: at most ``max_workers`` threads, started
-    only when a job is queued and no started thread is idle.
+    only when a job is submitted and no started thread is idle.
     """
 
     def __init__(self, max_workers: int, name: str) -> None:
@@ -123,13 +168,10 @@ class WorkerPool(concurrent.futures.Executor):
             raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
         self.max_workers = max_workers
         self.name = name
-        self._work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
+        self._shared = _Shared()
         self._workers: list[_Worker] = []
-        self._lock = threading.Lock()
-        self._shutdown = False
         # A pool dropped without shutdown() still lets its threads go.
-        self._finalizer = weakref.finalize(self, _wake_all, self._work)
+        self._finalizer = weakref.finalize(self, _wake_all, self._shared)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Job:
         """Queue ``fn(*args, **kwargs)``; return its :class:`Job` future.
@@ -141,16 +183,20 @@ class WorkerPool(concurrent.futures.Executor):
             args = (*args, kwargs)
             fn = _with_kwargs(fn)
         job = Job()
-        with self._lock:
-            if self._shutdown:
+        item = _Item(job, fn, args)
+        sh = self._shared
+        with sh.lock:
+            if sh.shutdown:
                 raise RuntimeError(f"cannot submit to {self.name!r} after shutdown")
-            self._work.put(_Item(job, fn, args))
-            if not self._idle.acquire(timeout=0) and len(self._workers) < self.max_workers:
+            sh.pending.append(item)
+            if sh.idle:
+                sh.idle.pop().wake.release()  # the last to go idle: its caches are warm
+            elif len(self._workers) < self.max_workers:
                 self._start_worker()
         return job
 
     def _start_worker(self) -> None:
-        w = _Worker(self._work, self._idle)
+        w = _Worker(self._shared)
         t = threading.Thread(target=w.loop, name=f"{self.name}_{len(self._workers)}", daemon=True)
         w.thread = t
         t.start()
@@ -176,17 +222,13 @@ class WorkerPool(concurrent.futures.Executor):
         With ``wait`` it joins the workers without a bound, like the standard
         executors; the stages call :meth:`join` with one instead.
         """
-        with self._lock:
-            self._shutdown = True
-            if cancel_futures:
-                while True:
-                    try:
-                        item = self._work.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item.job.cancel()
-            self._work.put(None)
+        sh = self._shared
+        if cancel_futures:
+            with sh.lock:
+                queued, sh.pending = list(sh.pending), deque()
+            for item in queued:
+                item.job.cancel()
+        _wake_all(sh)
         if wait:
             for t in self.threads:
                 t.join()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
 import itertools
 import multiprocessing.connection
 import os
+import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -206,6 +208,7 @@ class GovernedSlots:
         self._cond = threading.Condition()
         self._limit = max(1, limit)
         self._held = 0
+        self._waiting: list[int] = []  # a heap of the batch numbers waiting for a slot
         self.governor = (
             RateGovernor(self, self._limit, start_high=True) if govern and limit > 1 else None
         )
@@ -213,6 +216,11 @@ class GovernedSlots:
     @property
     def limit(self) -> int:
         return self._limit
+
+    @property
+    def held(self) -> int:
+        """Fetches running now."""
+        return self._held
 
     def set_limit(self, limit: int) -> None:
         """Change the bound (called by the governor, under this object's lock)."""
@@ -226,20 +234,42 @@ class GovernedSlots:
             if self.governor is not None:
                 self.governor.restart()
 
-    def __enter__(self) -> None:
+    def acquire(self, n: int = -1) -> None:
+        """Wait for a slot; among waiting fetches the lowest batch number ``n`` goes first.
+
+        Slots go in batch order: when the bound drops (the governor's trial) while
+        a later batch is slow, an earlier batch must not queue behind it (the
+        consumer needs the earlier one first).  ``n = -1``: no order.
+        """
+        key = n if n >= 0 else _UNORDERED
         with self._cond:
-            while self._held >= self._limit:
+            heapq.heappush(self._waiting, key)
+            while self._held >= self._limit or self._waiting[0] != key:
                 self._cond.wait(1.0)
+            heapq.heappop(self._waiting)
             self._held += 1
             if self.governor is not None:
                 self.governor.started()
+            if self._waiting and self._held < self._limit:
+                self._cond.notify_all()  # room for the next lowest too
 
-    def __exit__(self, et: object, exc: object, tb: object) -> None:
+    def release(self, ok: bool = True) -> None:
+        """Give the slot back; ``ok``: the fetch succeeded (the governor counts it)."""
         with self._cond:
             self._held -= 1
-            if et is None and self.governor is not None:
+            if ok and self.governor is not None:
                 self.governor.observe(1)
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, et: object, exc: object, tb: object) -> None:
+        self.release(et is None)
+
+
+#: The waiting key of a fetch without a batch number: after every numbered one.
+_UNORDERED = sys.maxsize
 
 
 class MapFetcher:
@@ -266,8 +296,14 @@ class MapFetcher:
         try:
             if self.slots is None:
                 return collate(self.collate_fn, n, self.fetch(n, index))
-            with self.slots:
-                return collate(self.collate_fn, n, self.fetch(n, index))
+            self.slots.acquire(n)
+            ok = False
+            try:
+                out = collate(self.collate_fn, n, self.fetch(n, index))
+                ok = True
+            finally:
+                self.slots.release(ok)
+            return out
         except Exception as exc:
             return Failed(exc)
         finally:
