@@ -239,14 +239,23 @@ def feed(gov: RateGovernor, clock: Clock, jobs: int, seconds_per_job: float) -> 
 
 
 def window(gov: RateGovernor, clock: Clock, seconds_per_job: float) -> None:
-    """Finish one measurement window's jobs (2 * limit + 1) at the given pace."""
-    feed(gov, clock, 2 * gov.limiter.limit + 1, seconds_per_job)
+    """Finish one measurement window's jobs (limit + 1) at the given pace."""
+    feed(gov, clock, gov.limiter.limit + 1, seconds_per_job)
+
+
+class Busy(Limiter):
+    """A limiter whose other slots are always taken (a full pipeline): when a job
+    finishes, ``limit - 1`` others are still running."""
+
+    @property
+    def held(self) -> int:
+        return self.limit - 1
 
 
 def governor(monkeypatch: pytest.MonkeyPatch, start: int, maximum: int, **kw: Any) -> Any:
     clock = Clock()
     monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
-    lim = Limiter(start)
+    lim = Busy(start)
     gov = RateGovernor(lim, maximum, **kw)
     gov.started()
     window(gov, clock, 1.0)  # the first window is a warm-up: slow, and not judged
@@ -258,47 +267,72 @@ def test_the_governor_keeps_a_second_job_only_when_it_pays(
 ) -> None:
     gov, lim, clock = governor(monkeypatch, 1, 4)
     window(gov, clock, 0.1)  # 1,000 items/s at one job
-    assert lim.limit == 2
-    window(gov, clock, 0.01)  # settling: jobs of the old limit finish, not judged
+    assert lim.limit == 2  # no job of the old limit was running: measured at once
     window(gov, clock, 0.1)  # no faster with two: back to one
     assert lim.limit == 1
+    feed(gov, clock, 1, 0.001)  # settling: the other job of the two finishes, not judged
     for _ in range(2 * RateGovernor.REPROBE - 1):  # a failed trial doubles the wait
         window(gov, clock, 0.1)
     assert lim.limit == 1
+
+
+def test_a_clearly_slower_trial_is_undone_before_its_window_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Short jobs: a window lasts MIN_WINDOW_S, but limit + 1 slow jobs already tell."""
+    gov, lim, clock = governor(monkeypatch, 1, 4)
+    feed(gov, clock, 5, 0.01)  # 10,000 items/s at one job (a window of 0.05 s)
+    assert lim.limit == 2
+    feed(gov, clock, 2, 0.015)  # two-thirds of the rate, but only two jobs: not judged
+    assert lim.limit == 2
+    feed(gov, clock, 1, 0.015)  # limit + 1 jobs under 3/4 of the rate: undone at 0.045 s
+    assert lim.limit == 1
+    gov2, lim2, clock2 = governor(monkeypatch, 1, 4)
+    feed(gov2, clock2, 5, 0.01)
+    feed(gov2, clock2, 3, 0.012)  # a little slower: the whole window decides
+    assert lim2.limit == 2
+    feed(gov2, clock2, 2, 0.012)
+    assert lim2.limit == 1
 
 
 def test_the_governor_climbs_while_each_doubling_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     gov, lim, clock = governor(monkeypatch, 1, 4)
     window(gov, clock, 0.1)
     assert lim.limit == 2
-    window(gov, clock, 0.1)  # settling
     window(gov, clock, 0.05)  # twice the rate: keep, try 4
     assert lim.limit == 4
-    window(gov, clock, 0.05)  # settling
+    feed(gov, clock, 1, 0.001)  # settling: the other job started under two finishes
     window(gov, clock, 0.04)  # 25% more: keep; at the maximum
     assert lim.limit == 4
+
+
+def test_settling_waits_for_the_jobs_of_the_old_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    gov, lim, clock = governor(monkeypatch, 4, 4, start_high=True)
+    window(gov, clock, 0.025)  # four jobs: 4,000 items/s
+    assert lim.limit == 2
+    feed(gov, clock, 3, 0.001)  # the three others started under four finish: not judged
+    feed(gov, clock, 5, 0.1)  # were they credited to two, 1,000 items/s would look fine
+    assert lim.limit == 4  # measured alone, two are slower: back to four
 
 
 def test_the_governor_tries_again_after_settling(monkeypatch: pytest.MonkeyPatch) -> None:
     """A noisy first trial does not decide the run: a later re-probe finds the gain."""
     gov, lim, clock = governor(monkeypatch, 1, 2)
     window(gov, clock, 0.1)
-    window(gov, clock, 0.1)  # settling
     window(gov, clock, 0.1)  # the trial looked no better (say, a noisy neighbour)
     assert lim.limit == 1
-    window(gov, clock, 0.1)  # settling back at one
+    feed(gov, clock, 1, 0.1)  # settling back at one
     for _ in range(2 * RateGovernor.REPROBE - 1):
         window(gov, clock, 0.1)
     assert lim.limit == 1
     window(gov, clock, 0.1)  # ... then a re-probe
     assert lim.limit == 2
-    window(gov, clock, 0.1)  # settling
     window(gov, clock, 0.05)  # now two jobs are twice as fast: kept
     assert lim.limit == 2
     for _ in range(RateGovernor.REPROBE):  # the next re-probe tries fewer
         window(gov, clock, 0.05)
     assert lim.limit == 1
-    window(gov, clock, 0.05)  # settling
+    feed(gov, clock, 1, 0.001)  # settling
     window(gov, clock, 0.1)  # slower: back to two
     assert lim.limit == 2
 
@@ -308,13 +342,12 @@ def test_the_governor_keeps_fewer_jobs_when_they_are_as_fast(
 ) -> None:
     gov, lim, clock = governor(monkeypatch, 1, 2)
     window(gov, clock, 0.1)
-    window(gov, clock, 0.1)  # settling
     window(gov, clock, 0.04)  # two jobs pay: kept
     assert lim.limit == 2
     for _ in range(RateGovernor.REPROBE):  # re-probe down
         window(gov, clock, 0.04)
     assert lim.limit == 1
-    window(gov, clock, 0.01)  # settling: two jobs of the old limit finish at once
+    feed(gov, clock, 1, 0.001)  # settling: the other job of the old limit finishes
     window(gov, clock, 0.039)  # one job is as fast (the consumer is the bottleneck)
     assert lim.limit == 1
 
@@ -330,12 +363,12 @@ def test_a_governor_starting_high_first_tries_fewer_jobs(monkeypatch: pytest.Mon
     gov, lim, clock = governor(monkeypatch, 4, 4, start_high=True)
     window(gov, clock, 0.025)  # 4,000 items/s with four
     assert lim.limit == 2
-    window(gov, clock, 0.011)  # settling: the jobs started under four finish fast
+    feed(gov, clock, 3, 0.001)  # settling: the jobs started under four finish fast
     window(gov, clock, 0.024)  # as fast with two: kept
     assert lim.limit == 2
     gov2, lim2, clock2 = governor(monkeypatch, 4, 4, start_high=True)
     window(gov2, clock2, 0.025)
-    window(gov2, clock2, 0.011)  # settling (would look fast, and is not judged)
+    feed(gov2, clock2, 3, 0.001)  # settling (would look fast, and is not judged)
     window(gov2, clock2, 0.05)  # half as fast: back to four
     assert lim2.limit == 4
 
@@ -378,7 +411,7 @@ def test_governed_slots_feed_their_governor(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
     slots = GovernedSlots(2)
     assert slots.governor is not None
-    for _ in range(10):  # a warm-up window and one at two (2 * 2 + 1 fetches each)
+    for _ in range(6):  # a warm-up window and one at two (2 + 1 fetches each)
         with slots:
             clock.t += 0.1
     assert slots.limit == 1  # the first trial: one fewer step
@@ -400,3 +433,24 @@ def test_a_bad_read_item_names_the_reader_and_the_item(files: list[str]) -> None
     assert (err.stage, err.item) == ("read", 1)  # a float's key is its index in the source
     assert isinstance(err.__cause__, TypeError)
     assert "read() expects paths or (path, offset, length) tuples, got float: 3.5" in str(err)
+
+
+def test_a_step_up_that_contends_for_the_gil_is_undone_at_its_first_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Jobs that report their CPU: twice the CPU per item under two jobs ends the trial."""
+    clock = Clock()
+    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
+    lim = Busy(1)
+    gov = RateGovernor(lim, 4)
+    gov.started()
+    for _ in range(4):  # warm-up and a measured window: 1 ms of CPU per 100 items
+        clock.t += 0.1
+        gov.observe(100, 0.001)
+    assert lim.limit == 2
+    clock.t += 0.1
+    gov.observe(100, 0.0011)  # 10% more CPU: no contention, the trial goes on
+    assert lim.limit == 2
+    clock.t += 0.1
+    gov.observe(100, 0.0025)  # 2.5x the CPU per item: contending, back to one at once
+    assert lim.limit == 1

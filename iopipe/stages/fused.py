@@ -85,29 +85,43 @@ def plan(stages: list[Stage]) -> list[Stage]:
 class RateGovernor:
     """Moves a :class:`Limiter` between 1 and ``maximum`` by measured throughput.
 
-    Measures the items finished per second over windows of a few jobs (at least
-    ``MIN_WINDOW_S``).  A step up (doubling) is kept only if the rate rose by 10%
+    Measures the items finished per second over windows of ``limit + 1`` jobs or
+    more (and at least ``MIN_WINDOW_S``).  A step up (doubling) is kept only if the rate rose by 10%
     or more; a step down (halving) only if the rate did not fall.  The first
-    window is a warm-up and not judged, nor is the first after any change of limit
-    (jobs started under the old limit finish in it); after the second, it tries a
-    step up from the limiter's start, or with ``start_high`` a step down from it.  After settling it tries again every
-    ``REPROBE`` windows, alternately up and down, so one noisy measurement does
-    not decide a whole run; each trial that does not pay doubles that interval
-    (up to 32 times), so a workload that needs its setting pays little for the
-    probes.  When downstream is the bottleneck more jobs cannot raise the rate,
-    so the limit stays low (and the CPU free).
+    window is a warm-up and not judged; after a change of limit, measuring waits
+    until the jobs started under the old limit have finished (they would credit
+    the new limit with their work).  After the second window it tries a step up
+    from the limiter's start, or with ``start_high`` a step down from it.  A step
+    up that runs clearly slower (under ``ABORT`` of the rate before it, after
+    ``limit + 1`` jobs) is undone without waiting for ``MIN_WINDOW_S``: on
+    GIL-bound work a second job costs a third of the rate while it runs.  Jobs
+    that report their thread CPU time let it tell sooner: a step up whose first
+    job spends more than ``CONTENDED`` times the CPU per item of the jobs before
+    it is contending for the GIL (two jobs of pure Python on the benchmark
+    machine: 2-4x the CPU each), and is undone at once.  After
+    settling it tries again every ``REPROBE`` windows, alternately up and down,
+    so one noisy measurement does not decide a whole run; each trial that does
+    not pay doubles that interval (up to 32 times), so a workload that needs its
+    setting pays little for the probes.  When downstream is the bottleneck more
+    jobs cannot raise the rate, so the limit stays low (and the CPU free).
+
+    The limiter may expose ``held`` (jobs running now); without it a change of
+    limit is measured from the next finished job.
 
     Not thread-safe: call :meth:`observe` from one thread, or under a lock.
     """
 
     MIN_WINDOW_S = 0.05
-    REPROBE = 8
+    REPROBE = 16
+    ABORT = 0.75
+    CONTENDED = 1.6
 
     __slots__ = (
+        "_cpu_item",
         "_down_next",
         "_interval",
         "_seen",
-        "_settling",
+        "_settle",
         "_start_high",
         "_trial",
         "_win_items",
@@ -125,14 +139,13 @@ class RateGovernor:
         self._interval = self.REPROBE
         self._trial: tuple[int, float, bool] | None = None  # (limit before, its rate, up?)
         self._seen = 0  # windows measured outside trials (the first is a warm-up)
-        # After a change of limit, jobs started under the old one still finish: the
-        # next window is not judged (it would credit the new limit with their work).
-        self._settling = False
+        self._settle = 0  # jobs of the old limit still to finish after a change
         self._windows = 0  # windows since the last decision
         self._down_next = True  # the next re-probe tries a lower limit (when above 1)
         self._win_items = 0
         self._win_jobs = 0
         self._win_start = -1.0
+        self._cpu_item = 0.0  # EWMA thread CPU seconds per item, outside trials
 
     def started(self) -> None:
         """A job starts (opens the first measurement window)."""
@@ -142,17 +155,34 @@ class RateGovernor:
     def restart(self) -> None:
         """Drop the window being measured (an epoch starts: idle time is not throughput)."""
         self._win_items, self._win_jobs, self._win_start = 0, 0, -1.0
+        self._settle = 0  # the last epoch's jobs are over
 
     def _try(self, limit: int, rate: float, up: bool) -> None:
         self._trial = (limit, rate, up)
         self._set(min(self.maximum, 2 * limit) if up else max(1, limit // 2))
 
     def _set(self, limit: int) -> None:
-        self._settling = True
+        self._settle = int(getattr(self.limiter, "held", 0))
         self.limiter.set_limit(limit)
 
-    def observe(self, items: int) -> None:
-        """Account one finished job of ``items`` items."""
+    def _judge(self, rate: float, limit: int) -> None:
+        """End the trial running at ``limit`` with its measured ``rate``."""
+        assert self._trial is not None
+        before, before_rate, up = self._trial
+        self._trial = None
+        self._windows = 0
+        if up and rate >= 1.1 * before_rate:
+            self._interval = self.REPROBE
+            if limit < self.maximum:
+                self._try(limit, rate, up=True)  # it paid: try further
+        elif not up and rate >= before_rate:
+            self._interval = self.REPROBE  # as fast with fewer: keep the lower limit
+        else:
+            self._set(before)  # it did not pay: back, and wait longer
+            self._interval = min(32 * self.REPROBE, 2 * self._interval)
+
+    def observe(self, items: int, cpu: float = -1.0) -> None:
+        """Account one finished job of ``items`` items (``cpu``: its thread CPU seconds)."""
         if self.maximum == 1:
             return
         self._win_items += items
@@ -160,26 +190,41 @@ class RateGovernor:
         now = time.perf_counter()
         span = now - self._win_start
         limit = self.limiter.limit
-        if self._win_jobs < 2 * limit + 1 or span < self.MIN_WINDOW_S:
+        full = self._win_jobs > limit and span >= self.MIN_WINDOW_S
+        trial = self._trial
+        if cpu >= 0 and items > 0:
+            per = cpu / items
+            if trial is None:
+                if self._settle == 0:
+                    c = self._cpu_item
+                    self._cpu_item = per if c == 0 else 0.8 * c + 0.2 * per
+            elif trial[2] and self._cpu_item > 0 and per > self.CONTENDED * self._cpu_item:
+                # Contending for the GIL (a job of the old limit shows it too: it
+                # ran beside the new one): undo now.
+                self._win_items, self._win_jobs, self._win_start = 0, 0, now
+                self._judge(0.0, limit)
+                return
+        if self._settle > 0:
+            self._settle -= 1
+            if self._settle == 0 or full:  # (a failed old job is never observed)
+                self._settle = 0
+                self._win_items, self._win_jobs, self._win_start = 0, 0, now
+            return
+        if not full:
+            if (
+                trial is not None
+                and trial[2]
+                and self._win_jobs >= limit + 1
+                and span > 0
+                and self._win_items / span < self.ABORT * trial[1]
+            ):
+                self._win_items, self._win_jobs, self._win_start = 0, 0, now
+                self._judge(0.0, limit)  # clearly slower: undo now
             return
         rate = self._win_items / span
         self._win_items, self._win_jobs, self._win_start = 0, 0, now
-        if self._settling:
-            self._settling = False
-            return
-        if self._trial is not None:
-            before, before_rate, up = self._trial
-            self._trial = None
-            self._windows = 0
-            if up and rate >= 1.1 * before_rate:
-                self._interval = self.REPROBE
-                if limit < self.maximum:
-                    self._try(limit, rate, up=True)  # it paid: try further
-            elif not up and rate >= before_rate:
-                self._interval = self.REPROBE  # as fast with fewer: keep the lower limit
-            else:
-                self._set(before)  # it did not pay: back, and wait longer
-                self._interval = min(32 * self.REPROBE, 2 * self._interval)
+        if trial is not None:
+            self._judge(rate, limit)
             return
         self._seen += 1
         if self._seen == 1:
@@ -212,6 +257,7 @@ class _JobResult:
     done: int  # steps completed (fewer than all: large items wait for the reader)
     seconds: list[float]  # wall seconds per completed step
     read_cpu: float = 0.0
+    cpu: float = 0.0  # thread CPU seconds of the whole job
     read_bytes: int = 0  # bytes read by this job (large items not included)
     misses: int = 0
 
@@ -227,6 +273,7 @@ def _fused_job(
     ``where[0]`` tells the loop which step runs (to name a stuck stage).
     """
     res = _JobResult(items, 0, [])
+    cpu0 = time.thread_time()
     for k, step in enumerate(steps):
         where[0] = k
         t0 = time.perf_counter()
@@ -240,6 +287,7 @@ def _fused_job(
                 if any(isinstance(x, _Large) for x in items):
                     res.seconds.append(time.perf_counter() - t0)
                     res.items, res.done = items, k + 1
+                    res.cpu = time.thread_time() - cpu0
                     return res
                 if step[2]:
                     items = list(zip(step[3], items, strict=True))
@@ -251,6 +299,7 @@ def _fused_job(
             raise _StepFailure(k, exc) from None
         res.seconds.append(time.perf_counter() - t0)
     res.items, res.done = items, len(steps)
+    res.cpu = time.thread_time() - cpu0
     return res
 
 
@@ -346,6 +395,7 @@ class Fused(Stage):
         steps = self._steps(group)
         items: list[Any] = group.items  # a reader's items are normalized in the job
         start = 0
+        cpu = -1.0  # the job's thread CPU, when one job did the whole group
         while start < len(steps):
             flags = self.reader._gov.probe_flags if self.reader and self.reader._gov else 0
             async with self._limit:
@@ -363,6 +413,7 @@ class Fused(Stage):
                     self._where = [c for c in self._where if c is not cell]
             self._account(group, start, res)
             items = res.items
+            cpu = res.cpu if start == 0 and res.done == len(steps) else -1.0
             start += res.done
             if start < len(steps):  # large items: the reader reads them in pieces
                 assert self.reader is not None
@@ -370,7 +421,7 @@ class Fused(Stage):
                 items = [x.buf if isinstance(x, _Large) else x for x in items]
                 if self.reader.with_source:
                     items = list(zip(group.items, items, strict=True))
-        self._gov.observe(len(group.items))
+        self._gov.observe(len(group.items), cpu)
         return self._output(group, items, index)
 
     async def _read_larges(self, group: Group, items: list[Any]) -> None:
