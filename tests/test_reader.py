@@ -278,3 +278,29 @@ def test_reader_pipeline_resumes_midway(many_files: list[tuple[str, bytes]]) -> 
         want,
         take=13,
     )
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_a_job_probes_the_page_cache_on_a_sample_of_its_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cold: bool
+) -> None:
+    """One read in eight asks RWF_NOWAIT; the misses are estimated for the whole job."""
+    from iopipe.stages import reader as reader_mod
+
+    files = make_files(tmp_path, [100 + i for i in range(20)], seed=3)
+    real = os.preadv
+    probes = []
+
+    def preadv(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        if flags:
+            probes.append(fd)
+            if cold:
+                raise BlockingIOError
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    entries = [(p, 0, None) for p, _ in files]
+    out, misses = reader_mod._read_job(entries, DEFAULT_CHUNK, 1)
+    assert [bytes(b) for b in out] == [d for _, d in files]
+    assert len(probes) == 3  # reads 0, 8 and 16
+    assert misses == (20 if cold else 0)
