@@ -281,7 +281,7 @@ class Source:
         order = self.order(epoch)
         if self._self_keyed is None:  # one pass, for in-memory lists only (not lazy sequences)
             self._self_keyed = isinstance(seq, list | tuple) and all(
-                isinstance(x, str | int | bytes | PurePath) for x in seq
+                issubclass(t, str | int | bytes | PurePath) for t in set(map(type, seq))
             )
         for start in range(skip, len(order), g):
             t0 = time.perf_counter()
