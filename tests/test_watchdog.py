@@ -450,6 +450,70 @@ def test_worker_pool_join_skips_an_abandoned_job_and_bounds_the_rest() -> None:
     assert pool.join(30) == []  # and they end when their jobs return
 
 
+def test_worker_pool_keeps_one_job_at_a_time_on_one_thread() -> None:
+    """The worker goes idle before its result wakes the submitter, and is woken first."""
+    pool = WorkerPool(4, "iopipe-test")
+    try:
+        ran_on = {
+            pool.submit(lambda: threading.current_thread().name).result(10) for _ in range(200)
+        }
+        assert ran_on == {"iopipe-test_0"}
+        assert len(pool.threads) == 1
+        # Two at once need two threads; afterwards one at a time keeps to the last idle one.
+        release = threading.Event()
+        first = pool.submit(release.wait, 30)
+        second = pool.submit(lambda: threading.current_thread().name)
+        assert second.result(10) == "iopipe-test_1"
+        release.set()
+        assert first.result(10) is True
+        names = [pool.submit(lambda: threading.current_thread().name).result(10) for _ in range(50)]
+        assert len(set(names)) == 1
+    finally:
+        pool.shutdown(wait=False)
+        assert pool.join(10) == []
+
+
+def test_worker_pool_runs_queued_jobs_in_submit_order() -> None:
+    pool = WorkerPool(1, "iopipe-test")
+    release = threading.Event()
+    order: list[int] = []
+    try:
+        blocker = pool.submit(release.wait, 30)
+        jobs = [pool.submit(order.append, i) for i in range(20)]
+        release.set()
+        for j in [blocker, *jobs]:
+            j.result(10)
+        assert order == list(range(20))
+    finally:
+        pool.shutdown(wait=False)
+        assert pool.join(10) == []
+
+
+def test_governed_slots_go_to_the_lowest_waiting_batch() -> None:
+    """A later batch must not take the slot an earlier one waits for (the consumer needs it)."""
+    from iopipe._workers import GovernedSlots
+
+    slots = GovernedSlots(1, govern=False)
+    entered: list[int] = []
+
+    def fetch(n: int) -> None:
+        slots.acquire(n)
+        entered.append(n)
+        slots.release()
+
+    slots.acquire(0)
+    late = threading.Thread(target=fetch, args=(5,))
+    late.start()
+    assert _wait(lambda: len(slots._waiting) == 1)
+    early = threading.Thread(target=fetch, args=(2,))
+    early.start()
+    assert _wait(lambda: len(slots._waiting) == 2)
+    slots.release()
+    late.join(10)
+    early.join(10)
+    assert entered == [2, 5]
+
+
 def test_worker_pool_rejects_a_bad_size() -> None:
     with pytest.raises(ValueError, match="max_workers must be an int >= 1, got 0"):
         WorkerPool(0, "iopipe-test")
