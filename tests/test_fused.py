@@ -258,7 +258,7 @@ def governor(monkeypatch: pytest.MonkeyPatch, start: int, maximum: int, **kw: An
     lim = Busy(start)
     gov = RateGovernor(lim, maximum, **kw)
     gov.started()
-    window(gov, clock, 1.0)  # the first window is a warm-up: slow, and not judged
+    feed(gov, clock, 1, 1.0)  # the first job is a warm-up: slow, and not judged
     return gov, lim, clock
 
 
@@ -411,7 +411,7 @@ def test_governed_slots_feed_their_governor(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
     slots = GovernedSlots(2)
     assert slots.governor is not None
-    for _ in range(6):  # a warm-up window and one at two (2 + 1 fetches each)
+    for _ in range(4):  # a warm-up fetch, then a window at two (2 + 1 fetches)
         with slots:
             clock.t += 0.1
     assert slots.limit == 1  # the first trial: one fewer step
@@ -444,7 +444,7 @@ def test_a_step_up_that_contends_for_the_gil_is_undone_at_its_first_job(
     lim = Busy(1)
     gov = RateGovernor(lim, 4)
     gov.started()
-    for _ in range(4):  # warm-up and a measured window: 1 ms of CPU per 100 items
+    for _ in range(3):  # warm-up and a measured window: 1 ms of CPU per 100 items
         clock.t += 0.1
         gov.observe(100, 0.001)
     assert lim.limit == 2

@@ -88,7 +88,7 @@ class RateGovernor:
     Measures the items finished per second over windows of ``limit + 1`` jobs or
     more (and at least ``MIN_WINDOW_S``).  A step up (doubling) is kept only if the rate rose by 10%
     or more; a step down (halving) only if the rate did not fall.  The first
-    window is a warm-up and not judged; after a change of limit, measuring waits
+    job is a warm-up and not judged; after a change of limit, measuring waits
     until the jobs started under the old limit have finished (they would credit
     the new limit with their work).  After the second window it tries a step up
     from the limiter's start, or with ``start_high`` a step down from it.  A step
@@ -190,7 +190,8 @@ class RateGovernor:
         now = time.perf_counter()
         span = now - self._win_start
         limit = self.limiter.limit
-        full = self._win_jobs > limit and span >= self.MIN_WINDOW_S
+        # The first window (a warm-up: threads start, caches fill) is the first job alone.
+        full = (self._win_jobs > limit and span >= self.MIN_WINDOW_S) or self._seen == 0
         trial = self._trial
         if cpu >= 0 and items > 0:
             per = cpu / items
