@@ -424,6 +424,7 @@ def test_worker_pool_shutdown_cancels_queued_jobs_and_refuses_new_ones() -> None
     pool = WorkerPool(1, "iopipe-test")
     release = threading.Event()
     running = pool.submit(release.wait, 30)
+    assert _wait(running.running)  # taken by the worker: only the next one is queued
     queued = pool.submit(lambda: 1)
     pool.shutdown(wait=False, cancel_futures=True)
     assert queued.cancelled()
@@ -462,6 +463,7 @@ def test_worker_pool_keeps_one_job_at_a_time_on_one_thread() -> None:
         # Two at once need two threads; afterwards one at a time keeps to the last idle one.
         release = threading.Event()
         first = pool.submit(release.wait, 30)
+        assert _wait(first.running)
         second = pool.submit(lambda: threading.current_thread().name)
         assert second.result(10) == "iopipe-test_1"
         release.set()
