@@ -239,8 +239,12 @@ def feed(gov: RateGovernor, clock: Clock, jobs: int, seconds_per_job: float) -> 
 
 
 def window(gov: RateGovernor, clock: Clock, seconds_per_job: float) -> None:
-    """Finish one measurement window's jobs (limit + 1) at the given pace."""
-    feed(gov, clock, gov.limiter.limit + 1, seconds_per_job)
+    """Finish one measurement window's jobs at the given pace.
+
+    A window is ``limit + 1`` jobs; ``2 * limit + 1`` for a governor started high.
+    """
+    limit = gov.limiter.limit
+    feed(gov, clock, (2 * limit if gov._start_high else limit) + 1, seconds_per_job)
 
 
 class Busy(Limiter):
@@ -311,7 +315,7 @@ def test_settling_waits_for_the_jobs_of_the_old_limit(monkeypatch: pytest.Monkey
     window(gov, clock, 0.025)  # four jobs: 4,000 items/s
     assert lim.limit == 2
     feed(gov, clock, 3, 0.001)  # the three others started under four finish: not judged
-    feed(gov, clock, 5, 0.1)  # were they credited to two, 1,000 items/s would look fine
+    window(gov, clock, 0.1)  # were they credited to two, 1,000 items/s would look fine
     assert lim.limit == 4  # measured alone, two are slower: back to four
 
 
@@ -411,7 +415,7 @@ def test_governed_slots_feed_their_governor(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
     slots = GovernedSlots(2)
     assert slots.governor is not None
-    for _ in range(4):  # a warm-up fetch, then a window at two (2 + 1 fetches)
+    for _ in range(6):  # a warm-up fetch, then a window at two (2 * 2 + 1 fetches)
         with slots:
             clock.t += 0.1
     assert slots.limit == 1  # the first trial: one fewer step

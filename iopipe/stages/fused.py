@@ -86,7 +86,9 @@ class RateGovernor:
     """Moves a :class:`Limiter` between 1 and ``maximum`` by measured throughput.
 
     Measures the items finished per second over windows of ``limit + 1`` jobs or
-    more (and at least ``MIN_WINDOW_S``).  A step up (doubling) is kept only if the rate rose by 10%
+    more (``2 * limit + 1`` when started high: a step down that is wrongly kept
+    costs more than a step up, undone by the checks below) and at least
+    ``MIN_WINDOW_S``.  A step up (doubling) is kept only if the rate rose by 10%
     or more; a step down (halving) only if the rate did not fall.  The first
     job is a warm-up and not judged; after a change of limit, measuring waits
     until the jobs started under the old limit have finished (they would credit
@@ -191,7 +193,8 @@ class RateGovernor:
         span = now - self._win_start
         limit = self.limiter.limit
         # The first window (a warm-up: threads start, caches fill) is the first job alone.
-        full = (self._win_jobs > limit and span >= self.MIN_WINDOW_S) or self._seen == 0
+        jobs = (2 * limit if self._start_high else limit) + 1
+        full = (self._win_jobs >= jobs and span >= self.MIN_WINDOW_S) or self._seen == 0
         trial = self._trial
         if cpu >= 0 and items > 0:
             per = cpu / items
