@@ -1,13 +1,15 @@
-"""A/B: the stages' WorkerPool (iopipe/_threads.py) against ThreadPoolExecutor (issue 7).
+"""A/B: the stages' WorkerPool (iopipe/_threads.py) against ThreadPoolExecutor (issues 6, 7).
 
 WorkerPool replaced ``concurrent.futures.ThreadPoolExecutor`` in every stage so
-that a job that never returns cannot hang interpreter exit.  This checks the hot
-path did not get slower: a read + map + batch pipeline over ~5k small page-cached
+that a job that never returns cannot hang interpreter exit, and then so that a
+stage running one job at a time keeps it on one thread (ThreadPoolExecutor's
+workers take turns).  A read + map + batch pipeline over ~5k small page-cached
 files, run fused (the default) and staged (``fuse=False``: three pools, a
 hand-off per job), alternating the two pools epoch by epoch in one process.
 
 Usage: ``python bench/bench_threads.py [N_FILES] [REPEATS]``.  Prints samples/s
-per case (median of the repeats) and the ratio WorkerPool / ThreadPoolExecutor.
+and CPU microseconds per sample (the process's) per case, medians of the
+repeats, and the ratios WorkerPool / ThreadPoolExecutor.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def transform(buf: np.ndarray) -> int:
     return int(buf[:64].sum())
 
 
-def epoch_rate(pattern: str, fuse: bool) -> float:
+def epoch_rate(pattern: str, fuse: bool) -> tuple[float, float]:
     pipe = (
         Pipeline.from_files(pattern, fuse=fuse)
         .read(concurrency=4)
@@ -54,9 +56,9 @@ def epoch_rate(pattern: str, fuse: bool) -> float:
     )
     with pipe:
         sum(1 for _ in pipe)  # warm: threads started, files cached
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n = sum(len(b) for b in pipe)
-        return n / (time.perf_counter() - t)
+        return n / (time.perf_counter() - t), 1e6 * (time.process_time() - c) / n
 
 
 def main() -> None:
@@ -68,16 +70,23 @@ def main() -> None:
         pattern = os.path.join(tmp, "*.bin")
         for fuse in (True, False):
             rates: dict[str, list[float]] = {"WorkerPool": [], "ThreadPoolExecutor": []}
+            cpus: dict[str, list[float]] = {"WorkerPool": [], "ThreadPoolExecutor": []}
             for _ in range(repeats):
                 for name, factory in (("WorkerPool", WorkerPool), ("ThreadPoolExecutor", tpe)):
                     use(factory)
-                    rates[name].append(epoch_rate(pattern, fuse))
+                    rate, cpu = epoch_rate(pattern, fuse)
+                    rates[name].append(rate)
+                    cpus[name].append(cpu)
             use(WorkerPool)
             med = {k: statistics.median(v) for k, v in rates.items()}
+            cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
             print(
-                f"fuse={fuse}: WorkerPool {med['WorkerPool']:,.0f}/s, "
-                f"ThreadPoolExecutor {med['ThreadPoolExecutor']:,.0f}/s, "
+                f"fuse={fuse}: WorkerPool {med['WorkerPool']:,.0f}/s "
+                f"{cpu_med['WorkerPool']:.1f} us CPU/sample, "
+                f"ThreadPoolExecutor {med['ThreadPoolExecutor']:,.0f}/s "
+                f"{cpu_med['ThreadPoolExecutor']:.1f} us, "
                 f"ratio {med['WorkerPool'] / med['ThreadPoolExecutor']:.3f} "
+                f"(CPU {cpu_med['WorkerPool'] / cpu_med['ThreadPoolExecutor']:.2f}x) "
                 f"(spread WP {min(rates['WorkerPool']):,.0f}-{max(rates['WorkerPool']):,.0f}, "
                 f"TPE {min(rates['ThreadPoolExecutor']):,.0f}-"
                 f"{max(rates['ThreadPoolExecutor']):,.0f})"

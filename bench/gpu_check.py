@@ -51,7 +51,7 @@ def main() -> int:
         # throughput: device stage vs synchronous copy in the loop
         for _ in range(2):
             t0 = time.perf_counter()
-            for batch in gpu_pipe:
+            for _batch in gpu_pipe:
                 pass
             torch.cuda.synchronize()
             t_stage = time.perf_counter() - t0
@@ -80,7 +80,7 @@ def main() -> int:
     torch.cuda.synchronize()
     t_compute = time.perf_counter() - t0
     with pipeline("cuda") as gpu_pipe:
-        for batch in gpu_pipe:  # warm the workers
+        for _batch in gpu_pipe:  # warm the workers
             pass
         torch.cuda.synchronize()
         t0 = time.perf_counter()
