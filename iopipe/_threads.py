@@ -14,8 +14,8 @@ on its own when the job returns, and the interpreter exits without it.
 Unlike ThreadPoolExecutor, an idle worker is woken last-in first-out and goes
 idle before its job's result wakes the submitter: a pipeline that runs one job
 at a time keeps it on one thread, with warm caches and one malloc arena (taking
-turns between two threads cost 15-25% more CPU per small file and twice the
-page faults, ``bench/bench_threads.py``).  A worker records one start time per
+turns, as ThreadPoolExecutor's workers do, cost a fused small-file pipeline 12%
+more CPU per sample and 12% of its rate: ``bench/bench_threads.py``).  A worker records one start time per
 job, which the stall watchdog reads (iopipe/_watchdog.py).
 """
 
