@@ -5,19 +5,18 @@ HEAD~5``, with ``bench/data`` linked into it) and run
 ``python -m bench.bench_ab 5 /tmp/old .``.  Each case runs in a fresh process with the
 tree's own ``iopipe`` first on ``sys.path``; cases are interleaved over the repeats.
 Prints medians of samples/s (min-max), the ratio to the plain loop, CPU microseconds per
-sample (the process's) and minor page faults.  ``WL=jpeg`` picks another workload of
-``bench/_workloads.py`` (default ``small_files``), page cached.
+sample (the process's) and minor page faults.  The cases are ``bench/bench_fused.py``'s
+(plain loop; Pipeline read, map, batch); ``WL=jpeg`` picks JPEG decode (default
+``small_files``), page cached.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,36 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def case(system: str, tree: str) -> None:
     """Run one epoch of ``system`` ("plain" or "iopipe") with ``tree``'s iopipe; print JSON."""
-    sys.path.insert(0, tree)
-    import torch
-    from torch.utils.data import default_collate
+    sys.path.insert(0, tree)  # before iopipe is imported (bench_fused imports it lazily)
+    from bench.bench_fused import run_case
 
-    from bench import _workloads
-    from bench._harness import warm
-    from iopipe import Pipeline
-
-    torch.set_num_threads(1)
-    wl = _workloads.make(os.environ.get("WL", "small_files"), ROOT / "bench" / "data" / "scale-1")
-    warm(list(_workloads.paths(wl.name, ROOT / "bench" / "data" / "scale-1")))
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    c0, t0 = time.process_time(), time.perf_counter()
-    n = 0
-    if system == "plain":
-        size = wl.batch_size
-        for i in range(0, len(wl.items), size):
-            n += len(default_collate([wl.load(x) for x in wl.items[i : i + size]]))
-    else:
-        pipe = (
-            Pipeline.from_files(list(wl.items))
-            .read(concurrency=wl.read_concurrency)
-            .map(wl.transform, concurrency=wl.map_concurrency)
-            .batch(wl.batch_size)
-        )
-        with pipe:
-            n = sum(len(b) for b in pipe)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    print(json.dumps({"rate": n / wall, "cpu_us": cpu / n * 1e6, "faults": faults}))
+    workload = os.environ.get("WL", "small_files")
+    print(json.dumps(run_case(workload, "plain" if system == "plain" else "iopipe fuse=True")))
 
 
 def main(argv: list[str]) -> None:

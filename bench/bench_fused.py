@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ CASES = [
 
 
 def run_case(workload: str, system: str) -> dict[str, Any]:
-    """Run one case in this process and return its rate and CPU per sample."""
+    """Run one case in this process; return its rate, CPU per sample and minor page faults."""
     import torch
     from torch.utils.data import default_collate
 
@@ -41,6 +42,7 @@ def run_case(workload: str, system: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     wl = _workloads.make(workload, DATA)
     warm(list(wl.items))
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0, t0 = time.process_time(), time.perf_counter()
     n = 0
     if system == "plain":
@@ -58,7 +60,8 @@ def run_case(workload: str, system: str) -> dict[str, Any]:
         with pipe:
             n = sum(len(b) for b in pipe)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"rate": n / wall, "cpu_us": 1e6 * cpu / n}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return {"rate": n / wall, "cpu_us": 1e6 * cpu / n, "faults": faults}
 
 
 def main() -> None:
