@@ -544,6 +544,35 @@ def test_close_midway_and_stats(tmp_path: Path) -> None:
     assert "TokenShards 1 shards, 5000 tokens" in repr(ts)
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_the_first_batch_is_read_alone_and_batches_stay_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drop_last: bool
+) -> None:
+    """Time to first batch: the epoch's first group is one batch; the rest are whole groups."""
+    paths, data = _shards(tmp_path, [20_000])
+    sizes: list[int] = []
+    real = _token_reader.read_group
+
+    def spy(ranges: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(ranges))
+        return real(ranges, *args, **kwargs)
+
+    monkeypatch.setattr(_token_reader, "read_group", spy)
+    # seq_len 64, batch 4: groups of 4 MiB / (16 * 64 * 4) = 1024 batches' worth, capped by
+    # the epoch: 1,000 windows, so a first batch of 4 and a second group of the rest.
+    with TokenShards(
+        paths, seq_len=64, batch_size=4, dtype="uint16", drop_last=drop_last, windows_per_epoch=999
+    ) as ts:
+        want = _expected(data, ts.windows(0), 64, 4, drop_last)
+        got = list(ts)
+    assert sizes[0] == 4
+    assert sum(sizes) == (996 if drop_last else 999)  # drop_last: the short batch is not read
+    assert len(got) == len(want)
+    for (gx, gy), (wx, wy) in zip(got, want, strict=True):
+        assert torch.equal(gx, wx)
+        assert torch.equal(gy, wy)
+
+
 def test_chains_like_a_pipeline(tmp_path: Path) -> None:
     paths, data = _shards(tmp_path, [800])
     with TokenShards(paths, seq_len=8, batch_size=4, dtype="uint16") as ts:

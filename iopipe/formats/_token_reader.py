@@ -357,7 +357,8 @@ class TokenBatcher(Batcher):
 
         Each group holds ``batches_per_group * batch_size`` windows, except the
         last, whose short final batch is dropped under ``drop_last``.  The source
-        emits groups of exactly that size, which pass through untouched.
+        emits groups of that size, and a first group of one batch (time to first
+        batch); a group of whole batches passes through untouched.
         """
         size = self.batch_size * self.batches_per_group
         parts: list[WindowRanges] = []
@@ -366,7 +367,7 @@ class TokenBatcher(Batcher):
             items = g.items
             if not isinstance(items, WindowRanges):
                 raise TypeError(f"{self.name} reads WindowRanges, got {type(items).__name__}")
-            if not held and len(items) == size:
+            if not held and len(items) <= size and len(items) % self.batch_size == 0:
                 yield Group(items, items)  # type: ignore[arg-type]
                 continue
             parts.append(items)

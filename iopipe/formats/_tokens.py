@@ -47,12 +47,15 @@ class TokenSource(Source):
     """Emit this rank's windows of an epoch as ``(path, byte offset, byte length)``.
 
     Windows come from ``plan``, a pure function of ``(seed, epoch, position)``, so
-    resuming after ``skip`` windows just starts at position ``skip``.
+    resuming after ``skip`` windows just starts at position ``skip``.  The first
+    group of an epoch is ``first`` windows (one batch), so the first batch is read
+    alone instead of with a whole group of batches (time to first batch).
     """
 
-    def __init__(self, plan: WindowPlan, files: list[TokenFile]) -> None:
+    def __init__(self, plan: WindowPlan, files: list[TokenFile], first: int = 0) -> None:
         super().__init__(range(len(plan)), seed=plan.seed)
         self.plan = plan
+        self.first = first
         self.paths = [f.path for f in files]
         self._base = np.array([f.data_offset for f in files], dtype=np.int64)
         self._itemsize = files[0].itemsize  # one dtype for all shards (TokenShards checks)
@@ -83,8 +86,11 @@ class TokenSource(Source):
             t0 = time.perf_counter()
             ranges = self.ranges(epoch, lo, min(n, lo + chunk))
             self.counters.busy_s += time.perf_counter() - t0
-            for a in range(0, len(ranges), g):
-                part = ranges[a : a + g]
+            cuts = list(range(0, len(ranges), g))
+            if lo == skip and 0 < self.first < min(g, len(ranges)):
+                cuts.insert(1, self.first)  # a multiple of the batch size: batches stay aligned
+            for a, b in zip(cuts, [*cuts[1:], len(ranges)], strict=True):
+                part = ranges[a:b]
                 await self._put(outq, Group(part, part))  # type: ignore[arg-type]
         await outq.put(END)
 
@@ -207,7 +213,7 @@ class TokenShards(Pipeline[tuple[torch.Tensor, torch.Tensor]]):
             merge_gap_bytes=merge_gap_bytes,
         )
         super().__init__(
-            TokenSource(plan, files),
+            TokenSource(plan, files, first=batch_size if per_group > 1 else 0),
             (reader,),
             **{"group_size": per_group * batch_size, **options},
         )
