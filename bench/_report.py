@@ -194,7 +194,13 @@ def overhead_rows(rows: Sequence[Row]) -> list[list[str]]:
     return out
 
 
-OVERHEAD_HEADER = ["workload", "temp", "system", "CPU us/sample over plain", "wall us/sample over plain"]
+OVERHEAD_HEADER = [
+    "workload",
+    "temp",
+    "system",
+    "CPU us/sample over plain",
+    "wall us/sample over plain",
+]
 
 
 def _target(label: str, value: float | None, limit: float, *, at_most: bool = False) -> str:
@@ -384,7 +390,9 @@ def markdown(
         "- warm: the harness reads every file of the workload once before the case; cold: "
         "`os.sync()` then `posix_fadvise(DONTNEED)` on every file before the case.",
         "- Timed from building the loader to the consumer finishing the last batch: start-up "
-        "(worker processes, threads) is inside, in time to first batch (TTFB) too.",
+        "(worker processes, threads) is inside, in time to first batch (TTFB) too. Every case "
+        "starts from a collected heap (`gc.collect()` after the imports, before the timer), so "
+        "a full collection owed to the imports does not land in one system's first batch.",
         "- samples/s = samples / wall; MB/s = bytes read from storage / wall (file sizes; for "
         "tokens the window bytes). CPU s: the process tree (workers included), from /proc. "
         "RSS and PSS: peak of the sum over the process tree (RSS double-counts pages shared "
