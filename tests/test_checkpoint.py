@@ -239,6 +239,30 @@ def test_cached_file_is_read_buffered(tmp_path: Path, monkeypatch: pytest.Monkey
         os.close(fd)
 
 
+def test_the_cache_probe_reads_nothing_and_has_a_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mincore says what is cached without starting readahead; RWF_NOWAIT where refused."""
+    monkeypatch.setattr(ckpt_io, "DIRECT_MIN_FILE_BYTES", 0)
+    path = tmp_path / "m.safetensors"
+    save_file(_unaligned_big(seed=13), path)
+    header = read_header(str(path))
+    data = header.file_bytes - header.data_start
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert ckpt_io._resident_share(fd, header.data_start, data) == 1.0  # just written
+        with monkeypatch.context() as mp:
+            mp.setattr(ckpt_io, "_resident_share", lambda *a: None)
+            assert not ckpt_io.mostly_uncached(fd, header)  # the RWF_NOWAIT probe agrees
+        _evict(path)
+        for _ in range(3):  # asking again does not bring the pages back
+            share = ckpt_io._resident_share(fd, header.data_start, data)
+            assert share is not None
+            assert share < 0.5
+    finally:
+        os.close(fd)
+
+
 def test_direct_read_refused_falls_back_to_buffered(tmp_path: Path) -> None:
     path = tmp_path / "raw.bin"
     data = bytes(range(256)) * 64
