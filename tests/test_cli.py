@@ -11,7 +11,6 @@ the file says which of its pages are in the page cache (no timing involved).
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import mmap
@@ -27,6 +26,7 @@ import pytest
 
 from iopipe._cli import main
 from iopipe._probe import evict, warm
+from iopipe.formats._ckpt_io import _resident_share
 
 REPO = Path(__file__).resolve().parent.parent
 IOPIPE = Path(sys.executable).parent / "iopipe"  # the console script
@@ -40,38 +40,17 @@ TIMEOUT_S = 240.0
 
 
 def resident_pages(path: Path) -> tuple[int, int]:
-    """Return ``(resident, total)`` pages of ``path`` in the page cache.
-
-    Maps the file (which reads nothing) and asks ``mincore(2)`` through libc.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    """Return ``(resident, total)`` pages of ``path`` in the page cache (mincore: reads nothing)."""
     size = path.stat().st_size
     pages = -(-size // mmap.PAGESIZE)
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap failed")
-        try:
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-            return sum(v & 1 for v in vec), pages
-        finally:
-            libc.munmap(ctypes.c_void_p(addr), size)
+        share = _resident_share(fd, 0, size)
     finally:
         os.close(fd)
+    if share is None:
+        raise OSError("mincore is not available here")
+    return round(share * pages), pages
 
 
 # -- running the commands ---------------------------------------------------------------

@@ -18,6 +18,7 @@ Two ways to read a tensor:
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -196,12 +197,9 @@ def empty_cpu(
     return flat.view(dtype).reshape(shape), memoryview(region)
 
 
-def _resident_share(fd: int, start: int, length: int) -> float | None:
-    """Share of the pages of ``[start, start + length)`` of ``fd`` in the page cache.
-
-    ``mincore`` on a read-only mapping of the range: it reads nothing and starts no
-    readahead.  None where the C library or the file refuses (then probe instead).
-    """
+@functools.cache
+def _libc_mincore() -> tuple[Any, Any, Any] | None:
+    """libc's ``mmap``, ``mincore`` and ``munmap`` with their signatures; None if missing."""
     import ctypes
 
     try:
@@ -220,11 +218,24 @@ def _resident_share(fd: int, start: int, length: int) -> float | None:
     ]
     mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return mmap_fn, mincore, munmap
+
+
+def _resident_share(fd: int, start: int, length: int) -> float | None:
+    """Share of the pages of ``[start, start + length)`` of ``fd`` in the page cache.
+
+    ``mincore`` on a read-only mapping of the range: it reads nothing and starts no
+    readahead.  None where the C library or the file refuses (then probe instead).
+    """
+    import ctypes
+
+    fns = _libc_mincore()
     page = mmap.PAGESIZE
     first = start // page * page
     span = start + length - first
-    if span <= 0:
+    if fns is None or span <= 0:
         return None
+    mmap_fn, mincore, munmap = fns
     addr = mmap_fn(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, first)
     if addr is None or addr == ctypes.c_void_p(-1).value:
         return None
