@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +63,12 @@ def _count(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from . import __version__
+
+    return f"iopipe {__version__} (distribution iopipe-ml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``iopipe`` command."""
     debug = argparse.ArgumentParser(add_help=False)
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure storage and run configured iopipe pipelines.",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -135,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--epochs", type=_count, default=1, metavar="N", help="epochs to run (default 1)"
     )
-    r.add_argument("--limit", type=_count, metavar="N", help="stop each epoch after N elements")
+    r.add_argument(
+        "--limit",
+        type=_count,
+        metavar="N",
+        help="stop each epoch after N batches (items without a batch stage)",
+    )
     r.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     r.set_defaults(func=cmd_run)
     return parser
@@ -158,7 +171,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise InputError("--plot needs matplotlib: pip install 'iopipe[plot]'") from None
+            raise InputError("--plot needs matplotlib: pip install 'iopipe-ml[plot]'") from None
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):  # before the measurement, not after it
+            raise InputError(f"--plot {args.plot}: the folder {folder} does not exist")
     files = _probe.list_files(args.path, args.pattern)  # OSError: bad input, exit status 2
     cells = len(args.concurrency) * len(args.chunk_bytes)
     with _bar(total=cells, unit="cell") as bar:
@@ -203,6 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ._verdict import bottleneck
 
     pipe = Pipeline.from_config(args.config)
+    unit = "batches" if _batched(pipe) else "items"
     epochs: list[dict[str, Any]] = []
     with pipe:
         try:
@@ -214,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for e in range(args.epochs):
             n = 0
             t0 = time.perf_counter()
-            with _bar(total=total, unit="el", desc=f"epoch {e}") as bar:
+            with _bar(total=total, unit=unit[:-1], desc=f"epoch {e}") as bar:
                 for _ in pipe:
                     n += 1
                     bar.update(1)
@@ -226,22 +243,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             tuner = pipe._rt.tuner if pipe._rt is not None else None
             epochs.append(_epoch_doc(e, n, wall, stats, verdict, tuner))
             if not args.json:
+                rate = n / wall if wall > 0 else 0.0
                 print(
-                    f"epoch {e}: {n:,} elements in {wall:.2f} s ({n / wall if wall > 0 else 0:,.1f}/s)"
+                    f"epoch {e}: {n:,} {unit} in {wall:.2f} s ({rate:,.1f}/s); consumer "
+                    f"waited {stats.consumer_wait_s:.2f} s ({stats.consumer_wait_share:.1%})"
                 )
-                print(stats)
+                print(stats.table())
                 if tuner is not None:
                     state = "settled" if tuner.climber.settled else tuner.climber.phase
                     knobs = ", ".join(f"{k}={v}" for k, v in tuner.climber.best.items())
                     print(f"autotune ({state}): {knobs}")
                 print(f"verdict: {verdict}")
     if args.json:
-        print(
-            json.dumps(
-                {"schema": "iopipe.run/1", "config": args.config, "epochs": epochs}, indent=1
-            )
-        )
+        doc = {"schema": "iopipe.run/1", "config": args.config, "unit": unit, "epochs": epochs}
+        print(json.dumps(doc, indent=1))
     return 0
+
+
+def _batched(pipe: Any) -> bool:
+    """Whether the pipeline yields batches (it has a batch stage)."""
+    try:
+        stages = pipe.to_config().get("stages", [])
+    except (TypeError, ValueError):
+        return False
+    return any(isinstance(st, dict) and st.get("stage") == "batch" for st in stages)
 
 
 def _epoch_doc(e: int, n: int, wall: float, stats: Any, verdict: Any, tuner: Any) -> dict[str, Any]:
@@ -294,6 +319,10 @@ def _reason(exc: BaseException) -> tuple[int, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``iopipe`` command; return its exit status."""
+    # As `python -m iopipe` does: a config's "mymodule:fn" is found in the
+    # current folder (a console script's sys.path[0] is its own bin folder).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -22,6 +22,7 @@ starts with the key path (``stages[2].concurrency: expected an int >= 1 or
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
@@ -318,6 +319,15 @@ def _table(v: Any, path: str) -> Mapping[str, Any]:
     return v
 
 
+def _unknown(what: str, got: Any, known: list[str], *, quote: bool = False) -> str:
+    """``unknown key; did you mean 'concurrency'? expected one of ...``."""
+    names = ", ".join(map(repr, known)) if quote else ", ".join(known)
+    head = f"unknown {what} {got!r}" if quote else f"unknown {what}"
+    close = difflib.get_close_matches(got, known, n=1) if isinstance(got, str) else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{head}{hint}; expected one of {names}"
+
+
 def _check(table: Any, spec: Spec, path: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Validate ``table`` against ``spec``; return the converted values."""
     t = _table(table, path)
@@ -326,8 +336,7 @@ def _check(table: Any, spec: Spec, path: str, skip: tuple[str, ...] = ()) -> dic
         if k in skip:
             continue
         if k not in spec:
-            keys = ", ".join(sorted(spec))
-            raise ConfigError(f"{path}.{k}", f"unknown key; expected one of {keys}")
+            raise ConfigError(f"{path}.{k}", _unknown("key", k, sorted(spec)))
         out[k] = spec[k][0](v, f"{path}.{k}")
     for k, (_, required) in spec.items():
         if required and k not in t:
@@ -377,7 +386,7 @@ def _load_yaml(text: str, p: Path) -> Any:
         import yaml
     except ImportError:
         raise ConfigError(
-            "", f"{p}: reading YAML needs PyYAML: pip install 'iopipe[yaml]'"
+            "", f"{p}: reading YAML needs PyYAML: pip install 'iopipe-ml[yaml]'"
         ) from None
     try:
         return yaml.safe_load(text)
@@ -389,12 +398,13 @@ def _load_yaml(text: str, p: Path) -> Any:
 def pipeline_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> Pipeline[Any]:
     """Build a pipeline from a config mapping or file (see :meth:`Pipeline.from_config`)."""
     from ._pipeline import Pipeline
+    from .stages.source import EMPTY_HINT
 
     doc = load_config(config) if isinstance(config, str | os.PathLike) else config
     top = _table(doc, "")
     for k in top:
         if k not in ("source", "options", "stages"):
-            raise ConfigError(k, "unknown key; expected one of options, source, stages")
+            raise ConfigError(k, _unknown("key", k, ["options", "source", "stages"]))
     if "source" not in top:
         raise ConfigError("source", "required key missing")
     source = _check(top["source"], _SOURCE, "source")
@@ -414,7 +424,13 @@ def pipeline_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> 
     pipe: Pipeline[Any]
     try:
         if kind == "files":
-            pipe = Pipeline.from_files(what, **source, **options)
+            try:
+                pipe = Pipeline.from_files(what, **source, **options)
+            except FileNotFoundError as exc:  # say it in the config's words
+                text = str(exc).replace(EMPTY_HINT, "set allow_empty = true in the source table")
+                raise (
+                    FileNotFoundError(exc.errno, text) if exc.errno else FileNotFoundError(text)
+                ) from None
         else:
             items = what if kind == "items" else _iterable(what)
             pipe = Pipeline.from_iterable(items, **source, **options)
@@ -437,8 +453,7 @@ def _stage_spec(entry: Any, path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{path}.stage", "required key missing")
     method = t["stage"]
     if method not in _STAGES:
-        names = ", ".join(map(repr, _STAGES))
-        raise ConfigError(f"{path}.stage", f"unknown stage {method!r}; expected one of {names}")
+        raise ConfigError(f"{path}.stage", _unknown("stage", method, list(_STAGES), quote=True))
     return method, _check(t, _STAGES[method], path, skip=("stage",))
 
 

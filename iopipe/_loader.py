@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch.utils.data import DataLoader as _TorchDataLoader
 from torch.utils.data import IterableDataset
 
 from ._errors import StageError, item_label
+from ._loader_mode import RngSnapshot, announce, probe_here, probe_in_thread, static_mode
 from ._loader_skip import (
     Fetched,
     SkippingAsyncMapFetcher,
@@ -65,7 +67,9 @@ from .stages.source import SHARD_MODES, _shard_iter, resolve_rank
 
 __all__ = ["WORKER_TYPES", "DataLoader"]
 
-WORKER_TYPES = ("thread", "process", "main")
+WORKER_TYPES = ("auto", "thread", "process", "main")
+
+_T_co = TypeVar("_T_co", covariant=True)
 
 
 def _is_async(dataset: Any) -> bool:
@@ -75,7 +79,7 @@ def _is_async(dataset: Any) -> bool:
     ) or inspect.iscoroutinefunction(getattr(cls, "__getitems__", None))
 
 
-class DataLoader(_TorchDataLoader[Any]):
+class DataLoader(_TorchDataLoader[_T_co]):
     """torch's DataLoader, with iopipe's background loop doing the loading.
 
     Takes every argument of ``torch.utils.data.DataLoader`` with the same meaning,
@@ -138,7 +142,7 @@ class DataLoader(_TorchDataLoader[Any]):
         persistent_workers: bool = False,
         pin_memory_device: str = "",
         in_order: bool = True,
-        worker_type: str = "thread",
+        worker_type: str = "auto",
         rank: int | None = None,
         world_size: int | None = None,
         shard: str | None = None,
@@ -182,21 +186,32 @@ class DataLoader(_TorchDataLoader[Any]):
                 "rank, world_size and shard apply to iterable-style datasets; for a map-style "
                 "dataset pass sampler=torch.utils.data.DistributedSampler(dataset)"
             )
-        # torch's single-process loading, in the calling thread:
-        self._mode = worker_type if not (worker_type == "process" and num_workers == 0) else "main"
-        if self._mode == "main" and timeout > 0:
+        self._async = not self._iterable and _is_async(self.dataset)
+        mode, reason = static_mode(
+            worker_type,
+            num_workers=num_workers,
+            iterable=self._iterable,
+            init_fn=worker_init_fn is not None,
+            is_async=self._async,
+            sharded=self._sharded,
+        )
+        if worker_type == "auto" and on_error == "skip" and mode == "process":
+            mode, reason = "thread", "on_error='skip' runs on threads"
+        self._mode, self._mode_reason = mode, reason  # "probe": decided by the first batch
+        self._probing = False  # the first epoch's first batch is being watched
+        if mode == "main" and timeout > 0 and worker_type != "auto":
             raise ValueError(
                 f"timeout needs a background worker; got timeout={timeout!r} with "
                 f"worker_type={worker_type!r}, num_workers={num_workers!r}"
             )
-        if worker_init_fn is not None and self._mode == "thread":
+        if worker_init_fn is not None and worker_type == "thread":
             warnings.warn(
                 "iopipe.DataLoader: worker_init_fn is called in worker processes only "
                 "(worker_type='process'); thread workers share this process and never call it",
                 UserWarning,
                 stacklevel=2,
             )
-        if on_error == "skip" and self._mode == "process":
+        if on_error == "skip" and worker_type == "process" and num_workers > 0:
             raise ValueError(
                 "on_error='skip' needs worker_type='thread' or 'main' (worker processes run "
                 f"torch's own fetcher), got worker_type={worker_type!r}, "
@@ -206,7 +221,6 @@ class DataLoader(_TorchDataLoader[Any]):
         # Counts the samples attempted in policy.items_seen (no closure over self:
         # a cycle would keep the loader, and its threads, alive until a gc pass).
         self._policy = FailurePolicy(max_failures) if on_error == "skip" else None
-        self._async = not self._iterable and _is_async(self.dataset)
         if self._async and self._mode != "thread":
             raise ValueError(
                 f"an async def __getitem__ needs worker_type='thread', got worker_type={worker_type!r}"
@@ -229,13 +243,11 @@ class DataLoader(_TorchDataLoader[Any]):
         self._gate: FirstGate | None = None
         self._inner: _TorchDataLoader[Any] | None = None
         self._procs = WorkerProcesses(persistent_workers)
+        self._primed: _Primed | None = None  # the pipeline's job function
+        if mode != "probe" and worker_type == "auto":
+            announce(self, mode, reason)
 
     # -- torch hooks -------------------------------------------------------------
-    def check_worker_number_rationality(self) -> None:
-        """Warn about too many worker processes, as torch does (process workers only)."""
-        if self.worker_type == "process":
-            super().check_worker_number_rationality()
-
     def __len__(self) -> int:
         """Batches per epoch, as torch computes it (per rank when sharding an iterable)."""
         if not (self._iterable and self._sharded):
@@ -255,11 +267,36 @@ class DataLoader(_TorchDataLoader[Any]):
     def __iter__(self) -> _LoaderIter:  # type: ignore[override]
         """Start an epoch (ending the previous one) and return its iterator.
 
-        The RNG draws of the epoch (base seed, sampler) happen here, in the
-        calling thread, in torch's order.
+        The RNG draws of the epoch happen where torch makes them: the base seed
+        here, in the calling thread; the sampler's here too with workers, at the
+        first ``next()`` with ``num_workers=0`` on the calling thread.
         """
+        if self._mode == "probe" and self.num_workers > 0:
+            return self._iter_probing()
+        return self._iter_epoch()
+
+    def _iter_probing(self) -> _LoaderIter:
+        """The first epoch of ``worker_type="auto"`` with workers: try threads, watching batch 0.
+
+        If the watched batch needs torch's worker processes, every RNG is set back
+        to where this call found it and the epoch starts again on processes, so
+        the draws torch makes happen once, as torch makes them.
+        """
+        rngs = RngSnapshot.take()
+        gens = RngState.capture(self._gens, False)
+        self._mode, self._probing = "thread", True
+        try:
+            return self._iter_epoch()
+        except _NeedsProcesses:
+            rngs.restore()
+            gens.apply(self._gens)
+            self._stream.record = True
+            return self._iter_epoch()
+        finally:
+            self._probing = False
+
+    def _iter_epoch(self) -> _LoaderIter:
         self._end_epoch()
-        self._pin_warnings()
         new_workers = self._mode == "process" and self._procs.will_start
         before = self._epoch, self._pending
         plan, hand_draw, pre_global = self._plan_epoch(new_workers)
@@ -271,16 +308,32 @@ class DataLoader(_TorchDataLoader[Any]):
         finally:
             if pre_global is not None:
                 torch.set_rng_state(pre_global)
+        self._pin_warnings()
         self._iterators += 1
         self._plan = plan
         if self._policy is not None:
             self._policy.reset()
         iter_cls = _LoaderIter if self._policy is None else _SkippingLoaderIter
-        it = iter_cls(self, batches, plan, engine=self._mode != "main")
+        it = iter_cls(self, batches, plan)
         stop = self._procs.stop_event
         if stop is not None:  # a dropped iterator releases the source thread
             weakref.finalize(it, stop.set)
         return it
+
+    def _settle(self, mode: str, reason: str) -> str:
+        """Fix the workers ``worker_type="auto"`` runs on (once per loader); log why."""
+        if mode == "process" and self._policy is not None:
+            warnings.warn(
+                f"iopipe.DataLoader: on_error='skip' runs on threads, but {reason}: torch's "
+                "per-worker semantics (worker seeds, get_worker_info()) do not hold there; "
+                "pass worker_type='thread' to say this is intended",
+                UserWarning,
+                stacklevel=4,
+            )
+            mode = "thread"
+        self._mode, self._mode_reason = mode, reason
+        announce(self, mode, reason)
+        return mode
 
     def _plan_epoch(self, new_workers: bool) -> tuple[EpochPlan, bool, torch.Tensor | None]:
         """Decide the epoch's RNG replay; return (plan, draw the base seed by hand, global RNG to restore).
@@ -318,28 +371,85 @@ class DataLoader(_TorchDataLoader[Any]):
         """Run the epoch's set-up in this thread; return the iterator of its batches."""
         if self._mode == "process":
             return self._start_process(plan, hand_draw)
-        if self._iterable:
+        start = self._epoch_jobs(plan, hand_draw)
+        if self._mode in ("main", "probe"):  # torch's num_workers=0: nothing before next()
+            return self._inline_epoch(start, plan)
+        jobs = start()
+        primed = None
+        if self._probing:
+            jobs, primed = self._probe_first(jobs)
+        return self._on_pipeline(jobs, plan, primed)
+
+    def _epoch_jobs(self, plan: EpochPlan, hand_draw: bool) -> Callable[[], Iterator[Any]]:
+        """Make the epoch's draws of ``iter()``; return what starts the sampler's.
+
+        torch draws the base seed in ``iter()``; the sampler (or an iterable
+        dataset) makes its draws when the first batch is asked for.
+        """
+        if self._iterable:  # torch calls iter(dataset) in iter(loader) too
             if hand_draw:
                 draw_base_seed(self.generator)
             self._at_sampler_start(plan)
-            jobs: Iterator[Any] = iterable_batches(
-                self._dataset_iter(), self.batch_size, self.drop_last, plan.skip
-            )
+            it = iterable_batches(self._dataset_iter(), self.batch_size, self.drop_last, plan.skip)
+            return lambda: it
+        self._stream.plan = plan
+        gen = iter(self._stream)
+        if hand_draw:
+            draw_base_seed(self.generator)
+        return lambda: numbered(next(gen, NOTHING), gen, plan.skip)
+
+    def _inline_epoch(self, start: Callable[[], Iterator[Any]], plan: EpochPlan) -> Iterator[Any]:
+        """``num_workers=0``: everything from the first ``next()`` on, in the calling thread.
+
+        Under ``worker_type="auto"`` the first epoch's first batch is watched
+        (:func:`~iopipe._loader_mode.probe_here`): a dataset that drew from a global
+        RNG stays here, as torch runs it; the others go on in a background thread.
+        """
+        jobs = start()
+        fn: Callable[[Any], Any] = self._job_fn()
+        if self._mode == "probe":
+            job0 = next(jobs, NOTHING)
+            if job0 is NOTHING:
+                return
+            probe = probe_here(fn, job0)
+            jobs = itertools.chain([job0], jobs)
+            primed = (job0[0], probe.outcome)
+            if probe.needs is None:
+                self._settle("thread", "the first batch drew from no global RNG")
+                yield from self._on_pipeline(jobs, plan, primed)
+                return
+            self._settle("main", probe.needs)
+            fn = _Primed(fn, primed)
+        yield from run_inline(fn, jobs, self._pin_now())
+
+    def _probe_first(self, jobs: Iterator[Any]) -> tuple[Iterator[Any], tuple[int, Any] | None]:
+        """Watch batch 0 fetched alone (``num_workers > 0``); raise if it needs processes."""
+        job0 = next(jobs, NOTHING)
+        if job0 is NOTHING:
+            return jobs, None
+        probe = probe_in_thread(self._job_fn(), job0)
+        if probe.error is not None:
+            raise probe.error
+        if probe.needs is not None:
+            if self._settle("process", probe.needs) == "process":
+                raise _NeedsProcesses(probe.needs)
         else:
-            self._stream.plan = plan
-            gen = iter(self._stream)
-            if hand_draw:
-                draw_base_seed(self.generator)
-            first = next(gen, NOTHING)  # the sampler's own draws happen here
-            jobs = numbered(first, gen, plan.skip)
-        if self._mode == "main":
-            return run_inline(self._job_fn(), jobs, self._pin_now())
+            self._settle("thread", "the first batch needed no per-worker state")
+        primed = (job0[0], probe.outcome) if probe.done else None
+        return itertools.chain([job0], jobs), primed
+
+    def _on_pipeline(
+        self, jobs: Iterator[Any], plan: EpochPlan, primed: tuple[int, Any] | None
+    ) -> Iterator[Any]:
+        """Feed ``jobs`` to the loader's pipeline; ``primed``: a job already done."""
         pipe = self._pipeline()
         assert self._feed is not None
         self._feed.current = jobs
+        if self._primed is not None:
+            self._primed.primed = primed
         if self._slots is not None:
             self._slots.restart()
-        if self._gate is not None and isinstance(self._feed, AsyncFeed):
+        if self._gate is not None and isinstance(self._feed, AsyncFeed) and primed is None:
             self._feed.gate = self._gate.arm(plan.skip)
         return iter(pipe)
 
@@ -406,7 +516,8 @@ class DataLoader(_TorchDataLoader[Any]):
                 )
                 pipe = pipe.map(self._collate(), concurrency=1, name="collate")
             elif self._iterable:
-                pipe = pipe.map(self._collate(), concurrency=conc, name="collate")
+                self._primed = _Primed(self._collate())
+                pipe = pipe.map(self._primed, concurrency=conc, name="collate")
             else:
                 # One job more than workers is in flight, waiting on `slots`: a worker
                 # that finishes a batch starts the next at once instead of waiting for
@@ -414,8 +525,9 @@ class DataLoader(_TorchDataLoader[Any]):
                 fetcher = self._fetcher()
                 fetcher.gate = gate
                 fetcher.slots = self._slots = GovernedSlots(conc)
+                self._primed = _Primed(fetcher)
                 pipe = pipe.map(
-                    fetcher,
+                    self._primed,
                     concurrency=conc + 1,
                     executor="thread",
                     ordered=ordered,
@@ -473,7 +585,7 @@ class DataLoader(_TorchDataLoader[Any]):
             finally:
                 self._procs.close()
 
-    def __enter__(self) -> DataLoader:
+    def __enter__(self) -> DataLoader[_T_co]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -566,7 +678,7 @@ class DataLoader(_TorchDataLoader[Any]):
     def __repr__(self) -> str:
         return (
             f"<iopipe.DataLoader batch_size={self.batch_size} num_workers={self.num_workers} "
-            f"worker_type={self.worker_type!r}>"
+            f"worker_type={self.worker_type!r} mode={self._mode!r}>"
         )
 
 
@@ -591,13 +703,10 @@ class _LoaderIter:
     a timeout raises torch's ``RuntimeError``, naming the stage where items wait.
     """
 
-    def __init__(
-        self, loader: DataLoader, batches: Iterator[Any], plan: EpochPlan, *, engine: bool
-    ) -> None:
+    def __init__(self, loader: DataLoader[Any], batches: Iterator[Any], plan: EpochPlan) -> None:
         self._loader = loader
         self._batches = batches
         self._plan = plan
-        self._engine = engine  # errors come wrapped by the pipeline (else: raw, in this thread)
 
     def __iter__(self) -> _LoaderIter:
         return self
@@ -625,10 +734,35 @@ class _LoaderIter:
             self._plan.finished = True
             raise
         except (StageError, TimeoutError) as exc:
-            if not self._engine:  # worker_type="main": the user's own exception
+            if self._loader._mode == "main":  # the user's own exception, raised here
                 raise
             err = exc
         _reraise(err, self._loader)
+
+
+class _NeedsProcesses(Exception):
+    """The watched first batch needs torch's worker processes (``worker_type="auto"``)."""
+
+
+class _Primed:
+    """A job function that returns a result already computed for one job.
+
+    The batch watched by ``worker_type="auto"`` is not fetched twice: the
+    pipeline's job function hands out its outcome when that job comes.
+    """
+
+    __slots__ = ("fn", "primed")
+
+    def __init__(self, fn: Callable[[Any], Any], primed: tuple[int, Any] | None = None) -> None:
+        self.fn = fn
+        self.primed = primed
+
+    def __call__(self, job: tuple[int, Any]) -> Any:
+        primed = self.primed
+        if primed is not None and primed[0] == job[0]:
+            self.primed = None
+            return primed[1]
+        return self.fn(job)
 
 
 def _failures_row(name: str, failures: int) -> StageStats:
@@ -644,10 +778,8 @@ class _SkippingLoaderIter(_LoaderIter):
     the epoch ends (later ``next()`` calls raise StopIteration).
     """
 
-    def __init__(
-        self, loader: DataLoader, batches: Iterator[Any], plan: EpochPlan, *, engine: bool
-    ) -> None:
-        super().__init__(loader, batches, plan, engine=engine)
+    def __init__(self, loader: DataLoader[Any], batches: Iterator[Any], plan: EpochPlan) -> None:
+        super().__init__(loader, batches, plan)
         assert loader._policy is not None
         self._policy = loader._policy
         self._over = False
@@ -723,7 +855,7 @@ def _timeout_detail(err: TimeoutError) -> str:
     )
 
 
-def _reraise(err: BaseException, loader: DataLoader) -> NoReturn:
+def _reraise(err: BaseException, loader: DataLoader[Any]) -> NoReturn:
     """Raise what the consumer should see for a pipeline error (outside any except block)."""
     if isinstance(err, TimeoutError):
         detail = _timeout_detail(err)

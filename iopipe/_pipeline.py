@@ -54,7 +54,7 @@ from .stages.fused import Fused
 from .stages.fused import plan as fused_plan
 from .stages.prefetch import Prefetcher
 from .stages.reader import ChunkedReader
-from .stages.source import Source, list_files
+from .stages.source import EMPTY_HINT, Source, list_files
 
 __all__ = ["Pipeline"]
 
@@ -611,15 +611,12 @@ class Pipeline(Generic[T]):
             items: list[Any] = list_files(
                 paths,
                 allow_empty=allow_empty,
-                hint="; pass allow_empty=True to Pipeline.from_files for empty epochs",
+                hint=f"; {EMPTY_HINT}",
             )
         elif isinstance(paths, Iterable):
             items = list(paths)
             if not items and not allow_empty:
-                raise ValueError(
-                    "paths is an empty list; pass allow_empty=True to Pipeline.from_files "
-                    "for empty epochs"
-                )
+                raise ValueError(f"paths is an empty list; {EMPTY_HINT}")
         else:
             raise TypeError(
                 "paths must be a glob, a directory, a file or a list of paths and byte "

@@ -505,7 +505,7 @@ def plot(report: ProbeReport, out: str | os.PathLike[str]) -> None:
     """Write a PNG of throughput against concurrency, one line per chunk size.
 
     Raises:
-        ImportError: matplotlib is not installed (``pip install 'iopipe[plot]'``).
+        ImportError: matplotlib is not installed (``pip install 'iopipe-ml[plot]'``).
     """
     import matplotlib
 

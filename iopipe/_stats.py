@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["PipelineStats", "StageCounters", "StageStats"]
+__all__ = ["PipelineStats", "StageCounters", "StageStats", "busy_share"]
 
 
 @dataclass(slots=True)
@@ -31,6 +31,32 @@ class StageCounters:
     jobs: int = 0
     extra: dict[str, float] = field(default_factory=dict)
     failures: int = 0  # items skipped under on_error="skip" (iopipe/_policy.py)
+    run_busy_s: float = 0.0  # a fused run's members: busy time of the whole run
+
+
+def busy_share(s: StageStats, elapsed_s: float | None = None) -> float:
+    """Return the share of the epoch's ``elapsed_s`` that ``s`` spent working.
+
+    ``elapsed_s`` defaults to the stage's own; a stage that finished early (its
+    ``elapsed_s`` shorter than the pipeline's) counts as idle after it finished.
+    The larger of two figures: the utilization (``busy_s`` over the time at full
+    concurrency) and the share of the time the stage neither waited for input
+    nor for room downstream.  The members of a fused run wait as one, so the
+    second is split between them in proportion to their busy time.
+    """
+    total = max(s.elapsed_s, elapsed_s or 0.0)
+    if total <= 0:
+        return 0.0
+    util = s.busy_s / (total * max(1, s.concurrency))
+    working = s.elapsed_s - max(s.wait_input_s, s.wait_output_s)
+    if s.run_busy_s > 0:
+        working *= min(1.0, s.busy_s / s.run_busy_s)
+    return min(1.0, max(util, working / total, 0.0))
+
+
+def _fmt_number(v: float) -> str:
+    """Three significant digits for a float (``cpu_s=0.0117``), ints as they are."""
+    return str(v) if isinstance(v, int) else f"{v:.3g}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -60,6 +86,8 @@ class StageStats:
             finished, for a stage that is done).
         extra: Stage-specific figures (the cache's ``hits``, ``misses``, ``bytes_held``).
         failures: Items the stage skipped because they failed (``on_error="skip"``).
+        run_busy_s: For a member of a fused run (several stages run as one job),
+            the busy time of the whole run, every member's together; else 0.
     """
 
     name: str
@@ -75,6 +103,7 @@ class StageStats:
     elapsed_s: float
     extra: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     failures: int = 0
+    run_busy_s: float = 0.0
 
     @property
     def utilization(self) -> float:
@@ -137,6 +166,14 @@ class PipelineStats:
             f"epoch {self.epoch}: {self.delivered} delivered in {self.elapsed_s:.2f} s; "
             f"consumer waited {self.consumer_wait_s:.2f} s ({self.consumer_wait_share:.1%})"
         )
+        return f"{head}\n{self.table()}"
+
+    def table(self) -> str:
+        """The per-stage table of ``str(stats)``, without its first (epoch) line.
+
+        ``busy`` is :func:`busy_share`, the figure the bottleneck
+        verdict ranks stages by.
+        """
         rows = [
             ("stage", "conc", "items", "items/s", "bytes", "busy", "wait in", "wait out", "queue")
         ]
@@ -148,14 +185,14 @@ class PipelineStats:
                     str(s.items),
                     f"{s.items_per_s:,.0f}",
                     _fmt_bytes(s.bytes) if s.bytes else "-",
-                    f"{s.utilization:.0%}",
+                    f"{busy_share(s, self.elapsed_s):.0%}",
                     f"{s.wait_input_s:.2f}s",
                     f"{s.wait_output_s:.2f}s",
                     f"{s.queue_mean:.0f}/{s.queue_capacity}",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [head]
+        lines = []
         for r in rows:
             lines.append(
                 "  ".join(
@@ -165,7 +202,7 @@ class PipelineStats:
             )
         for s in self.stages:
             if s.extra:
-                extras = ", ".join(f"{k}={v:g}" for k, v in s.extra.items())
+                extras = ", ".join(f"{k}={_fmt_number(v)}" for k, v in s.extra.items())
                 lines.append(f"{s.name}: {extras}")
         if self.failures:
             per = ", ".join(f"{s.name} {s.failures}" for s in self.stages if s.failures)
@@ -203,4 +240,5 @@ def snapshot(
         elapsed_s=max(0.0, elapsed),
         extra=MappingProxyType(extra),
         failures=counters.failures,
+        run_busy_s=counters.run_busy_s,
     )

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._stats import PipelineStats, StageStats
+from ._stats import PipelineStats, StageStats, busy_share
 
 if TYPE_CHECKING:
     from ._pipeline import Pipeline, _Epoch
@@ -79,20 +79,6 @@ class Verdict:
 
     def __str__(self) -> str:
         return self.message
-
-
-def busy_share(s: StageStats, elapsed_s: float | None = None) -> float:
-    """Return the share of the epoch's ``elapsed_s`` that ``s`` spent working.
-
-    ``elapsed_s`` defaults to the stage's own; a stage that finished early (its
-    ``elapsed_s`` shorter than the pipeline's) counts as idle after it finished.
-    """
-    total = max(s.elapsed_s, elapsed_s or 0.0)
-    if total <= 0:
-        return 0.0
-    util = s.busy_s / (total * max(1, s.concurrency))
-    working = s.elapsed_s - max(s.wait_input_s, s.wait_output_s)
-    return min(1.0, max(util, working / total, 0.0))
 
 
 def _fill(s: StageStats) -> float:

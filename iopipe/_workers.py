@@ -18,6 +18,7 @@ import heapq
 import itertools
 import multiprocessing.connection
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -552,8 +553,7 @@ class TorchDriver:
             dead = self.workers.crashed(wait_s=CRASH_WAIT_S)
             if not dead:
                 raise
-            pids = ", ".join(str(pid) for pid in dead)
-            err = RuntimeError(f"DataLoader worker (pid(s) {pids}) exited unexpectedly")
+            err = RuntimeError(_death_message(dead))
             err.add_note(f"iopipe.DataLoader: worker exit codes (pid: code): {dead}")
             raise err from exc
         index = sent.popleft() if sent else None
@@ -570,6 +570,20 @@ class TorchDriver:
         self.stop_event.set()
         if self._lock.acquire(timeout=STOP_TIMEOUT_S):
             self._lock.release()
+
+
+def _death_message(dead: dict[int, int]) -> str:
+    """torch's words for a dead worker: killed by a signal, or exited (with its code)."""
+    pid, code = next(iter(dead.items()))
+    if len(dead) == 1 and code < 0:
+        try:
+            name = signal.Signals(-code).name
+            what = signal.strsignal(-code) or name
+        except ValueError:
+            what = f"signal {-code}"
+        return f"DataLoader worker (pid {pid}) is killed by signal: {what}. "
+    pids = ", ".join(str(p) for p in dead)
+    return f"DataLoader worker (pid(s) {pids}) exited unexpectedly"
 
 
 class WorkerProcesses:

@@ -346,7 +346,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "DataLoader(worker_type='gpu')",
         lambda: DataLoader([1], worker_type="gpu"),
         ValueError,
-        r"worker_type must be one of \('thread', 'process', 'main'\), got 'gpu'",
+        r"worker_type must be one of \('auto', 'thread', 'process', 'main'\), got 'gpu'",
     ),
     (
         "DataLoader(shard='even')",

@@ -269,7 +269,7 @@ def test_probe_json_is_one_document_with_every_cell(world: World) -> None:
     assert rec["advice"].startswith(f"read(concurrency={rec['concurrency']}, chunk_bytes=")
 
 
-@pytest.mark.skipif(not PLOT, reason="needs matplotlib (pip install 'iopipe[plot]')")
+@pytest.mark.skipif(not PLOT, reason="needs matplotlib (pip install 'iopipe-ml[plot]')")
 def test_probe_plot_is_a_png(world: World) -> None:
     ok(world.runs["json"])
     png = (world.root / "probe.png").read_bytes()
@@ -348,8 +348,9 @@ def test_debug_raises_instead_of_one_line(tmp_path: Path) -> None:
 def test_run_reports_stages_queues_and_the_verdict_each_epoch(world: World) -> None:
     out = ok(world.runs["run"]).stdout
     assert out.count("verdict: ") == 2
-    assert "epoch 0: 6 elements in " in out
-    assert "epoch 1: 6 elements in " in out
+    assert "epoch 0: 6 batches in " in out
+    assert "epoch 1: 6 batches in " in out
+    assert out.count("epoch 0:") == out.count("epoch 1:") == 1  # one line per epoch
     for stage in ("source", "read", "map", "batch"):
         assert f"\n{stage} " in out
     assert "queue" in out  # occupancy column
@@ -439,7 +440,7 @@ def test_plot_without_matplotlib_is_bad_input(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["probe", str(world.data), "--plot", str(world.root / "x.png")]) == 2
     assert capsys.readouterr().err == (
-        "iopipe probe: error: --plot needs matplotlib: pip install 'iopipe[plot]'\n"
+        "iopipe probe: error: --plot needs matplotlib: pip install 'iopipe-ml[plot]'\n"
     )
 
 

@@ -254,7 +254,7 @@ ERRORS = [
     (
         "stages.0.concurency",
         4,
-        "stages[0].concurency: unknown key; expected one of chunk_bytes, concurrency, with_source",
+        "stages[0].concurency: unknown key; did you mean 'concurrency'?; expected one of chunk_bytes, concurrency, with_source",
     ),
     ("stages.1.n", DELETE, "stages[1].n: required key missing"),
     ("stages.1.n", -1, "stages[1].n: expected an int >= 1 or 'auto', got -1"),
@@ -378,7 +378,7 @@ def test_config_file_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     (tmp_path / "p.yaml").write_text("source: {items: [1]}\n")
     monkeypatch.setitem(sys.modules, "yaml", None)
     with pytest.raises(
-        ConfigError, match=r"p\.yaml: reading YAML needs PyYAML: pip install 'iopipe\[yaml\]'$"
+        ConfigError, match=r"p\.yaml: reading YAML needs PyYAML: pip install 'iopipe-ml\[yaml\]'$"
     ):
         Pipeline.from_config(tmp_path / "p.yaml")
 

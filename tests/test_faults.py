@@ -291,7 +291,7 @@ def test_loader_worker_killed_raises_and_the_next_epoch_works(
     )
     with dl:
         with pytest.raises(
-            RuntimeError, match=r"DataLoader worker \(pid\(s\) \d+\) exited"
+            RuntimeError, match=r"DataLoader worker \(pid \d+\) is killed by signal: Killed\. "
         ) as info:
             list(dl)
         assert ": -9}" in "\n".join(info.value.__notes__)  # the exit code: SIGKILL

@@ -272,7 +272,11 @@ def test_files_same_as_torch(file_paths: list[str], args: str, workers: int) -> 
 )
 @pytest.mark.parametrize("kind", ["tensor", "dict", "string"])
 def test_iterable_same_as_torch(kind: str, args: dict[str, Any], workers: int) -> None:
-    run_pair(lambda: Stream(MAKERS[kind]), lambda: dict(args), ours_kw={"num_workers": workers})
+    run_pair(
+        lambda: Stream(MAKERS[kind]),
+        lambda: dict(args),
+        ours_kw={"num_workers": workers, "worker_type": "thread"},
+    )
 
 
 @pytest.mark.parametrize("worker_type", ["thread", "process", "main"])
@@ -393,7 +397,7 @@ def test_own_argument_validation() -> None:
     with pytest.raises(ValueError, match="worker_type='process', num_workers=0"):
         DataLoader(ds, timeout=1, worker_type="process")
     with pytest.warns(UserWarning, match="worker_init_fn is called in worker processes only"):
-        DataLoader(ds, worker_init_fn=print)
+        DataLoader(ds, worker_init_fn=print, worker_type="thread")
 
 
 # -- threads: num_workers mapping, async, __getitems__ --------------------------------
@@ -422,13 +426,20 @@ class Probe(Dataset[Any]):
                 self.active -= 1
 
 
-def test_num_workers_0_is_one_background_thread() -> None:
+@pytest.mark.parametrize("worker_type", ["auto", "thread"])
+def test_num_workers_0_is_one_background_thread(worker_type: str) -> None:
+    # "auto" fetches the first batch in the calling thread, as torch does, and
+    # watches it; a dataset that draws no random numbers then goes on in one
+    # background thread.
     ds = Probe()
-    with DataLoader(ds, batch_size=2) as dl:
+    with DataLoader(ds, batch_size=2, worker_type=worker_type) as dl:
         assert [b.tolist() for b in dl] == [[i, i + 1] for i in range(0, 24, 2)]
+        assert dl._mode == "thread"
     assert ds.max_active == 1
-    assert threading.current_thread().name not in ds.threads
-    assert all(name.startswith("iopipe-fetch") for name in ds.threads)
+    background = ds.threads - {threading.current_thread().name}
+    assert background
+    assert all(name.startswith("iopipe-fetch") for name in background)
+    assert (threading.current_thread().name in ds.threads) == (worker_type == "auto")
 
 
 def test_worker_type_main_runs_in_calling_thread() -> None:
@@ -755,7 +766,7 @@ class Crashing(Dataset[Any]):
 
 def test_crashed_worker_raises() -> None:
     dl = DataLoader(Crashing(), batch_size=2, num_workers=2, worker_type="process")
-    pattern = r"DataLoader worker \(pid.*exited unexpectedly"
+    pattern = r"DataLoader worker \(pid.*(exited unexpectedly|is killed by signal: Killed)"
     with dl, pytest.raises(RuntimeError, match=pattern) as info:
         list(dl)
     assert ": 3}" in "\n".join(info.value.__notes__)  # the exit code of os._exit(3)
@@ -823,7 +834,8 @@ def _loader(kind: str, workers: int, **extra: Any) -> DataLoader:
         return DataLoader(
             Samples(_int), batch_size=4, sampler=sampler, num_workers=workers, **extra
         )
-    if kind == "iterable":
+    if kind == "iterable":  # one stream across workers: threads (processes replicate it)
+        extra.setdefault("worker_type", "thread")
         return DataLoader(Stream(_int), batch_size=4, num_workers=workers, **extra)
     return DataLoader(Samples(_int), batch_size=4, num_workers=workers, **extra)
 

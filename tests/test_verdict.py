@@ -296,3 +296,73 @@ def test_a_stage_that_finished_early_counts_as_idle_since() -> None:
         wait=0.5,
     )
     assert bottleneck(stats).stage == "map"
+
+
+# -- fused pipelines (the default): one busy figure, right verdicts ------------------
+
+
+def _slow(x: Any) -> Any:
+    import time
+
+    time.sleep(0.01)
+    return x
+
+
+def _fused_run(tmp_path: Any, *, map_fn: Any, consumer_s: float, files: int = 40) -> Any:
+    import time
+
+    for i in range(files):
+        (tmp_path / f"{i:03d}.bin").write_bytes(bytes(64))
+    pipe = Pipeline.from_files(str(tmp_path)).read(concurrency=1).map(map_fn).batch(4)
+    with pipe:
+        for _ in pipe:
+            time.sleep(consumer_s)
+        stats = pipe.stats()
+    return stats, bottleneck(stats)
+
+
+def _nothing(x: Any) -> Any:
+    return x
+
+
+def test_fused_slow_consumer_is_the_bottleneck_and_no_stage_reads_busy(tmp_path: Any) -> None:
+    stats, v = _fused_run(tmp_path, map_fn=_nothing, consumer_s=0.05)
+    assert v.kind == "consumer", str(v)
+    # Every member of the fused run waited for the consumer: none was busy most of the time.
+    for s in stats.stages:
+        assert v.busy[s.name] < 0.5, (s.name, v.busy, str(stats))
+    # The table prints the verdict's busy figure.
+    table = stats.table()
+    for s in stats.stages:
+        row = next(line for line in table.splitlines() if line.startswith(s.name + " "))
+        assert f"{v.busy[s.name]:.0%}" in row.split(), (row, v.busy)
+
+
+def test_fused_slow_map_is_named(tmp_path: Any) -> None:
+    _, v = _fused_run(tmp_path, map_fn=_slow, consumer_s=0.0)
+    assert v.kind == "stage", str(v)
+    assert v.stage == "map", str(v)
+
+
+class _SlowSource:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Any:
+        import time
+
+        for i in range(self.n):
+            time.sleep(0.01)
+            yield i
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_fused_slow_source_is_named() -> None:
+    with Pipeline.from_iterable(_SlowSource(40)).map(_nothing).batch(4) as pipe:
+        assert sum(len(b) for b in pipe) == 40
+        v = bottleneck(pipe.stats())
+    assert v.kind == "source", str(v)
+    assert v.stage == "source", str(v)
+    assert v.busy["map"] < 0.5, str(v)

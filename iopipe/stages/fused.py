@@ -437,6 +437,9 @@ class Fused(Stage):
     def _account(self, group: Group, start: int, res: _JobResult) -> None:
         """Credit each member with its share of a fused job (stats, governors)."""
         n = len(group.items)
+        run = sum(res.seconds)
+        for m in self.members:
+            m.counters.run_busy_s += run
         for m, dt in zip(self.members[start : start + res.done], res.seconds, strict=True):
             c = m.counters
             c.busy_s += dt
@@ -483,13 +486,39 @@ class Fused(Stage):
         self._count = 0
         if self._gov is not None:
             self._gov.restart()
-        first, last = self.members[0], self.members[-1]
-        groups = drain(inq, first.counters)
+        every = [m.counters for m in self.members]
+        groups = drain(inq, _SharedWaits(every[0], every))
         if self.batcher is not None:
             groups = self.batcher._cut(groups)
-        await pump(
-            groups, outq, self._process, window=self.window(), ordered=True, counters=last.counters
-        )
+        last = _SharedWaits(every[-1], every)
+        await pump(groups, outq, self._process, window=self.window(), ordered=True, counters=last)
+
+
+class _SharedWaits:
+    """A member's counters whose waits every member of the fused run shares.
+
+    The run waits as one: while it waits for input or for room downstream, none
+    of its members works, so each member's busy share (iopipe/_stats.py
+    ``busy_share``) must see the wait.  Other fields go to ``primary`` alone.
+    """
+
+    __slots__ = ("_all", "_primary")
+    _SHARED = frozenset(("wait_input_s", "wait_output_s"))
+
+    def __init__(self, primary: Any, every: list[Any]) -> None:
+        object.__setattr__(self, "_primary", primary)
+        object.__setattr__(self, "_all", every)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._primary, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._SHARED:
+            setattr(self._primary, name, value)
+            return
+        delta = value - getattr(self._primary, name)
+        for c in self._all:
+            setattr(c, name, getattr(c, name) + delta)
 
 
 def _default_collate() -> Any:

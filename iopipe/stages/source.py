@@ -26,6 +26,9 @@ from ._base import OutQueue, shutdown_executor
 
 __all__ = ["SHARD_MODES", "Source", "resolve_rank"]
 
+#: How to allow an empty listing, in Python's words (configs say it in theirs).
+EMPTY_HINT = "pass allow_empty=True to Pipeline.from_files for empty epochs"
+
 SHARD_MODES = ("pad", "drop")
 
 
