@@ -408,10 +408,15 @@ class DataLoader(_TorchDataLoader[_T_co]):
         jobs = start()
         fn: Callable[[Any], Any] = self._job_fn()
         if self._mode == "probe":
-            job0 = next(jobs, NOTHING)
+            # An iterable dataset draws while it is iterated; a sampler's own draws
+            # (before the first job) are the same whatever runs the batches.
+            job0 = NOTHING if self._iterable else next(jobs, NOTHING)
+            if job0 is NOTHING and not self._iterable:
+                return
+            probe = probe_here(lambda: _first_job(fn, job0, jobs))
+            job0, probe.outcome = probe.outcome
             if job0 is NOTHING:
                 return
-            probe = probe_here(fn, job0)
             jobs = itertools.chain([job0], jobs)
             primed = (job0[0], probe.outcome)
             if probe.needs is None:
@@ -738,6 +743,13 @@ class _LoaderIter:
                 raise
             err = exc
         _reraise(err, self._loader)
+
+
+def _first_job(fn: Callable[[Any], Any], job: Any, jobs: Iterator[Any]) -> tuple[Any, Any]:
+    """Run the epoch's first job (taking it from ``jobs`` when ``job`` is NOTHING)."""
+    if job is NOTHING:
+        job = next(jobs, NOTHING)
+    return job, (NOTHING if job is NOTHING else fn(job))
 
 
 class _NeedsProcesses(Exception):

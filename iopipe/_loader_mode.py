@@ -129,8 +129,8 @@ class Probe:
     error: BaseException | None = None  # a BaseException the job raised (re-raised)
 
 
-def probe_here(fn: Callable[[Any], Any], job: Any) -> Probe:
-    """Run ``fn(job)`` in the calling thread and watch the global RNGs (``num_workers=0``).
+def probe_here(fn: Callable[[], Any]) -> Probe:
+    """Run ``fn()`` in the calling thread and watch the global RNGs (``num_workers=0``).
 
     Nothing is undone: the calling thread is where torch runs it, so the batch and
     the RNG states after it are torch's whichever way the loader goes on.
@@ -138,7 +138,7 @@ def probe_here(fn: Callable[[Any], Any], job: Any) -> Probe:
     before = RngSnapshot.take()
     probe = Probe()
     try:
-        probe.outcome = fn(job)
+        probe.outcome = fn()
         probe.done = True
     finally:
         changed = before.changed()

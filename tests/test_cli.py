@@ -453,3 +453,47 @@ def test_a_file_without_read_permission_is_bad_input(
     f.chmod(0)
     assert main(["probe", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"iopipe probe: error: cannot read {f}: Permission denied\n"
+
+
+# -- the installed console script -------------------------------------------------------
+
+
+def test_console_script_imports_functions_from_the_current_folder(tmp_path: Path) -> None:
+    # `iopipe run` finds "mymod:double" in the folder it runs in, as `python -m iopipe` does.
+    exe = Path(sys.executable).parent / "iopipe"
+    if not exe.exists():
+        pytest.skip("the iopipe console script is not installed in this environment")
+    (tmp_path / "mymod.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "cfg.toml").write_text(
+        'source.items = [1, 2, 3]\n[[stages]]\nstage = "map"\nfn = "mymod:double"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [str(exe), "run", "cfg.toml", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["unit"] == "items"
+    assert doc["epochs"][0]["elements"] == 3
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from iopipe import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"iopipe {__version__} (distribution iopipe-ml)\n"
+
+
+def test_plot_into_a_missing_folder_fails_before_measuring(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    with pytest.raises(Exception, match="does not exist"):
+        main(["--debug", "probe", str(tmp_path), "--plot", str(tmp_path / "no" / "p.png")])

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,18 @@ def test_keyboard_interrupt_while_waiting_for_data() -> None:
         if entered.wait(30) and wait_until(main_waits_in_handoff, 30):
             _thread.interrupt_main()
 
+    # A suite started as a background shell job inherits SIGINT ignored, and then
+    # interrupt_main() does nothing: install Python's own handler for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupted_in_handoff(stuck, interrupt, release)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted_in_handoff(
+    stuck: Callable[[int], int], interrupt: Callable[[], None], release: threading.Event
+) -> None:
     with Pipeline.from_iterable(range(10), group_size=1).map(stuck) as pipe:
         it = iter(pipe)
         assert next(it) == 0

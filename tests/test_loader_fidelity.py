@@ -1,0 +1,167 @@
+"""Differential tests: ``iopipe.DataLoader``'s default against torch's DataLoader.
+
+Same seeds, same arguments, a training loop that draws random numbers between
+batches: the batches, the loop's own draws and every global RNG state after the
+epochs must be torch's, for datasets that draw from the global RNGs (random
+augmentations), ones that use ``get_worker_info()``, iterable ones, and plain
+ones (which must run on threads, the fast path).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader as TorchLoader
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from iopipe import DataLoader
+
+N = 24
+
+
+class Augmented(Dataset[Any]):
+    """Sample ``i`` with a draw from each global RNG, as random augmentations make."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> Any:
+        return (i, torch.rand(()).item(), float(np.random.rand()), random.random())
+
+
+class Plain(Dataset[Any]):
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> Any:
+        return torch.full((2,), float(i))
+
+
+class WorkerAware(Dataset[Any]):
+    """Returns which worker fetched it (None in the main process)."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> Any:
+        info = get_worker_info()
+        return (i, -1 if info is None else info.id)
+
+
+class AugmentedStream(IterableDataset[Any]):
+    """Splits itself across workers with get_worker_info() and draws random numbers."""
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        start, step = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(start, N, step):
+            yield (i, torch.rand(()).item(), float(np.random.rand()))
+
+
+DATASETS = {
+    "augmented": Augmented,
+    "plain": Plain,
+    "worker-aware": WorkerAware,
+    "stream": AugmentedStream,
+}
+
+
+def _seed(s: int) -> None:
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _as_lists(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.tolist()
+    if isinstance(batch, list | tuple):
+        return [_as_lists(x) for x in batch]
+    return batch
+
+
+def _run(cls: type, kind: str, workers: int, shuffle: str, epochs: int = 2) -> Any:
+    _seed(7)
+    kw: dict[str, Any] = {"batch_size": 4, "num_workers": workers}
+    if kind != "stream":
+        if shuffle == "gen":
+            kw |= {"shuffle": True, "generator": torch.Generator().manual_seed(3)}
+        elif shuffle == "global":
+            kw["shuffle"] = True
+    loader = cls(DATASETS[kind](), **kw)
+    seen, loop_draws = [], []
+    try:
+        for _ in range(epochs):
+            for batch in loader:
+                seen.append(_as_lists(batch))
+                loop_draws.append(torch.rand(()).item())  # the training loop's own draws
+                loop_draws.append(float(np.random.rand()))
+                loop_draws.append(random.random())
+    finally:
+        if isinstance(loader, DataLoader):
+            mode = loader._mode
+            loader.close()
+        else:
+            mode = None
+    states = (torch.get_rng_state(), np.random.get_state()[1].tolist(), random.getstate())
+    return seen, loop_draws, states, mode
+
+
+@pytest.mark.parametrize("shuffle", ["none", "global", "gen"])
+@pytest.mark.parametrize("workers", [0, 2, 4])
+@pytest.mark.parametrize("kind", list(DATASETS))
+def test_default_mode_gives_torchs_batches_and_rng(kind: str, workers: int, shuffle: str) -> None:
+    if kind == "stream" and shuffle != "none":
+        pytest.skip("an iterable dataset has no sampler to shuffle")
+    want, want_draws, want_states, _ = _run(TorchLoader, kind, workers, shuffle)
+    got, got_draws, got_states, mode = _run(DataLoader, kind, workers, shuffle)
+    assert got == want
+    assert got_draws == want_draws
+    assert torch.equal(got_states[0], want_states[0])
+    assert got_states[1:] == want_states[1:]
+    # Which workers ran it: the fast path where it keeps torch's semantics.
+    expected = {
+        ("augmented", 0): "main",
+        ("plain", 0): "thread",
+        ("worker-aware", 0): "thread",  # get_worker_info() is None in both
+        ("stream", 0): "main",
+    }.get((kind, workers), "thread" if kind == "plain" else "process")
+    assert mode == expected
+
+
+def test_the_choice_is_logged_once_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="iopipe")
+    with DataLoader(Augmented(), batch_size=4, num_workers=2) as dl:
+        for _ in range(2):
+            list(dl)
+    lines = [r.getMessage() for r in caplog.records if "loading on" in r.getMessage()]
+    assert lines == [
+        "iopipe.DataLoader: loading on torch's 2 worker processes: "
+        "__getitem__ drew from torch's global RNG"
+    ]
+
+
+def test_a_worker_init_fn_gets_processes_and_is_called() -> None:
+    with DataLoader(WorkerAware(), batch_size=4, num_workers=2, worker_init_fn=_init) as dl:
+        ids = {wid for batch in dl for wid in batch[1].tolist()}
+        assert dl._mode == "process"
+    assert ids == {0, 1}
+
+
+def _init(worker_id: int) -> None:
+    assert get_worker_info().id == worker_id
+
+
+def test_explicit_worker_type_is_kept() -> None:
+    with DataLoader(Augmented(), batch_size=4, num_workers=2, worker_type="thread") as dl:
+        assert len(list(dl)) == N // 4
+        assert dl._mode == "thread"
+
+
+def test_generic_alias_as_torch() -> None:
+    assert DataLoader[int] is not None
+    assert DataLoader[int].__origin__ is DataLoader
