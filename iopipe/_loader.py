@@ -12,6 +12,7 @@ processes.  See docs/dataloader.md.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import itertools
@@ -25,7 +26,14 @@ from torch.utils.data import DataLoader as _TorchDataLoader
 from torch.utils.data import IterableDataset
 
 from ._errors import StageError, item_label
-from ._loader_mode import RngSnapshot, announce, probe_here, probe_in_thread, static_mode
+from ._loader_mode import (
+    PROBE_TIMEOUT_S,
+    RngSnapshot,
+    announce,
+    probe_here,
+    probe_in_thread,
+    static_mode,
+)
 from ._loader_skip import (
     Fetched,
     SkippingAsyncMapFetcher,
@@ -432,9 +440,16 @@ class DataLoader(_TorchDataLoader[_T_co]):
         job0 = next(jobs, NOTHING)
         if job0 is NOTHING:
             return jobs, None
-        probe = probe_in_thread(self._job_fn(), job0)
+        wait = min(PROBE_TIMEOUT_S, self.timeout) if self.timeout > 0 else PROBE_TIMEOUT_S
+        probe = probe_in_thread(self._job_fn(), job0, wait)
         if probe.error is not None:
             raise probe.error
+        if probe.timed_out and self.timeout > 0 and wait >= self.timeout:
+            n, index = job0
+            raise RuntimeError(
+                f"DataLoader timed out after {self.timeout} seconds: batch {n} (indices "
+                f"{item_label(index, 120)}) did not come (fetched alone, to choose the workers)"
+            )
         if probe.needs is not None:
             if self._settle("process", probe.needs) == "process":
                 raise _NeedsProcesses(probe.needs)
@@ -477,9 +492,26 @@ class DataLoader(_TorchDataLoader[_T_co]):
             return self._collate()
         return self._fetcher()
 
-    def _fetcher(self) -> MapFetcher:
+    def _fetcher(self, dataset: Any = None) -> MapFetcher:
         cls = MapFetcher if self._policy is None else SkippingMapFetcher
-        return cls(self.dataset, self.collate_fn, self._auto_collation)
+        ds = self.dataset if dataset is None else dataset
+        return cls(ds, self.collate_fn, self._auto_collation)
+
+    def _workers_dataset(self) -> Any:
+        """The dataset thread workers fetch from: with ``persistent_workers``, a copy.
+
+        torch's persistent workers keep the dataset as it was when they started:
+        attributes set on it between epochs do not reach them
+        (``test_dataset_not_reset`` in torch's suite).  A shallow copy taken when
+        the threads start gives the same for rebound attributes, without copying
+        the data.
+        """
+        if not (self.persistent_workers and self.num_workers > 0):
+            return self.dataset
+        try:
+            return copy.copy(self.dataset)
+        except Exception:  # an object that cannot be copied is shared, as before
+            return self.dataset
 
     def _async_fetcher(self) -> AsyncMapFetcher:
         cls = AsyncMapFetcher if self._policy is None else SkippingAsyncMapFetcher
@@ -511,7 +543,8 @@ class DataLoader(_TorchDataLoader[_T_co]):
         )
         if self._mode == "thread":
             ordered = bool(self.in_order)
-            gate = FirstGate() if conc > 1 and not self._iterable else None
+            # in_order=False: the others go first, as torch hands them out (no gate).
+            gate = FirstGate() if conc > 1 and not self._iterable and ordered else None
             self._gate = gate
             if self._async:
                 afetcher = self._async_fetcher()
@@ -527,7 +560,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
                 # One job more than workers is in flight, waiting on `slots`: a worker
                 # that finishes a batch starts the next at once instead of waiting for
                 # the loop thread to be scheduled and submit it (bench/bench_loader.py).
-                fetcher = self._fetcher()
+                fetcher = self._fetcher(self._workers_dataset())
                 fetcher.gate = gate
                 fetcher.slots = self._slots = GovernedSlots(conc)
                 self._primed = _Primed(fetcher)
@@ -712,6 +745,8 @@ class _LoaderIter:
         self._loader = loader
         self._batches = batches
         self._plan = plan
+        # torch warns when an iterable dataset yields more than len(loader) said.
+        self._len_called = loader._IterableDataset_len_called if loader._iterable else None
 
     def __iter__(self) -> _LoaderIter:
         return self
@@ -730,7 +765,25 @@ class _LoaderIter:
         plan.yielded += 1  # a failed batch counts: the consumer took its error
         if isinstance(batch, Failed):
             raise batch.exc
+        if self._len_called is not None and plan.yielded > self._len_called:
+            self._warn_length(plan.yielded)
         return batch
+
+    def _warn_length(self, yielded: int) -> None:
+        loader = self._loader
+        msg = (
+            f"Length of IterableDataset {loader.dataset} was reported to be "
+            f"{self._len_called}(when accessing len(dataloader)), but {yielded} samples have "
+            "been fetched. "
+        )
+        if loader.num_workers > 0:
+            msg += (
+                "For multiprocessing data-loading, this could be caused by not properly "
+                "configuring the IterableDataset replica at each worker. Please see "
+                "https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset "
+                "for examples."
+            )
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
     def _next_batch(self) -> Any:
         try:

@@ -127,6 +127,7 @@ class Probe:
     done: bool = False
     needs: str | None = None  # why torch's semantics need processes / the main thread
     error: BaseException | None = None  # a BaseException the job raised (re-raised)
+    timed_out: bool = False  # the job did not return within the wait
 
 
 def probe_here(fn: Callable[[], Any]) -> Probe:
@@ -191,6 +192,7 @@ def probe_in_thread(fn: Callable[[Any], Any], job: Any, timeout: float = PROBE_T
     t.start()
     t.join(timeout)
     if t.is_alive():
+        probe.timed_out = True
         probe.needs = f"the first batch did not come within {timeout:g} s alone"
         return probe  # the thread is abandoned (daemon); its batch is not used
     changed = before.changed()

@@ -573,9 +573,10 @@ class TorchDriver:
 
 
 def _death_message(dead: dict[int, int]) -> str:
-    """torch's words for a dead worker: killed by a signal, or exited (with its code)."""
-    pid, code = next(iter(dead.items()))
-    if len(dead) == 1 and code < 0:
+    """torch's words for a dead worker: the first killed by a signal, else all that exited."""
+    signalled = [(pid, code) for pid, code in dead.items() if code < 0]
+    if signalled:
+        pid, code = signalled[0]
         try:
             name = signal.Signals(-code).name
             what = signal.strsignal(-code) or name

@@ -165,3 +165,31 @@ def test_explicit_worker_type_is_kept() -> None:
 def test_generic_alias_as_torch() -> None:
     assert DataLoader[int] is not None
     assert DataLoader[int].__origin__ is DataLoader
+
+
+class SlowFirst(Dataset[Any]):
+    """Index 0 waits until another sample was fetched (or 20 s)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.other = threading.Event()
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> int:
+        if i == 0:
+            self.other.wait(20)
+        else:
+            self.other.set()
+        return i
+
+
+def test_in_order_false_hands_out_later_batches_before_a_slow_first() -> None:
+    # As torch: with in_order=False a slow batch 0 does not hold back the others.
+    ds = SlowFirst()
+    with DataLoader(ds, batch_size=2, num_workers=2, in_order=False, worker_type="thread") as dl:
+        order = [batch[0].item() for batch in dl]
+    assert sorted(order) == [0, 2, 4, 6]
+    assert order[0] != 0
