@@ -123,9 +123,10 @@ class DataLoader(_TorchDataLoader[_T_co]):
             (no limit, the default).  Past it the iterator raises
             :class:`~iopipe.TooManyFailures` and the epoch ends.
 
-    Iterating: one live iterator per loader (a new ``iter()`` ends the previous
-    epoch, whose iterator then raises).  :meth:`state_dict` and
-    :meth:`load_state_dict` resume exactly after the batches the consumer took.
+    Iterating: as torch's; a second iterator taken while the first is held
+    (``zip(loader, loader)``) runs an independent epoch on its own workers.
+    :meth:`state_dict` and :meth:`load_state_dict` resume the first exactly after
+    the batches the consumer took.
     :meth:`close` (or ``with``) stops the background threads at once; dropping
     the loader does it too.
     """
@@ -252,7 +253,9 @@ class DataLoader(_TorchDataLoader[_T_co]):
         self._inner: _TorchDataLoader[Any] | None = None
         self._procs = WorkerProcesses(persistent_workers)
         self._primed: _Primed | None = None  # the pipeline's job function
-        if mode != "probe" and worker_type == "auto":
+        self._current: weakref.ref[_LoaderIter] | None = None  # the epoch's iterator
+        self._announced = mode != "probe" and worker_type == "auto"  # logged once
+        if self._announced:
             announce(self, mode, reason)
 
     # -- torch hooks -------------------------------------------------------------
@@ -273,15 +276,52 @@ class DataLoader(_TorchDataLoader[_T_co]):
 
     # -- iteration -------------------------------------------------------------
     def __iter__(self) -> _LoaderIter:  # type: ignore[override]
-        """Start an epoch (ending the previous one) and return its iterator.
+        """Start an epoch and return its iterator (ending a finished or dropped one's).
 
         The RNG draws of the epoch happen where torch makes them: the base seed
         here, in the calling thread; the sampler's here too with workers, at the
         first ``next()`` with ``num_workers=0`` on the calling thread.
         """
+        live = self._live()
+        if live is not None:
+            if self.persistent_workers and self.num_workers > 0:
+                return self._iter_epoch(reuse=live)  # torch resets and returns the same one
+            return self._side_iter()
         if self._mode == "probe" and self.num_workers > 0:
             return self._iter_probing()
         return self._iter_epoch()
+
+    def _live(self) -> _LoaderIter | None:
+        """The current epoch's iterator, if someone still holds it mid-epoch."""
+        it = self._current() if self._current is not None else None
+        if it is None or it._plan.finished or it._plan.superseded:
+            return None
+        return it
+
+    def _side_iter(self) -> _LoaderIter:
+        """A second live iterator (``zip(loader, loader)``): a copy of this loader runs it.
+
+        torch's iterators are independent: each draws its own base seed and
+        sampler order from the shared sampler and generator, and has its own
+        workers.  The copy shares the dataset, sampler and generator, has its own
+        threads or processes, which stop when its iterator is dropped.
+        """
+        side = copy.copy(self)
+        side._reset_resources()
+        it = side.__iter__()
+        weakref.finalize(it, side.close)  # as torch's iterator shuts its workers down
+        return it
+
+    def _reset_resources(self) -> None:
+        """Forget the threads, processes and epochs of the loader this one was copied from."""
+        self._pipe = self._slots = self._feed = self._gate = self._inner = None
+        self._primed = self._plan = self._pending = self._current = None
+        self._procs = WorkerProcesses(self.persistent_workers)
+        self._stream = IndexStream(
+            self._index_sampler, self._gens, self._use_global, record=self._stream.record
+        )
+        if self._policy is not None:
+            self._policy = FailurePolicy(self.max_failures)
 
     def _iter_probing(self) -> _LoaderIter:
         """The first epoch of ``worker_type="auto"`` with workers: try threads, watching batch 0.
@@ -303,7 +343,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
         finally:
             self._probing = False
 
-    def _iter_epoch(self) -> _LoaderIter:
+    def _iter_epoch(self, reuse: _LoaderIter | None = None) -> _LoaderIter:
         self._end_epoch()
         new_workers = self._mode == "process" and self._procs.will_start
         before = self._epoch, self._pending
@@ -322,10 +362,15 @@ class DataLoader(_TorchDataLoader[_T_co]):
         if self._policy is not None:
             self._policy.reset()
         iter_cls = _LoaderIter if self._policy is None else _SkippingLoaderIter
-        it = iter_cls(self, batches, plan)
+        if reuse is None:
+            it = iter_cls(self, batches, plan)
+        else:
+            it = reuse
+            it.__init__(self, batches, plan)  # type: ignore[misc]
         stop = self._procs.stop_event
-        if stop is not None:  # a dropped iterator releases the source thread
+        if stop is not None and reuse is None:  # a dropped iterator releases the source thread
             weakref.finalize(it, stop.set)
+        self._current = weakref.ref(it)
         return it
 
     def _settle(self, mode: str, reason: str) -> str:
@@ -340,7 +385,9 @@ class DataLoader(_TorchDataLoader[_T_co]):
             )
             mode = "thread"
         self._mode, self._mode_reason = mode, reason
-        announce(self, mode, reason)
+        if not self._announced:
+            announce(self, mode, reason)
+            self._announced = True
         return mode
 
     def _plan_epoch(self, new_workers: bool) -> tuple[EpochPlan, bool, torch.Tensor | None]:
@@ -758,8 +805,8 @@ class _LoaderIter:
         plan = self._plan
         if plan.superseded:
             raise RuntimeError(
-                "this DataLoader iterator was ended by a newer iter(loader) (or close() / "
-                "load_state_dict()); iopipe.DataLoader runs one epoch at a time"
+                "this DataLoader iterator was ended by the loader's close() or "
+                "load_state_dict(); take a new one with iter(loader)"
             )
         batch = self._next_batch()
         plan.yielded += 1  # a failed batch counts: the consumer took its error

@@ -10,6 +10,7 @@ ones (which must run on threads, the fast path).
 from __future__ import annotations
 
 import random
+import threading
 from typing import Any
 
 import numpy as np
@@ -193,3 +194,53 @@ def test_in_order_false_hands_out_later_batches_before_a_slow_first() -> None:
         order = [batch[0].item() for batch in dl]
     assert sorted(order) == [0, 2, 4, 6]
     assert order[0] != 0
+
+
+# -- several live iterators ------------------------------------------------------------
+def _two_iterators(cls: type, kind: str, workers: int) -> Any:
+    """zip(loader, loader), and next(iter(loader)) inside a loop over the loader."""
+    _seed(11)
+    shuffle = None if kind == "stream" else True
+    loader = cls(DATASETS[kind](), batch_size=5, shuffle=shuffle, num_workers=workers)
+    try:
+        zipped = [(_as_lists(a), _as_lists(b)) for a, b in zip(loader, loader, strict=True)]
+        outer, peeks = [], []
+        for batch in loader:
+            outer.append(_as_lists(batch))
+            peeks.append(_as_lists(next(iter(loader))))  # a logging callback's peek
+        return zipped, outer, peeks, torch.rand(()).item()
+    finally:
+        if isinstance(loader, DataLoader):
+            loader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", ["augmented", "plain", "stream"])
+def test_several_live_iterators_run_side_by_side_as_torchs(kind: str, workers: int) -> None:
+    want = _two_iterators(TorchLoader, kind, workers)
+    got = _two_iterators(DataLoader, kind, workers)
+    assert got == want
+    assert len(got[0]) >= 5
+    assert len(got[1]) == len(got[2]) == len(got[0])
+
+
+def test_persistent_workers_reset_the_one_iterator_as_torch() -> None:
+    with DataLoader(Plain(), batch_size=4, num_workers=2, persistent_workers=True) as dl:
+        first = iter(dl)
+        next(first)
+        second = iter(dl)
+        assert second is first  # torch resets its persistent iterator and returns it
+        assert len(list(first)) == len(dl)
+
+
+def test_a_dropped_second_iterator_leaves_no_threads() -> None:
+    with DataLoader(Plain(), batch_size=4, num_workers=2, worker_type="thread") as dl:
+        outer = iter(dl)
+        taken = [next(outer) for _ in range(len(dl) - 1)]  # the loader's own threads all ran
+        before = set(threading.enumerate())
+        side = iter(dl)
+        assert len(list(side)) == len(dl)
+        assert set(threading.enumerate()) > before  # the second iterator has its own threads
+        del side  # as torch's iterator, dropping it stops its workers at once
+        assert set(threading.enumerate()) - before == set()
+        assert len(taken) + len(list(outer)) == len(dl)  # the first iterator went on untouched
