@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -43,14 +44,23 @@ def _csv(convert: Callable[[str], int], what: str) -> Callable[[str], list[int]]
     return parse
 
 
-def _positive(text: str) -> float:
+def _seconds(text: str, *, zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+        value = math.nan
+    if not (math.isfinite(value) and (value > 0 or (zero and value == 0))):
+        bound = ">= 0" if zero else "> 0"
+        raise argparse.ArgumentTypeError(f"expected a number of seconds {bound}, got {text!r}")
     return value
+
+
+def _positive(text: str) -> float:
+    return _seconds(text, zero=False)
+
+
+def _non_negative(text: str) -> float:
+    return _seconds(text, zero=True)
 
 
 def _count(text: str) -> int:
@@ -123,7 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration",
         type=_positive,
         metavar="S",
-        help="seconds per measurement at most (default: read every file once)",
+        help="seconds per pass at most (default: read every file once)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="passes per cell at least; each cell reports its median pass (default: 3)",
+    )
+    p.add_argument(
+        "--min-time",
+        type=_non_negative,
+        default=0.5,
+        metavar="S",
+        help="seconds per cell at least: small folders are read again until then (default: 0.5)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="write a chart of MB/s against concurrency")
@@ -185,6 +209,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
             chunk_bytes=args.chunk_bytes,
             cold=args.cold,
             duration=args.duration,
+            repeats=args.repeats,
+            min_time=args.min_time,
             progress=bar,
         )
     if args.plot:

@@ -28,6 +28,7 @@ of them will not help.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import threading
@@ -60,6 +61,10 @@ _O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 GOOD_ENOUGH = 0.95
 #: Speed-up over the fewest readers from which the reads count as storage-bound.
 SCALES = 1.5
+#: Passes over the files per cell at least, seconds per cell at least, passes at most.
+REPEATS = 3
+MIN_TIME_S = 0.5
+MAX_PASSES = 1000
 _JOIN_TIMEOUT_S = 30.0
 
 
@@ -77,6 +82,10 @@ class ProbeCell:
         runq_s: Seconds the readers were ready to run but waited for a CPU.
         p50_ms, p99_ms: Median and 99th percentile of the time to read one file.
         cpus: CPUs the machine has.
+        passes: Times the files were read for this cell; the other figures are
+            those of the median pass (by throughput).
+        best_mb_per_s: The fastest pass's throughput.
+        spread: (fastest - slowest) / median throughput over the passes.
     """
 
     concurrency: int
@@ -89,6 +98,9 @@ class ProbeCell:
     p50_ms: float
     p99_ms: float
     cpus: int = field(default=1)
+    passes: int = 1
+    best_mb_per_s: float = 0.0
+    spread: float = 0.0
 
     @property
     def mb_per_s(self) -> float:
@@ -119,6 +131,8 @@ class ProbeCell:
             "cpu_s": round(self.cpu_s, 6),
             "runq_s": round(self.runq_s, 6),
             "runnable": round(self.runnable, 4),
+            "passes": self.passes,
+            "spread": round(self.spread, 4),
         }
 
 
@@ -136,9 +150,13 @@ class ProbeReport:
     cells: tuple[ProbeCell, ...]
 
     def recommended(self) -> ProbeCell:
-        """The cell with the fewest reads in flight among those within 5% of the best."""
+        """The cell with the fewest reads in flight among those within 5% of the best.
+
+        A cell whose fastest pass comes within 5% of the best median counts: the
+        passes' noise decides nothing.
+        """
         top = max(c.mb_per_s for c in self.cells)
-        good = [c for c in self.cells if c.mb_per_s >= GOOD_ENOUGH * top]
+        good = [c for c in self.cells if max(c.mb_per_s, c.best_mb_per_s) >= GOOD_ENOUGH * top]
         return min(good, key=lambda c: (c.concurrency, -c.mb_per_s))
 
     def _fewest(self) -> ProbeCell:
@@ -209,13 +227,14 @@ class ProbeReport:
 
     def table(self) -> str:
         """The cells as an aligned text table."""
-        rows = [("conc", "chunk", "MB/s", "files/s", "p50 ms", "p99 ms", "runnable")]
+        rows = [("conc", "chunk", "MB/s", "±", "files/s", "p50 ms", "p99 ms", "runnable")]
         for c in self.cells:
             rows.append(
                 (
                     str(c.concurrency),
                     format_size(c.chunk_bytes),
                     f"{c.mb_per_s:,.1f}",
+                    f"{c.spread / 2:.0%}",
                     f"{c.files_per_s:,.0f}",
                     f"{c.p50_ms:.3f}",
                     f"{c.p99_ms:.3f}",
@@ -443,6 +462,8 @@ def probe(
     chunk_bytes: Sequence[int],
     cold: bool = False,
     duration: float | None = None,
+    repeats: int = REPEATS,
+    min_time: float = MIN_TIME_S,
     progress: Any = None,
 ) -> ProbeReport:
     """Measure every (concurrency, chunk size) cell over ``files``.
@@ -455,9 +476,15 @@ def probe(
         cold: Evict the files from the page cache before each cell; otherwise
             read them all once before the first (unless they exceed half the
             available memory: then they are read as the cache holds them).
-        duration: Seconds per cell at most (default: read every file once).
+        duration: Seconds per pass at most (default: read every file once).
+        repeats: Passes per cell at least; the cell reports the median pass.
+        min_time: Seconds per cell at least: small folders are read again
+            (at most :data:`MAX_PASSES` passes) until the cell took this long,
+            so a 10 ms measurement does not decide the advice.
         progress: A tqdm-like bar (``update``, ``set_postfix_str``) or None.
     """
+    if repeats < 1 or min_time < 0:
+        raise ValueError(f"repeats must be >= 1 and min_time >= 0, got {repeats}, {min_time}")
     paths = [p for p, _ in files]
     total = sum(s for _, s in files)
     warmed = not cold and total <= _available_memory() // 2
@@ -466,8 +493,6 @@ def probe(
     cells = []
     for c in concurrency:
         for ch in chunk_bytes:
-            if cold:
-                evict(paths)
             if progress is not None:
                 progress.set_description(f"conc {c}, chunk {format_size(ch)}")
 
@@ -476,9 +501,17 @@ def probe(
                 if progress is not None and dt > 0:
                     progress.set_postfix_str(f"{cell.bytes / dt / 1e6:,.0f} MB/s")
 
-            cells.append(
-                measure(files, concurrency=c, chunk_bytes=ch, duration=duration, tick=tick)
-            )
+            passes: list[ProbeCell] = []
+            started = time.perf_counter()
+            while len(passes) < MAX_PASSES and (
+                len(passes) < repeats or time.perf_counter() - started < min_time
+            ):
+                if cold:
+                    evict(paths)
+                passes.append(
+                    measure(files, concurrency=c, chunk_bytes=ch, duration=duration, tick=tick)
+                )
+            cells.append(median_pass(passes))
             if progress is not None:
                 progress.update(1)
     return ProbeReport(
@@ -491,6 +524,17 @@ def probe(
         cpus=os.cpu_count() or 1,
         cells=tuple(cells),
     )
+
+
+def median_pass(passes: Sequence[ProbeCell]) -> ProbeCell:
+    """One cell from its passes: the median pass by throughput, with the passes' spread."""
+    if not passes:
+        raise ValueError("a cell needs at least one pass")
+    ranked = sorted(passes, key=lambda p: p.mb_per_s)
+    mid = ranked[(len(ranked) - 1) // 2]  # the lower median: a pass that happened
+    low, high = ranked[0].mb_per_s, ranked[-1].mb_per_s
+    spread = (high - low) / mid.mb_per_s if mid.mb_per_s > 0 else 0.0
+    return dataclasses.replace(mid, passes=len(passes), best_mb_per_s=high, spread=spread)
 
 
 def _available_memory() -> int:

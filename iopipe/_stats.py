@@ -55,8 +55,16 @@ def busy_share(s: StageStats, elapsed_s: float | None = None) -> float:
 
 
 def _fmt_number(v: float) -> str:
-    """Three significant digits for a float (``cpu_s=0.0117``), ints as they are."""
-    return str(v) if isinstance(v, int) else f"{v:.3g}"
+    """An extra figure for the table: ints as they are, floats to three significant digits.
+
+    ``0.0116726`` -> ``0.0117``, ``2.5`` -> ``2.5``, ``12345.6`` -> ``12,346`` (no
+    exponent for large figures).
+    """
+    if isinstance(v, int):
+        return str(v)
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
 
 
 def _fmt_bytes(n: float) -> str:

@@ -223,6 +223,8 @@ CELL = {
     "cpu_s": NUM,
     "runq_s": NUM,
     "runnable": NUM,
+    "passes": int,
+    "spread": NUM,
 }
 SCHEMA = {
     "schema": str,
@@ -259,8 +261,10 @@ def test_probe_json_is_one_document_with_every_cell(world: World) -> None:
         (2, 65536),
     ]
     for c in doc["results"]:
-        assert (c["files"], c["bytes"]) == (41, doc["bytes"])
+        assert (c["files"], c["bytes"]) == (41, doc["bytes"])  # the median pass's
         assert c["p50_ms"] <= c["p99_ms"]
+        assert c["passes"] >= 3  # --repeats' default, more until --min-time (0.5 s)
+        assert c["spread"] >= 0
     rec = doc["recommendation"]
     assert (rec["concurrency"], rec["chunk_bytes"]) in [
         (c["concurrency"], c["chunk_bytes"]) for c in doc["results"]
@@ -283,6 +287,7 @@ def test_probe_human_output_has_a_table_and_a_recommendation(world: World) -> No
         "conc",
         "chunk",
         "MB/s",
+        "±",
         "files/s",
         "p50",
         "ms",
@@ -387,6 +392,15 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
         (
             ["probe", ".", "--duration", "-1"],
             "argument --duration: expected a number of seconds > 0, got '-1'",
+        ),
+        (
+            ["probe", ".", "--duration", "nan"],
+            "argument --duration: expected a number of seconds > 0, got 'nan'",
+        ),
+        (["probe", ".", "--repeats", "0"], "argument --repeats: expected an int >= 1, got '0'"),
+        (
+            ["probe", ".", "--min-time", "-0.1"],
+            "argument --min-time: expected a number of seconds >= 0, got '-0.1'",
         ),
         (["run", "x.toml", "--epochs", "0"], "argument --epochs: expected an int >= 1, got '0'"),
         (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),

@@ -366,3 +366,14 @@ def test_fused_slow_source_is_named() -> None:
     assert v.kind == "source", str(v)
     assert v.stage == "source", str(v)
     assert v.busy["map"] < 0.5, str(v)
+
+
+def test_the_table_prints_figures_rounded_not_raw_floats() -> None:
+    extra = {"cpu_s": 0.0116726, "hits": 12, "bytes_held": 123456.789, "ratio": 2.5}
+    text = pstats(stage("read", busy=0.123456, wait_in=0.0333333, extra=extra), wait=0.5).table()
+    assert "read: cpu_s=0.0117, hits=12, bytes_held=123,457, ratio=2.5" in text.splitlines()
+    row = next(line for line in text.splitlines() if line.startswith("read "))
+    busy, wait_in, wait_out = row.split()[5:8]
+    assert busy.endswith("%") and busy[:-1].isdigit()
+    assert (wait_in, wait_out) == ("0.33s", "0.00s")
+    assert "0.0116726" not in text and "e+" not in text
