@@ -374,6 +374,8 @@ def test_the_table_prints_figures_rounded_not_raw_floats() -> None:
     assert "read: cpu_s=0.0117, hits=12, bytes_held=123,457, ratio=2.5" in text.splitlines()
     row = next(line for line in text.splitlines() if line.startswith("read "))
     busy, wait_in, wait_out = row.split()[5:8]
-    assert busy.endswith("%") and busy[:-1].isdigit()
+    assert busy.endswith("%")
+    assert busy[:-1].isdigit()
     assert (wait_in, wait_out) == ("0.33s", "0.00s")
-    assert "0.0116726" not in text and "e+" not in text
+    assert "0.0116726" not in text
+    assert "e+" not in text
