@@ -92,28 +92,44 @@ def static_mode(
 
 @dataclass(frozen=True, slots=True)
 class RngSnapshot:
-    """The states of the process-wide RNGs a dataset may draw from."""
+    """The states of the process-wide RNGs a dataset may draw from.
+
+    numpy imports ``numpy.random`` lazily; while nobody has, its global RNG
+    cannot have been drawn from and is not imported here (importing it adds
+    thousands of long-lived objects, which brings the first full garbage
+    collection into the first epoch).  Imported after the snapshot (by the
+    dataset, to draw from it, most likely), it counts as changed.
+    """
 
     torch_state: torch.Tensor
-    numpy_state: Any
+    numpy_state: Any  # None: numpy.random was not imported
     python_state: Any
 
     @classmethod
     def take(cls) -> RngSnapshot:
-        return cls(torch.get_rng_state(), np.random.get_state(), random.getstate())
+        nprandom = sys.modules.get("numpy.random")
+        np_state = None if nprandom is None else nprandom.get_state()
+        return cls(torch.get_rng_state(), np_state, random.getstate())
 
     def restore(self) -> None:
         torch.set_rng_state(self.torch_state)
-        np.random.set_state(self.numpy_state)
+        if self.numpy_state is not None:
+            np.random.set_state(self.numpy_state)
         random.setstate(self.python_state)
 
     def changed(self) -> str | None:
         """Name the first RNG whose state differs from now, or None."""
         if not torch.equal(self.torch_state, torch.get_rng_state()):
             return "torch's global RNG"
-        now = np.random.get_state()
-        if not (self.numpy_state[2:] == now[2:] and np.array_equal(self.numpy_state[1], now[1])):
-            return "numpy's global RNG"
+        if self.numpy_state is None:
+            if "numpy.random" in sys.modules:
+                return "numpy's global RNG (numpy.random was first imported meanwhile)"
+        else:
+            now = np.random.get_state()
+            if not (
+                self.numpy_state[2:] == now[2:] and np.array_equal(self.numpy_state[1], now[1])
+            ):
+                return "numpy's global RNG"
         if self.python_state != random.getstate():
             return "Python's random module"
         return None

@@ -244,3 +244,46 @@ def test_a_dropped_second_iterator_leaves_no_threads() -> None:
         del side  # as torch's iterator, dropping it stops its workers at once
         assert set(threading.enumerate()) - before == set()
         assert len(taken) + len(list(outer)) == len(dl)  # the first iterator went on untouched
+
+
+_LAZY_NUMPY = """
+import sys
+import torch
+import iopipe
+from torch.utils.data import Dataset
+
+if "numpy.random" in sys.modules:
+    print("imported")
+    raise SystemExit(0)
+
+class FirstImport(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import numpy.random
+        return i + numpy.random.rand()
+
+if __name__ == "__main__":
+    with iopipe.DataLoader(FirstImport(), batch_size=2, num_workers=2) as dl:
+        assert len(list(dl)) == 4
+        print(dl._mode, dl._mode_reason)
+"""
+
+
+def test_a_dataset_that_first_imports_numpy_random_runs_on_processes(tmp_path: Any) -> None:
+    """numpy.random is not imported to watch it; imported by the batch, it counts as drawn."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "lazy.py"
+    script.write_text(_LAZY_NUMPY)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.strip()
+    if out == "imported":
+        pytest.skip("torch or iopipe imports numpy.random here")
+    assert (
+        out
+        == "process __getitem__ drew from numpy's global RNG (numpy.random was first imported meanwhile)"
+    )
