@@ -496,22 +496,17 @@ def probe(
             if progress is not None:
                 progress.set_description(f"conc {c}, chunk {format_size(ch)}")
 
-            def tick(cell: _Cell, t0: float = time.perf_counter()) -> None:
-                dt = time.perf_counter() - t0
-                if progress is not None and dt > 0:
-                    progress.set_postfix_str(f"{cell.bytes / dt / 1e6:,.0f} MB/s")
+            def one_pass(c: int = c, ch: int = ch, t0: float = time.perf_counter()) -> ProbeCell:
+                def tick(cell: _Cell) -> None:
+                    dt = time.perf_counter() - t0
+                    if progress is not None and dt > 0:
+                        progress.set_postfix_str(f"{cell.bytes / dt / 1e6:,.0f} MB/s")
 
-            passes: list[ProbeCell] = []
-            started = time.perf_counter()
-            while len(passes) < MAX_PASSES and (
-                len(passes) < repeats or time.perf_counter() - started < min_time
-            ):
                 if cold:
                     evict(paths)
-                passes.append(
-                    measure(files, concurrency=c, chunk_bytes=ch, duration=duration, tick=tick)
-                )
-            cells.append(median_pass(passes))
+                return measure(files, concurrency=c, chunk_bytes=ch, duration=duration, tick=tick)
+
+            cells.append(_repeat(one_pass, repeats, min_time))
             if progress is not None:
                 progress.update(1)
     return ProbeReport(
@@ -524,6 +519,17 @@ def probe(
         cpus=os.cpu_count() or 1,
         cells=tuple(cells),
     )
+
+
+def _repeat(one_pass: Callable[[], ProbeCell], repeats: int, min_time: float) -> ProbeCell:
+    """Run ``one_pass`` ``repeats`` times at least and until ``min_time``; the median pass."""
+    passes: list[ProbeCell] = []
+    started = time.perf_counter()
+    while len(passes) < MAX_PASSES and (
+        len(passes) < repeats or time.perf_counter() - started < min_time
+    ):
+        passes.append(one_pass())
+    return median_pass(passes)
 
 
 def median_pass(passes: Sequence[ProbeCell]) -> ProbeCell:
