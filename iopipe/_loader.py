@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import inspect
 import itertools
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -254,6 +255,8 @@ class DataLoader(_TorchDataLoader[_T_co]):
         self._procs = WorkerProcesses(persistent_workers)
         self._primed: _Primed | None = None  # the pipeline's job function
         self._current: weakref.ref[_LoaderIter] | None = None  # the epoch's iterator
+        # Copies running the other live iterators, oldest first (see _side_iter).
+        self._sides: list[tuple[weakref.ref[_LoaderIter], DataLoader[Any]]] = []
         self._announced = mode != "probe" and worker_type == "auto"  # logged once
         if self._announced:
             announce(self, mode, reason)
@@ -282,21 +285,34 @@ class DataLoader(_TorchDataLoader[_T_co]):
         here, in the calling thread; the sampler's here too with workers, at the
         first ``next()`` with ``num_workers=0`` on the calling thread.
         """
-        live = self._live()
-        if live is not None:
-            if self.persistent_workers and self.num_workers > 0:
-                return self._iter_epoch(reuse=live)  # torch resets and returns the same one
+        mine = self._current() if self._current is not None else None
+        if mine is not None and self.persistent_workers and self.num_workers > 0:
+            return self._iter_epoch(reuse=mine)  # torch resets and returns the same one
+        if mine is not None and not self._done(mine):
             return self._side_iter()
         if self._mode == "probe" and self.num_workers > 0:
             return self._iter_probing()
         return self._iter_epoch()
 
-    def _live(self) -> _LoaderIter | None:
-        """The current epoch's iterator, if someone still holds it mid-epoch."""
-        it = self._current() if self._current is not None else None
-        if it is None or it._plan.finished or it._plan.superseded:
-            return None
-        return it
+    def _done(self, it: _LoaderIter) -> bool:
+        """Whether ``it`` has nothing left to hand out (ended, or every batch taken)."""
+        plan = it._plan
+        if plan.finished or plan.superseded or it._over:
+            return True
+        return self._taken_all(plan)
+
+    def _taken_all(self, plan: EpochPlan) -> bool:
+        """Whether the consumer took ``len(loader)`` batches of a map-style epoch.
+
+        A loop that stops after ``len(loader)`` batches without a StopIteration
+        (``for _ in range(len(loader))``) is done with the epoch.
+        """
+        if self._iterable:
+            return False
+        try:
+            return plan.consumed >= len(self)
+        except TypeError:  # a sampler without a length
+            return False
 
     def _side_iter(self) -> _LoaderIter:
         """A second live iterator (``zip(loader, loader)``): a copy of this loader runs it.
@@ -304,18 +320,47 @@ class DataLoader(_TorchDataLoader[_T_co]):
         torch's iterators are independent: each draws its own base seed and
         sampler order from the shared sampler and generator, and has its own
         workers.  The copy shares the dataset, sampler and generator, has its own
-        threads or processes, which stop when its iterator is dropped.
+        threads or processes, which stop when its iterator is dropped (or at
+        this loader's ``close()``/``load_state_dict()``).  The epoch count goes
+        on across copies: it counts ``iter()`` calls.
         """
+        self._sides = [(r, s) for r, s in self._sides if r() is not None]
         side = copy.copy(self)
         side._reset_resources()
+        side._announced = True  # the mode is this loader's to announce
         it = side.__iter__()
         weakref.finalize(it, side.close)  # as torch's iterator shuts its workers down
+        self._sides.append((weakref.ref(it), side))
+        self._epoch = side._epoch
         return it
+
+    def _lead(self) -> DataLoader[Any]:
+        """The loader whose iterator ``state_dict()`` and ``stats()`` describe.
+
+        This loader's own while someone holds it; once it is dropped, the newest
+        live copy's (``it = iter(loader)`` in the middle of an epoch: the new
+        epoch runs on a copy, the old one is dropped and its epoch ended here).
+        """
+        if self._current is not None and self._current() is not None:
+            return self
+        self._sides = [(r, s) for r, s in self._sides if r() is not None]
+        if not self._sides:
+            return self
+        if self._plan is not None:
+            self._end_epoch()
+            self._plan = None
+        return self._sides[-1][1]
+
+    def _close_sides(self) -> None:
+        sides, self._sides = self._sides, []
+        for _, side in sides:
+            side.close()
 
     def _reset_resources(self) -> None:
         """Forget the threads, processes and epochs of the loader this one was copied from."""
         self._pipe = self._slots = self._feed = self._gate = self._inner = None
         self._primed = self._plan = self._pending = self._current = None
+        self._sides = []
         self._procs = WorkerProcesses(self.persistent_workers)
         self._stream = IndexStream(
             self._index_sampler, self._gens, self._use_global, record=self._stream.record
@@ -364,12 +409,12 @@ class DataLoader(_TorchDataLoader[_T_co]):
         iter_cls = _LoaderIter if self._policy is None else _SkippingLoaderIter
         if reuse is None:
             it = iter_cls(self, batches, plan)
+            # A dropped iterator releases the source thread of its latest epoch.
+            weakref.finalize(it, _set_event, it._stop_box)
         else:
             it = reuse
             it.__init__(self, batches, plan)  # type: ignore[misc]
-        stop = self._procs.stop_event
-        if stop is not None and reuse is None:  # a dropped iterator releases the source thread
-            weakref.finalize(it, stop.set)
+        it._stop_box[0] = self._procs.stop_event
         self._current = weakref.ref(it)
         return it
 
@@ -648,7 +693,10 @@ class DataLoader(_TorchDataLoader[_T_co]):
         """Retire the current epoch's iterator and stop what feeds it."""
         plan = self._plan
         if plan is not None and not plan.finished:
-            plan.superseded = True
+            if self._taken_all(plan):
+                plan.finished = True  # its iterator raises StopIteration, as torch's would
+            else:
+                plan.superseded = True
         if self._pipe is not None:
             self._pipe._stop_current()  # stop prefetching for an iterator nobody may read
         self._procs.end_epoch()
@@ -661,6 +709,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
         """
         pipe, self._feed = self._pipe, None
         try:
+            self._close_sides()
             self._end_epoch()
         finally:  # every step runs, whatever an earlier one raised
             self._pipe = None
@@ -678,6 +727,9 @@ class DataLoader(_TorchDataLoader[_T_co]):
 
     def stats(self) -> PipelineStats:
         """Per-stage statistics of the current (or last) epoch; see :class:`~iopipe.Pipeline`."""
+        lead = self._lead()
+        if lead is not self:
+            return lead.stats()
         if self._pipe is None:
             stats = PipelineStats((), 0.0, 0, 0.0, self._epoch)
         else:
@@ -723,8 +775,13 @@ class DataLoader(_TorchDataLoader[_T_co]):
 
         Counts the batches the consumer took (not those prefetched).  Holds the
         epoch number, the batches consumed in it, and the RNG states its sampler
-        started from (base64), never sample data.
+        started from (base64), never sample data.  With several live
+        iterators it describes the first one taken, or the newest still held
+        once that one is dropped.
         """
+        lead = self._lead()
+        if lead is not self:
+            return lead.state_dict()
         if self._pending is not None:
             epoch, batches, in_epoch, rng, base_seed = self._pending
             return _state(epoch, batches, in_epoch, rng, base_seed)
@@ -755,6 +812,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
         parsed = None if rng is None else RngState.from_json(rng, len(self._gens))
         if parsed is not None and parsed.global_state is not None and not self._use_global:
             parsed = RngState(parsed.generators, None)
+        self._close_sides()
         self._end_epoch()
         self._plan = None
         self._epoch = epoch
@@ -792,6 +850,9 @@ class _LoaderIter:
         self._loader = loader
         self._batches = batches
         self._plan = plan
+        self._over = False  # ended early (on_error="skip" past max_failures)
+        if not hasattr(self, "_stop_box"):  # kept when persistent workers reuse the iterator
+            self._stop_box: list[threading.Event | None] = [None]  # the worker source's stop
         # torch warns when an iterable dataset yields more than len(loader) said.
         self._len_called = loader._IterableDataset_len_called if loader._iterable else None
 
@@ -803,6 +864,8 @@ class _LoaderIter:
 
     def __next__(self) -> Any:
         plan = self._plan
+        if plan.finished:
+            raise StopIteration
         if plan.superseded:
             raise RuntimeError(
                 "this DataLoader iterator was ended by the loader's close() or "
@@ -843,6 +906,12 @@ class _LoaderIter:
                 raise
             err = exc
         _reraise(err, self._loader)
+
+
+def _set_event(holder: list[threading.Event | None]) -> None:
+    event = holder[0]
+    if event is not None:
+        event.set()
 
 
 def _first_job(fn: Callable[[Any], Any], job: Any, jobs: Iterator[Any]) -> tuple[Any, Any]:
@@ -894,7 +963,6 @@ class _SkippingLoaderIter(_LoaderIter):
         super().__init__(loader, batches, plan)
         assert loader._policy is not None
         self._policy = loader._policy
-        self._over = False
 
     def __next__(self) -> Any:
         if self._over:

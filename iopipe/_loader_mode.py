@@ -97,8 +97,8 @@ class RngSnapshot:
     numpy imports ``numpy.random`` lazily; while nobody has, its global RNG
     cannot have been drawn from and is not imported here (importing it adds
     thousands of long-lived objects, which brings the first full garbage
-    collection into the first epoch).  Imported after the snapshot (by the
-    dataset, to draw from it, most likely), it counts as changed.
+    collection into the first epoch).  Imported after the snapshot, it counts
+    as changed unless its state is still the one its import made.
     """
 
     torch_state: torch.Tensor
@@ -122,7 +122,7 @@ class RngSnapshot:
         if not torch.equal(self.torch_state, torch.get_rng_state()):
             return "torch's global RNG"
         if self.numpy_state is None:
-            if "numpy.random" in sys.modules:
+            if "numpy.random" in sys.modules and not _numpy_untouched():
                 return "numpy's global RNG (numpy.random was first imported meanwhile)"
         else:
             now = np.random.get_state()
@@ -133,6 +133,22 @@ class RngSnapshot:
         if self.python_state != random.getstate():
             return "Python's random module"
         return None
+
+
+def _numpy_untouched() -> bool:
+    """Whether numpy's global RNG is as its import left it (no draw, no seed).
+
+    Its import seeds it from the OS, so the state itself says nothing; but
+    that seeding leaves the Mersenne Twister at position 623 with no cached
+    Gaussian, where any draw or ``np.random.seed()`` moves it (back to 623
+    only after a multiple of 624 words).  Anything else counts as touched:
+    the safe side (the dataset then runs as torch runs it).
+    """
+    _, _, pos, has_gauss, _ = np.random.get_state()
+    return pos == _FRESH_MT_POS and has_gauss == 0
+
+
+_FRESH_MT_POS = 623  # numpy >= 1.17 seeds MT19937 through SeedSequence
 
 
 @dataclass(slots=True)

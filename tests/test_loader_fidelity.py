@@ -169,7 +169,10 @@ def test_generic_alias_as_torch() -> None:
 
 
 class SlowFirst(Dataset[Any]):
-    """Index 0 waits until another sample was fetched (or 20 s)."""
+    """Index 0 waits until a sample of a third batch was fetched (or 20 s).
+
+    By then the second batch is complete, strictly before the first.
+    """
 
     def __init__(self) -> None:
         import threading
@@ -182,7 +185,7 @@ class SlowFirst(Dataset[Any]):
     def __getitem__(self, i: int) -> int:
         if i == 0:
             self.other.wait(20)
-        else:
+        elif i >= 4:
             self.other.set()
         return i
 
@@ -231,6 +234,21 @@ def test_persistent_workers_reset_the_one_iterator_as_torch() -> None:
         second = iter(dl)
         assert second is first  # torch resets its persistent iterator and returns it
         assert len(list(first)) == len(dl)
+        assert iter(dl) is first  # after the epoch too
+
+
+def test_dropping_a_reused_persistent_iterator_stops_its_latest_epoch() -> None:
+    with DataLoader(
+        WorkerAware(), batch_size=4, num_workers=2, persistent_workers=True, worker_type="process"
+    ) as dl:
+        it = iter(dl)
+        list(it)
+        it = iter(dl)  # the same iterator, reset: a new epoch with its own source thread
+        next(it)
+        stop = dl._procs.stop_event
+        assert stop is not None and not stop.is_set()
+        del it
+        assert stop.is_set()  # the dropped iterator released this epoch's source, not the first's
 
 
 def test_a_dropped_second_iterator_leaves_no_threads() -> None:
@@ -262,7 +280,7 @@ class FirstImport(Dataset):
 
     def __getitem__(self, i):
         import numpy.random
-        return i + numpy.random.rand()
+        return i + DRAW
 
 if __name__ == "__main__":
     with iopipe.DataLoader(FirstImport(), batch_size=2, num_workers=2) as dl:
@@ -271,19 +289,28 @@ if __name__ == "__main__":
 """
 
 
-def test_a_dataset_that_first_imports_numpy_random_runs_on_processes(tmp_path: Any) -> None:
-    """numpy.random is not imported to watch it; imported by the batch, it counts as drawn."""
+@pytest.mark.parametrize(
+    ("draw", "want"),
+    [
+        (
+            "numpy.random.rand()",
+            "process __getitem__ drew from numpy's global RNG "
+            "(numpy.random was first imported meanwhile)",
+        ),
+        ("numpy.random.randint(1 << 30)", "process"),  # one 32-bit word
+        ("numpy.random.default_rng(i).random()", "thread"),  # imported, global RNG untouched
+    ],
+)
+def test_a_dataset_that_first_imports_numpy_random(tmp_path: Any, draw: str, want: str) -> None:
+    """numpy.random is not imported to watch it; imported by the batch, a draw from it counts."""
     import subprocess
     import sys
 
     script = tmp_path / "lazy.py"
-    script.write_text(_LAZY_NUMPY)
+    script.write_text(_LAZY_NUMPY.replace("DRAW", draw))
     out = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
     ).stdout.strip()
     if out == "imported":
         pytest.skip("torch or iopipe imports numpy.random here")
-    assert (
-        out
-        == "process __getitem__ drew from numpy's global RNG (numpy.random was first imported meanwhile)"
-    )
+    assert out.startswith(want)
