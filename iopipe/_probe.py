@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ._config import format_size
+from ._files import open_sized
 from .stages.reader import read_exact
 
 __all__ = [
@@ -276,7 +277,7 @@ def list_files(path: str | os.PathLike[str], pattern: str | None = None) -> list
         if not stat.S_ISREG(st.st_mode):
             continue
         try:
-            os.close(os.open(p, _O_FLAGS | os.O_NONBLOCK))
+            os.close(open_sized(p, _O_FLAGS)[0])  # a FIFO or /proc file is refused
         except OSError as exc:
             raise type(exc)(exc.errno, f"cannot read {p}: {exc.strerror}") from None
         out.append((os.fspath(p), st.st_size))

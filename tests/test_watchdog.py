@@ -11,7 +11,6 @@ sees their threads end).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import subprocess
@@ -186,39 +185,6 @@ def test_close_after_a_timeout_does_not_wait_for_the_stuck_job(gate: Gate) -> No
     assert any(t.name.startswith("iopipe-slow_") for t in threading.enumerate())
     assert pipe._last is not None
     assert pipe._last.ended is not None  # the epoch was stopped
-
-
-def test_a_read_stuck_in_open_times_out_naming_the_file(tmp_path: Path) -> None:
-    fifo = tmp_path / "never-written.fifo"
-    os.mkfifo(fifo)  # opening it for reading blocks until a writer comes
-    pipe = Pipeline.from_files([str(fifo)], timeout=0.5, stall_warning=None).read()
-    try:
-        with (
-            pipe,
-            pytest.raises(
-                TimeoutError,
-                match=r"items are stuck in stage 'read' on item '.*never-written\.fifo' for ",
-            ),
-        ):
-            next(iter(pipe))
-    finally:
-        _unblock_fifo(fifo)
-
-
-def _unblock_fifo(fifo: Path) -> None:
-    """Open the FIFO's write end so the reader blocked in open() returns (bounded)."""
-    deadline = time.monotonic() + 30
-    tick = threading.Event()
-    while time.monotonic() < deadline:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:  # ENXIO: no reader (yet, or any more)
-            if exc.errno != errno.ENXIO:
-                raise
-            tick.wait(0.01)
-            continue
-        os.close(fd)
-        return
 
 
 def test_a_stuck_source_iterable_is_named(tmp_path: Path) -> None:

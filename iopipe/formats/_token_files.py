@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import IopipeError
+from .._files import open_regular
 
 __all__ = ["SUPPORTED_DTYPES", "TokenFile", "TokenFileError", "describe_shards", "parse_npy_header"]
 
@@ -148,17 +149,21 @@ def parse_npy_header(head: bytes, *, path: str) -> tuple[np.dtype[Any], int, int
 
 def _describe_one(path: str, dtype: np.dtype[Any] | None) -> TokenFile:
     try:
-        size = os.stat(path).st_size
+        fd = open_regular(path)
     except OSError as exc:
         raise TokenFileError(f"cannot open token shard: {exc.strerror}", path=path) from None
-    if path.endswith(".npy"):
-        with open(path, "rb", buffering=0) as f:
-            head = f.read(12)
-            if head.startswith(_NPY_MAGIC) and len(head) >= 10:
-                hlen = struct.unpack_from("<H" if head[6] == 1 else "<I", head, 8)[0]
-                if hlen > _NPY_HEADER_MAX:
-                    raise TokenFileError(f".npy header of {hlen} bytes is too large", path=path)
-                head += f.read(hlen)
+    with open(fd, "rb", buffering=0) as f:
+        size = os.fstat(fd).st_size
+        if not path.endswith(".npy"):
+            return _raw_file(path, size, dtype)
+        head = f.read(12)
+        # Version 1 gives the header length in 2 bytes at offset 8, later ones in 4.
+        need = 10 if head[6:7] == b"\x01" else 12
+        if head.startswith(_NPY_MAGIC) and len(head) >= need:
+            hlen = struct.unpack_from("<H" if need == 10 else "<I", head, 8)[0]
+            if hlen > _NPY_HEADER_MAX:
+                raise TokenFileError(f".npy header of {hlen} bytes is too large", path=path)
+            head += f.read(hlen)
         file_dtype, offset, n = parse_npy_header(head, path=path)
         if dtype is not None and dtype != file_dtype:
             raise TokenFileError(
@@ -170,7 +175,10 @@ def _describe_one(path: str, dtype: np.dtype[Any] | None) -> TokenFile:
                 f"after byte {offset}) but the file has {size} bytes",
                 path=path,
             )
-        return TokenFile(path, file_dtype, offset, n)
+    return TokenFile(path, file_dtype, offset, n)
+
+
+def _raw_file(path: str, size: int, dtype: np.dtype[Any] | None) -> TokenFile:
     if dtype is None:
         raise ValueError(
             f"dtype is required for raw token files (like {path!r}): pass dtype='uint16' or "

@@ -33,6 +33,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from .._files import open_sized
 from .._queue import BatchKey, Group
 from .._threads import WorkerPool
 from ..stages._base import ItemFailure, OutQueue, drain, pump, timed
@@ -176,7 +177,7 @@ def read_group(
             shard, start, end, rows, rels = read
             fd = fds.get(shard)
             if fd is None:
-                fd = fds[shard] = os.open(ranges.paths[shard], _O_FLAGS)
+                fd = fds[shard] = open_sized(ranges.paths[shard], _O_FLAGS)[0]
             dest: np.ndarray[Any, np.dtype[np.uint8]] = (
                 rawb[rows[0]] if rels is None else np.empty(end - start, np.uint8)
             )

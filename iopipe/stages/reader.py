@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._budget import ByteBudget
+from .._files import open_regular, open_sized
 from .._queue import Group
 from .._threads import WorkerPool
 from ._base import (
@@ -130,23 +131,6 @@ def _read_probing(fd: int, buf: Any, offset: int, path: str, flags: int) -> int:
     return missed
 
 
-def _file_size(fd: int) -> int:
-    """The size of the open file ``fd``: ``lseek`` to its end (1-2 us cheaper than fstat).
-
-    A folder may answer a huge offset (ext4 says 2**63 - 1), a pipe refuses: both
-    are asked with fstat instead (a folder then fails to read, naming itself).
-    """
-    try:
-        end = os.lseek(fd, 0, os.SEEK_END)
-    except OSError:
-        end = -1
-    return end if 0 <= end < _HUGE else os.fstat(fd).st_size
-
-
-#: Larger than any file a reader reads whole (256 TiB): ``lseek`` did not tell a size.
-_HUGE = 1 << 48
-
-
 def _read_job(
     entries: list[tuple[str, int, int | None]],
     chunk_bytes: int,
@@ -174,7 +158,7 @@ def _read_job(
                     os.close(fd)
                     fd, fd_path = -1, ""
                 try:
-                    fd = os.open(path, _O_FLAGS)
+                    fd, fd_size = open_sized(path, _O_FLAGS)
                 except OSError as exc:
                     if not skip:
                         raise ItemFailure(i, exc) from None
@@ -182,7 +166,12 @@ def _read_job(
                     continue
                 fd_path = path
             try:
-                size = length if length is not None else max(0, _file_size(fd) - offset)
+                if length is None:
+                    size = max(0, fd_size - offset)
+                else:  # a bogus length is refused before its buffer is allocated
+                    size = length
+                    if offset + length > fd_size:
+                        fd_size = _past_end(fd, path, offset, length)
                 if reserve is not None:
                     reserve(size)  # may wait for room: iopipe/_budget.py
                 buf: Any = np.empty(size, np.uint8)
@@ -244,8 +233,19 @@ def _explained(exc: Exception, fd: int, path: str, offset: int, length: int | No
     return new
 
 
+def _past_end(fd: int, path: str, offset: int, length: int) -> int:
+    """The file's size now if the range fits it after all (it grew); else raise EOFError."""
+    now = os.fstat(fd).st_size
+    if offset + length <= now:
+        return now
+    raise EOFError(
+        f"{path}: byte range (offset {offset}, length {length}) runs past the end of "
+        f"the file ({now} bytes): a wrong range, or the file was truncated after listing"
+    )
+
+
 def _read_chunk(large: _Large, start: int, stop: int, flags: int) -> tuple[int, int]:
-    fd = os.open(large.path, _O_FLAGS)
+    fd = open_regular(large.path, _O_FLAGS)
     try:
         miss = _read_probing(fd, large.buf[start:stop], large.offset + start, large.path, flags)
     finally:

@@ -10,6 +10,7 @@ thread a group at a time so a slow generator never blocks the loop.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import StageError
+from .._files import walk_files
 from .._queue import END, Group
 from .._stats import StageCounters
 from .._threads import Job, WorkerPool
@@ -364,10 +366,10 @@ def list_files(
 
     text = os.fspath(pattern)
     if _glob.has_magic(text):
-        paths = [p for p in _glob.glob(text, recursive=True) if os.path.isfile(p)]
+        paths = _glob_files(text)
         nothing = f"no files match the glob {text!r}"
     elif os.path.isdir(text):
-        paths = [os.path.join(d, f) for d, _, fs in os.walk(text) for f in fs]
+        paths = list(walk_files(text, follow_links=False))
         nothing = f"no files match {text!r}: the directory holds no files"
     elif os.path.isfile(text):
         paths = [text]
@@ -377,3 +379,47 @@ def list_files(
         raise FileNotFoundError(nothing + hint)
     paths.sort()
     return paths
+
+
+def _glob_files(pattern: str) -> list[str]:
+    """The regular files ``pattern`` matches, as ``glob.glob(recursive=True)``.
+
+    ``**`` is matched against a walk that enters each folder once, where the
+    standard glob follows a ``self -> .`` link until the path is too long
+    (and two such links make it run for ever).  Names starting with a dot
+    match only a part that starts with one, as with glob.
+    """
+    import glob as _glob
+
+    if "**" not in pattern:
+        return [p for p in _glob.glob(pattern) if os.path.isfile(p)]
+    parts = pattern.split(os.sep)
+    fixed = 0
+    while fixed < len(parts) and not _glob.has_magic(parts[fixed]):
+        fixed += 1
+    root = os.sep.join(parts[:fixed]) if fixed else ""
+    if fixed == 1 and parts[0] == "":
+        root = os.sep
+    rest = parts[fixed:]
+    out = []
+    for path in walk_files(root or os.curdir, follow_links=True):
+        rel = os.path.relpath(path, root or os.curdir).split(os.sep)
+        if _match_parts(rest, rel):
+            out.append(path if root else os.path.join(*rel))
+    return out
+
+
+def _match_parts(pattern: list[str], names: list[str]) -> bool:
+    if not pattern:
+        return not names
+    head = pattern[0]
+    if head == "**":
+        for taken in range(len(names) + 1):
+            if taken and names[taken - 1].startswith("."):
+                return False  # ** does not enter hidden folders
+            if _match_parts(pattern[1:], names[taken:]):
+                return True
+        return False
+    if not names or (names[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(names[0], head) and _match_parts(pattern[1:], names[1:])
