@@ -95,3 +95,43 @@ def item_label(item: Any, limit: int = 200) -> str:
     else:
         text = repr(item)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Interrupted(Exception):
+    """A ``KeyboardInterrupt`` or ``SystemExit`` raised by user code in a job.
+
+    Raised as itself in a job, it would stop the event loop (asyncio lets
+    those two out of a task, through ``run_forever``): every later epoch would
+    fail with "Event loop is closed".  It travels as this ordinary exception
+    instead, never skipped under ``on_error="skip"``, and the consumer raises
+    the original (see :func:`released`).  Picklable, for process pools.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.exc,))
+
+
+def shielded(fn: Any, *args: Any) -> Any:
+    """Call ``fn(*args)`` (in a worker); a KeyboardInterrupt or SystemExit leaves as :class:`Interrupted`."""
+    try:
+        return fn(*args)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise Interrupted(exc) from None
+
+
+def released(exc: BaseException) -> BaseException:
+    """What the consumer raises for ``exc``: the user's own KeyboardInterrupt or
+    SystemExit when it carries one (with a note naming the stage and item), else ``exc``."""
+    carried = exc.__cause__ if isinstance(exc, StageError) else exc
+    if not isinstance(carried, Interrupted):
+        return exc
+    original = carried.exc
+    if isinstance(exc, StageError):
+        original.add_note(f"raised in iopipe stage {exc.stage!r}, item {item_label(exc.item)}")
+    return original

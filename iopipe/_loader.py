@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader as _TorchDataLoader
 from torch.utils.data import IterableDataset
 
-from ._errors import StageError, item_label
+from ._errors import StageError, item_label, released
 from ._loader_mode import (
     PROBE_TIMEOUT_S,
     RngSnapshot,
@@ -874,7 +874,7 @@ class _LoaderIter:
         batch = self._next_batch()
         plan.yielded += 1  # a failed batch counts: the consumer took its error
         if isinstance(batch, Failed):
-            raise batch.exc
+            raise released(batch.exc)
         if self._len_called is not None and plan.yielded > self._len_called:
             self._warn_length(plan.yielded)
         return batch
@@ -978,7 +978,7 @@ class _SkippingLoaderIter(_LoaderIter):
                 raise
             plan.yielded += 1
             if isinstance(batch, Failed):
-                raise batch.exc
+                raise released(batch.exc)
             if not isinstance(batch, Fetched):  # pragma: no cover - every job returns one
                 return batch
             self._account(batch)

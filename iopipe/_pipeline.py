@@ -29,7 +29,7 @@ from ._autotune import (
 )
 from ._budget import ByteBudget, check_inflight_bytes
 from ._config import pipeline_from_config, pipeline_to_config
-from ._errors import PipelineClosedError, StageError
+from ._errors import PipelineClosedError, StageError, released
 from ._loop import LoopThread
 from ._policy import FailurePolicy, check_policy
 from ._queue import END, GroupQueue, Handoff
@@ -397,6 +397,9 @@ class _EpochIterator(Generic[T]):
             self._close()
             if self._pipe._closed and isinstance(exc, RuntimeError):  # close() from elsewhere
                 raise PipelineClosedError("this pipeline was closed") from None
+            err = released(exc)
+            if err is not exc:
+                raise err from None  # the user's KeyboardInterrupt or SystemExit, as itself
             raise
         if group is END:
             ep.finished = True

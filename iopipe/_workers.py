@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset
 from torch.utils.data._utils import signal_handling
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from ._errors import item_label
+from ._errors import Interrupted, item_label
 from ._loader_state import EpochPlan, draw_base_seed
 from .stages.source import _shard_iter
 
@@ -307,6 +307,8 @@ class MapFetcher:
             return out
         except Exception as exc:
             return Failed(exc)
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: see iopipe/_errors.py
+            return Failed(Interrupted(exc))
         finally:
             if self.gate is not None:
                 self.gate.passed(n)
@@ -317,20 +319,20 @@ class MapFetcher:
         if not self.auto_collation:
             try:
                 return ds[index]
-            except Exception as exc:
+            except BaseException as exc:  # named, then raised
                 exc.add_note(f"iopipe.DataLoader: dataset[{index!r}] failed (batch {n})")
                 raise
         if self.getitems is not None:
             try:
                 return self.getitems(index)
-            except Exception as exc:
+            except BaseException as exc:  # named, then raised
                 exc.add_note(getitems_note(index, n))
                 raise
         out = []
         for i in index:
             try:
                 out.append(ds[i])
-            except Exception as exc:
+            except BaseException as exc:  # named, then raised
                 exc.add_note(
                     f"iopipe.DataLoader: dataset[{i!r}] failed (batch {n}, indices {_label(index)})"
                 )
@@ -349,7 +351,7 @@ class AsyncMapFetcher(MapFetcher):
         n, index = job
         try:
             return n, await self._fetch(n, index)
-        except Exception as exc:
+        except BaseException as exc:  # named, then raised
             return n, Failed(exc)
         finally:
             if self.gate is not None:
@@ -361,7 +363,7 @@ class AsyncMapFetcher(MapFetcher):
         if self.getitems is not None:
             try:
                 return await self.getitems(index)
-            except Exception as exc:
+            except BaseException as exc:  # named, then raised
                 exc.add_note(getitems_note(index, n))
                 raise
         tasks = [asyncio.ensure_future(self._one(n, i, index)) for i in index]
@@ -375,7 +377,7 @@ class AsyncMapFetcher(MapFetcher):
     async def _one(self, n: int, i: Any, index: Any) -> Any:
         try:
             return await self.dataset[i]
-        except Exception as exc:
+        except BaseException as exc:  # named, then raised
             where = f"batch {n}" if index is None else f"batch {n}, indices {_label(index)}"
             exc.add_note(f"iopipe.DataLoader: dataset[{i!r}] failed ({where})")
             raise

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, ClassVar, Protocol
 
-from .._errors import StageError
+from .._errors import Interrupted, StageError, shielded
 from .._policy import FailurePolicy
 from .._queue import END, Group
 from .._stats import StageCounters
@@ -246,9 +246,10 @@ def skippable(exc: BaseException) -> bool:
     """Whether ``on_error="skip"`` may skip an item that failed with ``exc``.
 
     Only ordinary exceptions are about the item; MemoryError (and anything that
-    is not an Exception: KeyboardInterrupt, SystemExit) always stops the epoch.
+    is not an Exception: KeyboardInterrupt, SystemExit, which travel as
+    :class:`~iopipe._errors.Interrupted`) always stops the epoch.
     """
-    return isinstance(exc, Exception) and not isinstance(exc, MemoryError)
+    return isinstance(exc, Exception) and not isinstance(exc, MemoryError | Interrupted)
 
 
 def leaf_errors(exc: BaseException) -> list[BaseException]:
@@ -339,7 +340,7 @@ class Stage:
         """
         if pool is None:
             raise RuntimeError(f"stage {self.name!r} is not open")
-        fut = pool.submit(fn, *args)
+        fut = pool.submit(shielded, fn, *args)
         inflight = self._inflight
         inflight[fut] = (CURRENT_GROUP.get(), CURRENT_SPAN.get(), time.perf_counter())
         fut.add_done_callback(lambda f: inflight.pop(f, None))

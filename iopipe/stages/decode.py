@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .._errors import Interrupted
 from .._queue import Group
 from .._threads import WorkerPool
 from ._base import (
@@ -47,6 +48,8 @@ def map_items(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
             out.append(fn(x))
         except Exception as exc:
             raise ItemFailure(i, exc) from None
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: see iopipe/_errors.py
+            raise ItemFailure(i, Interrupted(exc)) from None
     return out
 
 
@@ -68,6 +71,8 @@ def map_items_skipping(
                 raise ItemFailure(i, exc) from None
             out.append(None)
             failed.append((i, exc))
+        except BaseException as exc:
+            raise ItemFailure(i, Interrupted(exc)) from None
     return out, failed
 
 

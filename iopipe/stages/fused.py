@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import StageError
+from .._errors import StageError, shielded
 from .._queue import BatchKey, Group
 from ._base import ItemFailure, Limiter, OutQueue, Stage, drain, pump
 from .batch import Batcher
@@ -535,7 +535,7 @@ async def _collate(batcher: Batcher, group: Group, index: int) -> Group:
     loop = asyncio.get_running_loop()
     key = BatchKey(index, group.keys[0], group.keys[-1])
     try:
-        batch, dt = await loop.run_in_executor(batcher._pool, timed, collate, group.items)
+        batch, dt = await loop.run_in_executor(batcher._pool, shielded, timed, collate, group.items)
     except Exception as exc:
         raise StageError(batcher.name, key, exc)
     batcher.counters.busy_s += dt

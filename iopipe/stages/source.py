@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import StageError
+from .._errors import StageError, shielded
 from .._files import walk_files
 from .._queue import END, Group
 from .._stats import StageCounters
@@ -322,7 +322,7 @@ class Source:
         assert pool is not None
         while True:
             t0 = time.perf_counter()
-            self.job = pool.submit(_pull, it, g)  # the stall watchdog reads it
+            self.job = pool.submit(shielded, _pull, it, g)  # the stall watchdog reads it
             batch = await asyncio.wrap_future(self.job)
             self.counters.busy_s += time.perf_counter() - t0
             if not batch:
