@@ -40,6 +40,7 @@ from ._watchdog import (
     Stall,
     StallTimeoutError,
     abandon_stuck,
+    check_seconds,
     check_stall_warning,
     find_stall,
     logger,
@@ -397,6 +398,12 @@ class _EpochIterator(Generic[T]):
             self._close()
             if self._pipe._closed and isinstance(exc, RuntimeError):  # close() from elsewhere
                 raise PipelineClosedError("this pipeline was closed") from None
+            current = self._pipe._current
+            if isinstance(exc, RuntimeError) and (current is None or current() is not self):
+                raise RuntimeError(
+                    "iopipe: this iterator's epoch was ended by a newer iter(pipeline) "
+                    "(one epoch runs at a time); read from the new iterator"
+                ) from None
             err = released(exc)
             if err is not exc:
                 raise err from None  # the user's KeyboardInterrupt or SystemExit, as itself
@@ -503,8 +510,7 @@ class Pipeline(Generic[T]):
         check_policy(on_error, max_failures)
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+        check_seconds("timeout", timeout)
         if not isinstance(handoff, int) or handoff < 1:
             raise ValueError(f"handoff must be an int >= 1, got {handoff!r}")
         if use_uvloop is not None and not isinstance(use_uvloop, bool):

@@ -20,6 +20,7 @@ neither the close bound nor the interpreter's exit.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -45,15 +46,25 @@ DEFAULT_STALL_WARNING_S = 60.0
 
 
 def check_stall_warning(value: object) -> None:
-    """Validate the ``stall_warning`` option.
+    """Validate the ``stall_warning`` option (see :func:`check_seconds`)."""
+    check_seconds("stall_warning", value)
+
+
+def check_seconds(name: str, value: object) -> None:
+    """Validate a duration option: a finite number of seconds > 0, or None.
 
     Raises:
-        ValueError: not a number > 0 nor None.
+        ValueError: anything else (``True``, NaN, which compares false with
+            every bound and so would disable the wait, infinity, 0, a string).
     """
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"stall_warning must be a number of seconds > 0 or None, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < math.inf
+    ):
+        raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

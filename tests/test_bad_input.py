@@ -125,7 +125,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "timeout",
         lambda: Pipeline.from_iterable(range(3), timeout=0),
         ValueError,
-        r"timeout must be a number > 0 or None, got 0",
+        r"timeout must be a number of seconds > 0 or None, got 0",
     ),
     (
         "handoff",

@@ -349,8 +349,11 @@ def test_a_stuck_source_times_out_naming_it() -> None:
     ("options", "match"),
     [
         ({"group_size": 0}, "group_size must be an int >= 1 or None, got 0"),
-        ({"timeout": 0}, "timeout must be a number > 0 or None, got 0"),
-        ({"timeout": "1"}, "timeout must be a number > 0 or None, got '1'"),
+        ({"timeout": 0}, "timeout must be a number of seconds > 0 or None, got 0"),
+        ({"timeout": "1"}, "timeout must be a number of seconds > 0 or None, got '1'"),
+        ({"timeout": float("nan")}, "timeout must be a number of seconds > 0 or None, got nan"),
+        ({"timeout": True}, "timeout must be a number of seconds > 0 or None, got True"),
+        ({"timeout": float("inf")}, "timeout must be a number of seconds > 0 or None, got inf"),
         ({"handoff": 0}, "handoff must be an int >= 1, got 0"),
     ],
 )
@@ -534,3 +537,14 @@ def test_a_loaded_state_is_reported_until_iterated() -> None:
 def test_malformed_states_are_refused(state: Any) -> None:
     with pytest.raises(ValueError, match="not a Pipeline state"):
         Pipeline.from_iterable(range(3)).load_state_dict(state)
+
+
+def test_an_iterator_replaced_by_a_newer_one_says_so() -> None:
+    with Pipeline.from_iterable(range(100), group_size=2).map(str) as pipe:
+        old = iter(pipe)
+        next(old)
+        new = iter(pipe)  # one epoch at a time: the old one's epoch ends
+        with pytest.raises(RuntimeError, match="ended by a newer iter"):
+            for _ in range(3):
+                next(old)
+        assert len(list(new)) == 100

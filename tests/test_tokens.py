@@ -488,7 +488,7 @@ def test_shard_set_errors(tmp_path: Path) -> None:
         ({"merge_gap_bytes": -1}, ValueError, r"merge_gap_bytes must be an int >= 0 or None"),
         ({"rank": 2, "world_size": 2}, ValueError, r"rank must be an int in \[0, 2\), got 2"),
         ({"rank": 0}, ValueError, r"give both rank and world_size or neither"),
-        ({"timeout": 0}, ValueError, r"timeout must be a number > 0 or None, got 0"),
+        ({"timeout": 0}, ValueError, r"timeout must be a number of seconds > 0 or None, got 0"),
     ],
 )
 def test_argument_errors(tmp_path: Path, kwargs: dict[str, Any], error: type, match: str) -> None:
