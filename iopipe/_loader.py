@@ -339,22 +339,41 @@ class DataLoader(_TorchDataLoader[_T_co]):
 
         This loader's own while someone holds it; once it is dropped, the newest
         live copy's (``it = iter(loader)`` in the middle of an epoch: the new
-        epoch runs on a copy, the old one is dropped and its epoch ended here).
+        epoch runs on a copy).  Changes nothing: ``stats()`` may be called from
+        any thread.
         """
         if self._current is not None and self._current() is not None:
             return self
-        self._sides = [(r, s) for r, s in self._sides if r() is not None]
-        if not self._sides:
-            return self
-        if self._plan is not None:
-            self._end_epoch()
+        for ref, side in reversed(self._sides):
+            if ref() is not None:
+                return side
+        return self
+
+    def _dropped(self, plan: EpochPlan, thread: int) -> None:
+        """This loader's iterator of ``plan`` was dropped: end its epoch, as torch's ``__del__``.
+
+        Its workers and prefetched batches go at once, not at the next ``iter()``.
+        The position stays for ``state_dict()`` (a ``break``, then saving), unless
+        a newer epoch runs on a copy (``it = iter(loader)`` mid-epoch).  Only in
+        the thread that made the iterator: a garbage collection pass elsewhere
+        leaves it to the next ``iter()`` or ``close()``.
+        """
+        if self._plan is not plan or plan.finished or threading.get_ident() != thread:
+            return
+        self._end_epoch()
+        if any(ref() is not None for ref, _ in self._sides):
             self._plan = None
-        return self._sides[-1][1]
 
     def _close_sides(self) -> None:
         sides, self._sides = self._sides, []
+        errors = []
         for _, side in sides:
-            side.close()
+            try:
+                side.close()
+            except Exception as exc:  # every copy is closed, whatever one raised
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def _reset_resources(self) -> None:
         """Forget the threads, processes and epochs of the loader this one was copied from."""
@@ -411,6 +430,8 @@ class DataLoader(_TorchDataLoader[_T_co]):
             it = iter_cls(self, batches, plan)
             # A dropped iterator releases the source thread of its latest epoch.
             weakref.finalize(it, _set_event, it._stop_box)
+            if not (self.persistent_workers and self.num_workers > 0):
+                weakref.finalize(it, _dropped, weakref.ref(self), plan, threading.get_ident())
         else:
             it = reuse
             it.__init__(self, batches, plan)  # type: ignore[misc]
@@ -786,7 +807,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
             epoch, batches, in_epoch, rng, base_seed = self._pending
             return _state(epoch, batches, in_epoch, rng, base_seed)
         plan = self._plan
-        if plan is not None and not plan.finished:
+        if plan is not None and not plan.finished and not self._taken_all(plan):
             return _state(plan.epoch, plan.consumed, True, plan.snapshot, True)
         # Between epochs: record the generators as the next epoch's sampler will find them.
         base_seed = not (self.persistent_workers and self._iterators > 0)
@@ -906,6 +927,12 @@ class _LoaderIter:
                 raise
             err = exc
         _reraise(err, self._loader)
+
+
+def _dropped(ref: weakref.ref[DataLoader[Any]], plan: EpochPlan, thread: int) -> None:
+    loader = ref()
+    if loader is not None:
+        loader._dropped(plan, thread)
 
 
 def _set_event(holder: list[threading.Event | None]) -> None:

@@ -134,3 +134,59 @@ def test_skip_past_max_failures_ends_the_epoch_for_iter() -> None:
         again = iter(dl)  # a new epoch on the loader itself, not on a copy
         assert dl._current is not None and dl._current() is again
         assert not dl._sides
+
+
+def test_retaking_iter_mid_epoch_does_not_double_the_worker_processes() -> None:
+    import multiprocessing as mp
+
+    with DataLoader(Plain(), batch_size=4, num_workers=2, worker_type="process") as dl:
+        it = iter(dl)
+        next(it)
+        it = iter(dl)  # the old epoch's workers go with its iterator, as torch's
+        counts = []
+        for _ in it:
+            counts.append(len(mp.active_children()))
+        assert max(counts) == 2
+
+
+def test_a_state_taken_after_len_batches_resumes_at_the_next_epoch() -> None:
+    def loader() -> DataLoader[Any]:
+        return DataLoader(
+            Plain(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
+        )
+
+    with loader() as dl:
+        it = iter(dl)
+        for _ in range(len(dl)):
+            next(it)
+        state = dl.state_dict()
+        want = [_lists(b) for b in dl]  # the uninterrupted run's next epoch
+    assert (state["batches"], state["in_epoch"]) == (0, False)
+    with loader() as resumed:
+        resumed.load_state_dict(state)
+        assert [_lists(b) for b in resumed] == want
+
+
+@pytest.mark.parametrize("worker_type", ["main", "thread"])
+def test_stats_from_another_thread_never_ends_an_epoch(worker_type: str) -> None:
+    workers = 0 if worker_type == "main" else 2
+    done = threading.Event()
+    with DataLoader(
+        Plain(), batch_size=4, num_workers=workers, worker_type=worker_type
+    ) as dl:
+
+        def monitor() -> None:
+            while not done.is_set():
+                dl.stats()
+                dl.state_dict()
+
+        watcher = threading.Thread(target=monitor, daemon=True)
+        watcher.start()
+        try:
+            for _ in range(150):
+                it = iter(dl)
+                for _ in range(3):
+                    next(it)
+        finally:
+            done.set()
+            watcher.join(10)
