@@ -13,7 +13,9 @@ import concurrent.futures
 import inspect
 import multiprocessing
 import os
+import select
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -84,7 +86,9 @@ def _timed_map_skipping(fn: Callable[[Any], Any], items: list[Any]) -> tuple[Any
     return timed(map_items_skipping, fn, items)
 
 
-def _process_init() -> None:
+def _process_init(parent: int | None = None) -> None:
+    if parent is not None:
+        _exit_with(parent)
     # A decode worker process should not start its own intra-op thread pool: on
     # small machines torch's threads compete with the loader's (see docs/design.md).
     try:
@@ -93,6 +97,43 @@ def _process_init() -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+def _exit_with(parent: int) -> None:
+    """Exit this pool worker as soon as ``parent`` (the process that made the pool) is gone.
+
+    A SIGKILLed or SIGTERMed parent cannot shut its pool down, and the
+    workers' parent is the forkserver, not it (so ``PR_SET_PDEATHSIG`` would
+    not fire): without this, workers, forkserver and resource tracker outlive
+    it.  A pidfd becomes readable when its process exits (Linux 5.3); else the
+    thread polls every second.
+    """
+    try:
+        fd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        fd = -1
+
+    def watch() -> None:
+        if fd >= 0:
+            select.select([fd], [], [])
+        else:
+            while _alive(parent):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="iopipe-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _mp_context() -> Any:
@@ -216,7 +257,10 @@ class Decoder(Stage):
             self._pool = WorkerPool(self.concurrency, f"iopipe-{self.name}")
         elif self.executor == "process":
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.concurrency, mp_context=_mp_context(), initializer=_process_init
+                self.concurrency,
+                mp_context=_mp_context(),
+                initializer=_process_init,
+                initargs=(os.getpid(),),
             )
 
     def close(self, timeout: float) -> None:
@@ -333,7 +377,10 @@ class Decoder(Stage):
         ):
             shutdown_executor(pool, 10.0)  # its workers are already terminated
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.concurrency, mp_context=_mp_context(), initializer=_process_init
+                self.concurrency,
+                mp_context=_mp_context(),
+                initializer=_process_init,
+                initargs=(os.getpid(),),
             )
 
     async def run(self, inq: Any, outq: OutQueue) -> None:
