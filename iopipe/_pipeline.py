@@ -285,7 +285,10 @@ class _Epoch:
         # the loop: wait there until it has (a task that never started is done).
         try:
             loop.submit(self._settled()).result(_STOP_TIMEOUT_S)
-        except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, RuntimeError):
+        except concurrent.futures.TimeoutError:
+            # A job that never returns: waited for once, not again by close().
+            abandon_stuck(self.rt.source, self.units(), 0.0)
+        except (concurrent.futures.CancelledError, RuntimeError):
             pass
 
     async def _settled(self) -> None:

@@ -443,3 +443,36 @@ def test_the_leak_probes_see_threads_and_descriptors() -> None:
     assert t in iopipe_threads()
     stop.set()
     assert join_threads([t], 10) == []
+
+
+def test_a_job_that_never_returns_is_waited_for_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopping the epoch waits for a running job (bounded); close() then does not wait again.
+
+    (It waited once more per step: a break then close() took 10 s + 10 s, close() alone 20 s.)
+    """
+    import iopipe._pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "_STOP_TIMEOUT_S", 0.2)
+    release = threading.Event()
+
+    def stuck(x: int) -> int:
+        if x == 1:
+            release.wait(60)
+        return x
+
+    pipe = Pipeline.from_iterable(range(4), group_size=1, stall_warning=None, fuse=False)
+    pipe = pipe.map(stuck)
+    try:
+        it = iter(pipe)
+        next(it)
+        stage = it._ep.rt.stages[0]  # the epoch's copy of the map stage
+        deadline = time.monotonic() + 10
+        while not stage.running_jobs() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        jobs = list(stage._inflight)
+        assert jobs  # the stuck job runs
+        del it  # stops the epoch: waits for the job up to the bound, then gives up on it
+        assert all(job.abandoned for job in jobs)
+        pipe.close()
+    finally:
+        release.set()
