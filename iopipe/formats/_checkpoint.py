@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from iopipe._files import open_regular
 from iopipe.formats._ckpt_io import (
     ALIGN,
     MiB,
@@ -370,7 +371,7 @@ class _Loader:
 
 def _open(path: str) -> int:
     try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return open_regular(path)
     except OSError as exc:
         raise CheckpointError(f"cannot open {path}: {exc.strerror}", path=path) from exc
 

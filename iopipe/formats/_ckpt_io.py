@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from iopipe._files import open_regular
 from iopipe.formats._st_header import ShardHeader
 
 MiB = 1 << 20
@@ -286,6 +287,6 @@ def open_direct(path: str) -> int:
     if not flag:
         return -1
     try:
-        return os.open(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
+        return open_regular(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return -1

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from iopipe._errors import IopipeError
+from iopipe._files import contained, open_regular, read_small
 
 __all__ = ["DTYPES", "CheckpointError", "ShardHeader", "TensorSpec", "plan_checkpoint"]
 
@@ -31,6 +32,11 @@ __all__ = ["DTYPES", "CheckpointError", "ShardHeader", "TensorSpec", "plan_check
 MAX_HEADER_BYTES = 100_000_000
 
 _INDEX_SUFFIX = ".safetensors.index.json"
+#: An index maps names to files: 64 MiB holds about a million entries.
+MAX_INDEX_BYTES = 64 << 20
+#: torch's tensors have at most 64 dimensions, each below 2**63.
+_MAX_DIMS = 64
+_MAX_DIM = 1 << 63
 
 
 def _dtype_table() -> dict[str, torch.dtype]:
@@ -129,7 +135,7 @@ def read_header(path: str) -> ShardHeader:
         CheckpointError: The file is missing, truncated, or its header is invalid.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_regular(path)
     except OSError as exc:
         raise CheckpointError(f"cannot open {path}: {exc.strerror}", path=path) from exc
     try:
@@ -186,6 +192,8 @@ def _parse_header(
 ) -> tuple[tuple[TensorSpec, ...], dict[str, str] | None]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise CheckpointError(f"{path}: header JSON is nested too deeply", path=path) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid JSON header: {exc}", path=path) from exc
     if not isinstance(header, dict):
@@ -212,15 +220,21 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
     if not isinstance(entry, dict):
         raise fail("entry is not a JSON object")
     dtype_name = entry.get("dtype")
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         known = ", ".join(sorted(DTYPES))
         raise fail(f"unknown dtype {dtype_name!r} (known: {known})")
     shape = entry.get("shape")
     if not (
         isinstance(shape, list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        and len(shape) <= _MAX_DIMS
+        and all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < _MAX_DIM for d in shape
+        )
     ):
-        raise fail(f"shape must be a list of non-negative integers, got {shape!r}")
+        raise fail(
+            f"shape must be a list of at most {_MAX_DIMS} integers in [0, 2**63), "
+            f"got {shape!r:.200}"
+        )
     offsets = entry.get("data_offsets")
     if not (
         isinstance(offsets, list)
@@ -300,11 +314,14 @@ def plan_checkpoint(path: str | os.PathLike[str]) -> list[ShardHeader]:
 def _plan_index(index: Path) -> list[ShardHeader]:
     where = str(index)
     try:
-        content = json.loads(index.read_text(encoding="utf-8"))
+        raw = read_small(index, MAX_INDEX_BYTES)  # not /dev/zero, not a FIFO
+        content = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except OSError as exc:
         raise CheckpointError(f"cannot read index {where}: {exc.strerror}", path=where) from exc
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: invalid JSON in index: {exc}", path=where) from exc
+    except RecursionError:
+        raise CheckpointError(f"{where}: index JSON is nested too deeply", path=where) from None
+    except ValueError as exc:  # also UnicodeDecodeError, a duplicate key, too large
+        raise CheckpointError(f"{where}: invalid index: {exc}", path=where) from exc
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
@@ -312,6 +329,10 @@ def _plan_index(index: Path) -> list[ShardHeader]:
         )
     by_shard: dict[str, set[str]] = {}
     for name, shard in weight_map.items():
+        try:
+            contained(shard, f"{where}: weight_map[{name!r:.120}]")
+        except ValueError as exc:
+            raise CheckpointError(str(exc), path=where, tensor=name) from None
         by_shard.setdefault(shard, set()).add(name)
     headers = []
     for shard in sorted(by_shard):
