@@ -402,7 +402,7 @@ GOOD = {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
             {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
             b"\0" * 4,
             None,
-            r"shape must be a list of non-negative integers, got \[-1\]",
+            r"shape must be a list of non-negative integers \(below 2\*\*63, at most 64 of them\), got \[-1\]",
         ),
         (
             {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}},

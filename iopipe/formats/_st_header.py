@@ -232,8 +232,8 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
         )
     ):
         raise fail(
-            f"shape must be a list of at most {_MAX_DIMS} integers in [0, 2**63), "
-            f"got {shape!r:.200}"
+            f"shape must be a list of non-negative integers (below 2**63, at most "
+            f"{_MAX_DIMS} of them), got {shape!r:.200}"
         )
     offsets = entry.get("data_offsets")
     if not (
@@ -315,13 +315,16 @@ def _plan_index(index: Path) -> list[ShardHeader]:
     where = str(index)
     try:
         raw = read_small(index, MAX_INDEX_BYTES)  # not /dev/zero, not a FIFO
-        content = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except OSError as exc:
         raise CheckpointError(f"cannot read index {where}: {exc.strerror}", path=where) from exc
+    except ValueError as exc:
+        raise CheckpointError(f"index {exc}", path=where) from None
+    try:
+        content = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise CheckpointError(f"{where}: index JSON is nested too deeply", path=where) from None
-    except ValueError as exc:  # also UnicodeDecodeError, a duplicate key, too large
-        raise CheckpointError(f"{where}: invalid index: {exc}", path=where) from exc
+    except ValueError as exc:  # also UnicodeDecodeError and a duplicate key
+        raise CheckpointError(f"{where}: invalid JSON in index: {exc}", path=where) from exc
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
