@@ -79,7 +79,9 @@ def open_sized(path: str | os.PathLike[str], flags: int = O_READ) -> tuple[int, 
 
 
 def _refuse(path: str | os.PathLike[str], why: str) -> None:
-    raise NotRegularFileError(errno.EINVAL, f"{why}; iopipe reads regular files only", os.fspath(path))
+    raise NotRegularFileError(
+        errno.EINVAL, f"{why}; iopipe reads regular files only", os.fspath(path)
+    )
 
 
 def read_small(path: str | os.PathLike[str], limit: int) -> bytes:

@@ -59,11 +59,7 @@ def check_seconds(name: str, value: object) -> None:
     """
     if value is None:
         return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 < value < math.inf
-    ):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
 
 

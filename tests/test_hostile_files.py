@@ -33,7 +33,7 @@ def test_a_fifo_is_refused_at_once_naming_it(tmp_path: Path) -> None:
     fifo = tmp_path / "never-written.fifo"
     os.mkfifo(fifo)  # a plain open() for reading would wait for a writer for ever
     pipe = Pipeline.from_files([str(fifo)], timeout=30).read()
-    with pipe, pytest.raises(StageError, match="never-written.fifo") as info:
+    with pipe, pytest.raises(StageError, match=r"never-written\.fifo") as info:
         next(iter(pipe))
     assert isinstance(info.value.__cause__, NotRegularFileError)
     assert "a FIFO, not a regular file" in str(info.value)
@@ -119,8 +119,9 @@ def test_a_bogus_range_length_is_skipped_without_allocating(tmp_path: Path) -> N
         got = [bytes(b) for b in pipe]
     assert got == [b"a" * 10]
     assert pipe.stats().stage("read").failures == 1
-    with Pipeline.from_files(items[1:]).read() as pipe, pytest.raises(
-        StageError, match="runs past the end of the file"
+    with (
+        Pipeline.from_files(items[1:]).read() as pipe,
+        pytest.raises(StageError, match="runs past the end of the file"),
     ):
         next(iter(pipe))
 

@@ -246,7 +246,8 @@ def test_dropping_a_reused_persistent_iterator_stops_its_latest_epoch() -> None:
         it = iter(dl)  # the same iterator, reset: a new epoch with its own source thread
         next(it)
         stop = dl._procs.stop_event
-        assert stop is not None and not stop.is_set()
+        assert stop is not None
+        assert not stop.is_set()
         del it
         assert stop.is_set()  # the dropped iterator released this epoch's source, not the first's
 

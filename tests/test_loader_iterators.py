@@ -20,31 +20,9 @@ from torch.utils.data import Dataset
 
 from iopipe import DataLoader
 
-N = 24
-
-
-class Augmented(Dataset[Any]):
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int) -> Any:
-        return (i, torch.rand(()).item(), float(np.random.rand()), random.random())
-
-
-class Plain(Dataset[Any]):
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int) -> Any:
-        return torch.full((2,), float(i))
-
-
-def _lists(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.tolist()
-    if isinstance(batch, list | tuple):
-        return [_lists(x) for x in batch]
-    return batch
+# The differential datasets: one drawing from every global RNG, one plain.
+from tests.test_loader_fidelity import Augmented, Plain
+from tests.test_loader_fidelity import _as_lists as _lists
 
 
 def _reassigning_loop(cls: type, dataset: Dataset[Any], workers: int) -> Any:
@@ -98,7 +76,8 @@ def test_len_batches_without_stopiteration_end_the_epoch() -> None:
         for _ in range(len(dl)):
             next(first)
         second = iter(dl)  # the epoch was done: the loader runs it itself, no copy
-        assert dl._current is not None and dl._current() is second
+        assert dl._current is not None
+        assert dl._current() is second
         with pytest.raises(StopIteration):
             next(first)  # as torch's exhausted iterator
         next(second)
@@ -132,7 +111,8 @@ def test_skip_past_max_failures_ends_the_epoch_for_iter() -> None:
         with pytest.raises(TooManyFailures):
             next(it)
         again = iter(dl)  # a new epoch on the loader itself, not on a copy
-        assert dl._current is not None and dl._current() is again
+        assert dl._current is not None
+        assert dl._current() is again
         assert not dl._sides
 
 
@@ -171,9 +151,7 @@ def test_a_state_taken_after_len_batches_resumes_at_the_next_epoch() -> None:
 def test_stats_from_another_thread_never_ends_an_epoch(worker_type: str) -> None:
     workers = 0 if worker_type == "main" else 2
     done = threading.Event()
-    with DataLoader(
-        Plain(), batch_size=4, num_workers=workers, worker_type=worker_type
-    ) as dl:
+    with DataLoader(Plain(), batch_size=4, num_workers=workers, worker_type=worker_type) as dl:
 
         def monitor() -> None:
             while not done.is_set():

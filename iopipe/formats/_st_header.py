@@ -227,9 +227,7 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
     if not (
         isinstance(shape, list)
         and len(shape) <= _MAX_DIMS
-        and all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < _MAX_DIM for d in shape
-        )
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < _MAX_DIM for d in shape)
     ):
         raise fail(
             f"shape must be a list of non-negative integers (below 2**63, at most "
