@@ -23,6 +23,7 @@ starts with the key path (``stages[2].concurrency: expected an int >= 1 or
 from __future__ import annotations
 
 import difflib
+import fractions
 import importlib
 import inspect
 import json
@@ -81,6 +82,8 @@ _UNITS = {
     "tib": 1 << 40,
     "tb": 10**12,
 }
+#: Sizes fit a signed 64-bit count of bytes (what the OS and numpy take).
+MAX_SIZE = (1 << 63) - 1
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
@@ -95,14 +98,22 @@ def parse_size(value: int | str) -> int:
         ValueError: not a size, or a fraction of a byte.
     """
     if isinstance(value, int) and not isinstance(value, bool):
+        if value > MAX_SIZE:  # negative ones are the caller's to refuse, by name
+            raise ValueError(f"size {value!r:.80} is larger than 2**63 - 1 bytes")
         return value
-    if isinstance(value, str):
-        m = _SIZE.fullmatch(value)
-        if m and m.group(2).lower() in _UNITS:
-            n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-            if n == int(n):
-                return int(n)
-    raise ValueError(f"not a size in bytes: {value!r} (write e.g. 4194304, '4MiB', '256KiB')")
+    if isinstance(value, str) and len(value) <= 64 and (m := _SIZE.fullmatch(value)):
+        unit = _UNITS.get(m.group(2).lower())
+        exact = fractions.Fraction(m.group(1)) * (unit or 0)  # exact: no float rounding
+        n = -1 if unit is None or exact.denominator != 1 else int(exact)
+    else:
+        n = -1
+    if n < 0:
+        raise ValueError(
+            f"not a size in bytes: {value!r:.80} (write e.g. 4194304, '4MiB', '256KiB')"
+        )
+    if n > MAX_SIZE:
+        raise ValueError(f"size {value!r:.80} is larger than 2**63 - 1 bytes")
+    return n
 
 
 def format_size(n: int) -> str:
@@ -376,6 +387,8 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         kind = "TOML" if suffix == ".toml" else "JSON"
         raise ConfigError("", f"{p}: invalid {kind}: {exc}") from None
+    except RecursionError:
+        raise ConfigError("", f"{p}: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ConfigError("", f"{p}: expected a table at the top, got {type(doc).__name__}")
     return doc

@@ -429,3 +429,24 @@ def test_function_names_resolve_both_ways() -> None:
     assert function_name(first_byte) == f"{MOD}:first_byte"
     assert resolve_function(f"{MOD}:first_byte") is first_byte
     assert resolve_function("os.path:join") is __import__("os").path.join
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [("9007199254740993", 9007199254740993), ("1.5GiB", 3 << 29), (".5K", 512)],
+)
+def test_sizes_are_parsed_exactly(text: str, want: int) -> None:
+    assert parse_size(text) == want  # a float would round 2**53 + 1
+
+
+@pytest.mark.parametrize("bad", ["1" * 400, 2**70, "9EiB", "16777216TiB"])
+def test_huge_sizes_are_a_value_error(bad: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(bad)  # type: ignore[arg-type]
+
+
+def test_a_deeply_nested_config_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text('{"source": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        Pipeline.from_config(path)
