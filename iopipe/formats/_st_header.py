@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,22 @@ MAX_HEADER_BYTES = 100_000_000
 _INDEX_SUFFIX = ".safetensors.index.json"
 #: An index maps names to files: 64 MiB holds about a million entries.
 MAX_INDEX_BYTES = 64 << 20
-#: torch's tensors have at most 64 dimensions, each below 2**63.
+#: torch's tensors have at most 64 dimensions, each below 2**63; so is the product of
+#: the sizes (zeros counted as 1) times the item size, or torch's stride and storage
+#: arithmetic overflows even for a tensor of no elements.
 _MAX_DIMS = 64
 _MAX_DIM = 1 << 63
+
+#: Values from a header or an index shown in a message: bounded in length and depth
+#: (a 100 MB header can hold a 16 MB list, or a list nested 900 deep).
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxtuple = 3, 8, 4, 8
+_SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 200, 40, 80
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short: bounded in time, length and recursion."""
+    return _SHOW.repr(value)
 
 
 def _dtype_table() -> dict[str, torch.dtype]:
@@ -182,7 +196,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {_show(key)}")
         out[key] = value
     return out
 
@@ -215,14 +229,14 @@ def _parse_header(
 
 def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: int) -> TensorSpec:
     def fail(what: str) -> CheckpointError:
-        return CheckpointError(f"{path}: tensor {name!r}: {what}", path=path, tensor=name)
+        return CheckpointError(f"{path}: tensor {_show(name)}: {what}", path=path, tensor=name)
 
     if not isinstance(entry, dict):
         raise fail("entry is not a JSON object")
     dtype_name = entry.get("dtype")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         known = ", ".join(sorted(DTYPES))
-        raise fail(f"unknown dtype {dtype_name!r} (known: {known})")
+        raise fail(f"unknown dtype {_show(dtype_name)} (known: {known})")
     shape = entry.get("shape")
     if not (
         isinstance(shape, list)
@@ -231,7 +245,7 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
     ):
         raise fail(
             f"shape must be a list of non-negative integers (below 2**63, at most "
-            f"{_MAX_DIMS} of them), got {shape!r:.200}"
+            f"{_MAX_DIMS} of them), got {_show(shape)}"
         )
     offsets = entry.get("data_offsets")
     if not (
@@ -239,7 +253,7 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
         and len(offsets) == 2
         and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise fail(f"data_offsets must be [begin, end] integers, got {offsets!r}")
+        raise fail(f"data_offsets must be [begin, end] integers, got {_show(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise fail(f"data_offsets [{begin}, {end}) are not an increasing range")
@@ -249,6 +263,8 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
             f"({data_bytes} bytes); file truncated?"
         )
     dtype = DTYPES[dtype_name]
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= _MAX_DIM:
+        raise fail(f"shape {_show(shape)} of {dtype_name} is too large: sizes multiply past 2**63")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes != end - begin:
         raise fail(
@@ -266,7 +282,7 @@ def _check_overlaps(path: str, specs: list[TensorSpec]) -> None:
             continue
         if previous is not None and spec.offset < previous.offset + previous.nbytes:
             raise CheckpointError(
-                f"{path}: tensor {spec.name!r} overlaps tensor {previous.name!r} in the "
+                f"{path}: tensor {_show(spec.name)} overlaps tensor {_show(previous.name)} in the "
                 "data section",
                 path=path,
                 tensor=spec.name,
@@ -300,7 +316,9 @@ def plan_checkpoint(path: str | os.PathLike[str]) -> list[ShardHeader]:
             )
         if indexes:
             return _plan_index(indexes[0])
-        files = sorted(p for p in target.glob("*.safetensors") if p.is_file())
+        # Not only regular files: a FIFO or a link to /dev/zero here is refused by
+        # read_header, not skipped (which would load part of the checkpoint).
+        files = sorted(p for p in target.glob("*.safetensors") if not p.is_dir())
         if not files:
             raise CheckpointError(f"{target}: no .safetensors files in folder", path=str(target))
         return _unique_names([read_header(str(f)) for f in files])
@@ -310,6 +328,19 @@ def plan_checkpoint(path: str | os.PathLike[str]) -> list[ShardHeader]:
 
 
 def _plan_index(index: Path) -> list[ShardHeader]:
+    where = str(index)
+    by_shard: dict[str, set[str]] = {}
+    for name, shard in _read_weight_map(index).items():
+        try:
+            contained(shard, f"{where}: weight_map[{_show(name)}]")
+        except ValueError as exc:
+            raise CheckpointError(str(exc), path=where, tensor=name) from None
+        by_shard.setdefault(shard, set()).add(name)
+    return [_index_shard(index, shard, by_shard[shard]) for shard in sorted(by_shard)]
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index: a regular file, bounded, no repeated or deep keys."""
     where = str(index)
     try:
         raw = read_small(index, MAX_INDEX_BYTES)  # not /dev/zero, not a FIFO
@@ -328,37 +359,35 @@ def _plan_index(index: Path) -> list[ShardHeader]:
         raise CheckpointError(
             f"{where}: index has no weight_map object of tensor name -> shard file", path=where
         )
-    by_shard: dict[str, set[str]] = {}
-    for name, shard in weight_map.items():
-        try:
-            contained(shard, f"{where}: weight_map[{name!r:.120}]")
-        except ValueError as exc:
-            raise CheckpointError(str(exc), path=where, tensor=name) from None
-        by_shard.setdefault(shard, set()).add(name)
-    headers = []
-    for shard in sorted(by_shard):
-        wanted = by_shard[shard]
-        shard_path = index.parent / shard
-        if not shard_path.is_file():
-            raise CheckpointError(
-                f"{where}: index names shard {shard!r}, which does not exist ({shard_path})",
-                path=where,
-            )
-        header = read_header(str(shard_path))
-        present = {spec.name for spec in header.tensors}
-        missing = sorted(wanted - present)
-        if missing:
-            raise CheckpointError(
-                f"{where}: tensor {missing[0]!r} is mapped to shard {shard!r}, which has "
-                f"no such tensor ({len(missing)} missing in that shard)",
-                path=where,
-                tensor=missing[0],
-            )
-        kept = tuple(spec for spec in header.tensors if spec.name in wanted)
-        headers.append(
-            ShardHeader(header.path, header.file_bytes, header.data_start, kept, header.metadata)
+    return weight_map
+
+
+def _index_shard(index: Path, shard: str, wanted: set[str]) -> ShardHeader:
+    """Read the header of ``shard`` (checked by :func:`contained`), keeping ``wanted``."""
+    where, shard_path = str(index), index.parent / shard
+    try:
+        shard_path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(
+            f"{where}: index names shard {_show(shard)}, which does not exist ({shard_path})",
+            path=where,
+        ) from None
+    except OSError as exc:  # a name too long, a symlink loop, no permission
+        raise CheckpointError(
+            f"{where}: cannot open shard {_show(shard)}: {exc.strerror}", path=where
+        ) from exc
+    header = read_header(str(shard_path))  # refuses a FIFO, a device, a folder
+    present = {spec.name for spec in header.tensors}
+    missing = sorted(wanted - present)
+    if missing:
+        raise CheckpointError(
+            f"{where}: tensor {_show(missing[0])} is mapped to shard {_show(shard)}, which has "
+            f"no such tensor ({len(missing)} missing in that shard)",
+            path=where,
+            tensor=missing[0],
         )
-    return headers
+    kept = tuple(spec for spec in header.tensors if spec.name in wanted)
+    return ShardHeader(header.path, header.file_bytes, header.data_start, kept, header.metadata)
 
 
 def _unique_names(headers: list[ShardHeader]) -> list[ShardHeader]:
@@ -367,7 +396,7 @@ def _unique_names(headers: list[ShardHeader]) -> list[ShardHeader]:
         for spec in header.tensors:
             if spec.name in seen:
                 raise CheckpointError(
-                    f"tensor {spec.name!r} is in both {seen[spec.name]} and {header.path}",
+                    f"tensor {_show(spec.name)} is in both {seen[spec.name]} and {header.path}",
                     path=header.path,
                     tensor=spec.name,
                 )
