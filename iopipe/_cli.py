@@ -73,6 +73,12 @@ def _count(text: str) -> int:
     return value
 
 
+def _module(text: str) -> str:
+    if not all(part.isidentifier() for part in text.split(".")):
+        raise argparse.ArgumentTypeError(f"expected a module name like 'myproject', got {text!r}")
+    return text
+
+
 def _version() -> str:
     from . import __version__
 
@@ -173,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="stop each epoch after N batches (items without a batch stage)",
     )
+    r.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        type=_module,
+        metavar="MODULE",
+        help=(
+            "a module (and every module below it) whose functions the config may name; "
+            "repeat for more. Without it a config may name only a few pure built-ins "
+            "(docs/config.md, 'What a config may run')"
+        ),
+    )
+    r.add_argument(
+        "--trusted",
+        action="store_true",
+        help="the config is as trusted as code: it may name any importable function",
+    )
     r.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     r.set_defaults(func=cmd_run)
     return parser
@@ -244,7 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ._pipeline import Pipeline
     from ._verdict import bottleneck
 
-    pipe = Pipeline.from_config(args.config)
+    pipe = Pipeline.from_config(args.config, allow=args.allow, trusted=args.trusted)
     unit = "batches" if _batched(pipe) else "items"
     epochs: list[dict[str, Any]] = []
     with pipe:

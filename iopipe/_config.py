@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import difflib
 import fractions
-import importlib
 import inspect
 import json
 import os
@@ -34,7 +33,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import IopipeError
+from ._config_names import (
+    ConfigError,
+    FunctionName,
+    Trust,
+    check_name,
+    function_name,
+    resolve_function,
+)
+from ._errors import show
 
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
@@ -49,19 +56,6 @@ __all__ = [
     "pipeline_to_config",
     "resolve_function",
 ]
-
-
-class ConfigError(IopipeError, ValueError):
-    """A pipeline config is invalid.
-
-    Attributes:
-        path: The key path of the offending value (``"stages[2].concurrency"``),
-            or ``""`` for the document as a whole.
-    """
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
 
 
 # -- sizes ----------------------------------------------------------------------------
@@ -99,7 +93,7 @@ def parse_size(value: int | str) -> int:
     """
     if isinstance(value, int) and not isinstance(value, bool):
         if value > MAX_SIZE:  # negative ones are the caller's to refuse, by name
-            raise ValueError(f"size {value!r:.80} is larger than 2**63 - 1 bytes")
+            raise ValueError(f"size {show(value)} is larger than 2**63 - 1 bytes")
         return value
     if isinstance(value, str) and len(value) <= 64 and (m := _SIZE.fullmatch(value)):
         unit = _UNITS.get(m.group(2).lower())
@@ -109,10 +103,10 @@ def parse_size(value: int | str) -> int:
         n = -1
     if n < 0:
         raise ValueError(
-            f"not a size in bytes: {value!r:.80} (write e.g. 4194304, '4MiB', '256KiB')"
+            f"not a size in bytes: {show(value)} (write e.g. 4194304, '4MiB', '256KiB')"
         )
     if n > MAX_SIZE:
-        raise ValueError(f"size {value!r:.80} is larger than 2**63 - 1 bytes")
+        raise ValueError(f"size {show(value)} is larger than 2**63 - 1 bytes")
     return n
 
 
@@ -122,54 +116,6 @@ def format_size(n: int) -> str:
         if n >= scale and n % scale == 0:
             return f"{n // scale}{unit}"
     return f"{n}B"
-
-
-# -- functions by name -------------------------------------------------------------------
-
-
-def resolve_function(name: str, path: str = "") -> Callable[..., Any]:
-    """Import ``"package.module:function"`` (or ``"module:Class.attr"``) and return it.
-
-    Raises:
-        ConfigError: malformed, not importable, missing or not callable.
-    """
-    if not isinstance(name, str) or name.count(":") != 1 or not all(name.split(":")):
-        raise ConfigError(path, f"expected 'package.module:function', got {name!r}")
-    mod_name, qual = name.split(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ConfigError(path, f"cannot import module {mod_name!r}: {exc}") from None
-    for part in qual.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(path, f"module {mod_name!r} has no attribute {qual!r}") from None
-    if not callable(obj):
-        raise ConfigError(path, f"{name!r} is not callable")
-    return obj  # type: ignore[no-any-return]
-
-
-def function_name(fn: Callable[..., Any], path: str = "") -> str:
-    """Return ``"package.module:function"`` for ``fn``, checking that it resolves back to it.
-
-    Raises:
-        ConfigError: ``fn`` (a lambda, a local function, a partial...) has no importable name.
-    """
-    module = getattr(fn, "__module__", None)
-    qual = getattr(fn, "__qualname__", None)
-    if not module or not qual or "<" in qual:
-        raise ConfigError(
-            path, f"{fn!r:.80} cannot be named in a config: use a module-level function"
-        )
-    name = f"{module}:{qual}"
-    try:
-        same = resolve_function(name) is fn
-    except ConfigError:
-        same = False
-    if not same:
-        raise ConfigError(path, f"{fn!r:.80} cannot be named in a config: {name!r} is not it")
-    return name
 
 
 # -- value checkers: each returns the converted value or raises ConfigError ---------------
@@ -183,7 +129,7 @@ def _int(lo: int, *, auto: bool = False) -> Callable[[Any, str], Any]:
             return v
         if isinstance(v, int) and not isinstance(v, bool) and v >= lo:
             return v
-        raise ConfigError(path, f"expected {want}, got {v!r}")
+        raise ConfigError(path, f"expected {want}, got {show(v)}")
 
     return check
 
@@ -196,33 +142,33 @@ def _size(v: Any, path: str) -> int:
     if n >= 1:
         return n
     raise ConfigError(
-        path, f"expected a size in bytes (an int >= 1 or a string such as '4MiB'), got {v!r}"
+        path, f"expected a size in bytes (an int >= 1 or a string such as '4MiB'), got {show(v)}"
     )
 
 
 def _bool(v: Any, path: str) -> bool:
     if isinstance(v, bool):
         return v
-    raise ConfigError(path, f"expected true or false, got {v!r}")
+    raise ConfigError(path, f"expected true or false, got {show(v)}")
 
 
 def _number(v: Any, path: str) -> float:
     if isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
         return v
-    raise ConfigError(path, f"expected a number > 0, got {v!r}")
+    raise ConfigError(path, f"expected a number > 0, got {show(v)}")
 
 
 def _str(v: Any, path: str) -> str:
     if isinstance(v, str) and v:
         return v
-    raise ConfigError(path, f"expected a non-empty string, got {v!r}")
+    raise ConfigError(path, f"expected a non-empty string, got {show(v)}")
 
 
 def _choice(*options: str) -> Callable[[Any, str], Any]:
     def check(v: Any, path: str) -> Any:
         if v in options:
             return v
-        raise ConfigError(path, f"expected one of {', '.join(map(repr, options))}, got {v!r}")
+        raise ConfigError(path, f"expected one of {', '.join(map(repr, options))}, got {show(v)}")
 
     return check
 
@@ -232,11 +178,11 @@ def _max_failures(v: Any, path: str) -> int | float:
         return v
     if isinstance(v, float) and 0 < v < 1:
         return v
-    raise ConfigError(path, f"expected an int >= 0 or a number in (0, 1), got {v!r}")
+    raise ConfigError(path, f"expected an int >= 0 or a number in (0, 1), got {show(v)}")
 
 
-def _function(v: Any, path: str) -> Callable[..., Any]:
-    return resolve_function(v, path)
+def _function(v: Any, path: str) -> FunctionName:
+    return check_name(v, path)  # imported later, once the whole config is checked
 
 
 def _is_range(x: Any) -> bool:
@@ -256,21 +202,21 @@ def _files(v: Any, path: str) -> Any:
     raise ConfigError(
         path,
         "expected a glob, a folder, or a list of paths and [path, offset, length] ranges, "
-        f"got {v!r:.80}",
+        f"got {show(v)}",
     )
 
 
 def _items(v: Any, path: str) -> list[Any]:
     if isinstance(v, list):
         return v
-    raise ConfigError(path, f"expected a list, got {v!r:.80}")
+    raise ConfigError(path, f"expected a list, got {show(v)}")
 
 
 Spec = dict[str, tuple[Callable[[Any, str], Any], bool]]  # key -> (checker, required)
 
 _SOURCE: Spec = {
     "files": (_files, False),
-    "iterable": (_str, False),
+    "iterable": (_function, False),
     "items": (_items, False),
     "shuffle": (_bool, False),
     "seed": (_int(0), False),
@@ -323,7 +269,7 @@ _STAGES: dict[str, Spec] = {
 
 def _table(v: Any, path: str) -> Mapping[str, Any]:
     if not isinstance(v, Mapping):
-        raise ConfigError(path, f"expected a table, got {type(v).__name__}: {v!r:.80}")
+        raise ConfigError(path, f"expected a table, got {type(v).__name__}: {show(v)}")
     for k in v:
         if not isinstance(k, str):
             raise ConfigError(path, f"keys must be strings, got {k!r}")
@@ -408,8 +354,17 @@ def _load_yaml(text: str, p: Path) -> Any:
         raise ConfigError("", f"{p}: invalid YAML: {one_line}") from None
 
 
-def pipeline_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> Pipeline[Any]:
-    """Build a pipeline from a config mapping or file (see :meth:`Pipeline.from_config`)."""
+_UNTRUSTED = Trust()
+
+
+def pipeline_from_config(
+    config: Mapping[str, Any] | str | os.PathLike[str], trust: Trust = _UNTRUSTED
+) -> Pipeline[Any]:
+    """Build a pipeline from a config mapping or file (see :meth:`Pipeline.from_config`).
+
+    The whole document is checked first; only then are the functions it names
+    imported, each if ``trust`` permits it.
+    """
     from ._pipeline import Pipeline
     from .stages.source import EMPTY_HINT
 
@@ -429,11 +384,16 @@ def pipeline_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> 
     if not isinstance(stages, list):
         raise ConfigError("stages", f"expected a list of tables, got {type(stages).__name__}")
     specs = [_stage_spec(st, f"stages[{i}]") for i, st in enumerate(stages)]
+    _resolve(source, "source", trust, skip=("iterable",))
+    _resolve(options, "options", trust)
+    for i, (_, args) in enumerate(specs):
+        _resolve(args, f"stages[{i}]", trust)
 
     kind = kinds[0]
     if kind != "files" and "allow_empty" in source:
         raise ConfigError("source.allow_empty", f"applies to a 'files' source only, not {kind!r}")
     what = source.pop(kind)
+    iterable = _iterable(what, trust) if kind == "iterable" else None
     pipe: Pipeline[Any]
     try:
         if kind == "files":
@@ -445,11 +405,11 @@ def pipeline_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> 
                     FileNotFoundError(exc.errno, text) if exc.errno else FileNotFoundError(text)
                 ) from None
         else:
-            items = what if kind == "items" else _iterable(what)
+            items = what if kind == "items" else iterable
             pipe = Pipeline.from_iterable(items, **source, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError("source", str(exc)) from None
-    pipe._source.origin = {kind: what}
+    pipe._source.origin = {kind: str(what) if kind == "iterable" else what}
     if source.get("allow_empty"):
         pipe._source.origin["allow_empty"] = True
     for i, (method, args) in enumerate(specs):
@@ -470,10 +430,15 @@ def _stage_spec(entry: Any, path: str) -> tuple[str, dict[str, Any]]:
     return method, _check(t, _STAGES[method], path, skip=("stage",))
 
 
-def _iterable(name: str) -> Any:
-    obj: Any = resolve_function(name, "source.iterable") if ":" in name else None
-    if obj is None:
-        raise ConfigError("source.iterable", f"expected 'package.module:name', got {name!r}")
+def _resolve(table: dict[str, Any], path: str, trust: Trust, skip: tuple[str, ...] = ()) -> None:
+    """Replace each checked function name in ``table`` by the function, as ``trust`` permits."""
+    for k, v in table.items():
+        if isinstance(v, FunctionName) and k not in skip:
+            table[k] = trust.resolve(v, f"{path}.{k}")
+
+
+def _iterable(name: FunctionName, trust: Trust) -> Any:
+    obj = trust.resolve(name, "source.iterable")
     try:
         iter(obj)
     except TypeError:
@@ -549,7 +514,7 @@ def _plain_values(table: dict[str, Any], path: str) -> dict[str, Any]:
         if k in _FUNCTIONS and callable(v):
             v = function_name(v, f"{path}.{k}")
         if not _plain([v]):
-            raise ConfigError(f"{path}.{k}", f"{v!r:.80} cannot be written to a config")
+            raise ConfigError(f"{path}.{k}", f"{show(v)} cannot be written to a config")
         out[k] = v
     return out
 

@@ -7,10 +7,31 @@ a :class:`StageError` whose ``__cause__`` is the original exception.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["IopipeError", "PipelineClosedError", "StageError", "TooManyFailures", "item_label"]
+__all__ = [
+    "IopipeError",
+    "PipelineClosedError",
+    "StageError",
+    "TooManyFailures",
+    "item_label",
+    "show",
+]
+
+
+#: Values from input iopipe does not control (a config, a checkpoint header, an
+#: index) shown in a message: bounded in length and depth (a 100 MB header can
+#: hold a 16 MB list, or a list nested 900 deep, whose repr would recurse).
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxtuple = 3, 8, 4, 8
+_SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 200, 40, 80
+
+
+def show(value: Any) -> str:
+    """``repr(value)``, cut short: bounded in time, length and recursion."""
+    return _SHOW.repr(value)
 
 
 class IopipeError(Exception):

@@ -29,6 +29,7 @@ from ._autotune import (
 )
 from ._budget import ByteBudget, check_inflight_bytes
 from ._config import pipeline_from_config, pipeline_to_config
+from ._config_names import Trust
 from ._errors import PipelineClosedError, StageError, released
 from ._loop import LoopThread
 from ._policy import FailurePolicy, check_policy
@@ -666,18 +667,31 @@ class Pipeline(Generic[T]):
         return Pipeline(src, **options)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | str | os.PathLike[str]) -> Pipeline[Any]:
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | str | os.PathLike[str],
+        *,
+        allow: Iterable[str] | str | None = None,
+        trusted: bool = False,
+    ) -> Pipeline[Any]:
         """Build a pipeline from a config: a mapping, or a ``.toml``/``.json``/``.yaml`` file.
 
         See docs/config.md for the format.  User functions are named
         ``"package.module:function"``; sizes may be written ``"4MiB"``.
 
+        A config is data, so it may name functions only from the modules in
+        ``allow`` (each with every module below it: ``allow=["myproject"]``)
+        and a few pure built-ins (``"builtins:len"``); ``trusted=True`` lifts
+        the limit for a config as trusted as code.  Nothing is imported before
+        the whole config is checked, and a module not allowed is never imported.
+
         Raises:
-            ConfigError: the config is invalid; the message starts with the key
-                path (``stages[2].concurrency: expected an int >= 1 or 'auto', got 'x'``).
+            ConfigError: the config is invalid, or names a function it may not;
+                the message starts with the key path (``stages[2].concurrency:
+                expected an int >= 1 or 'auto', got 'x'``).
             FileNotFoundError: the config file, or the source's files, do not exist.
         """
-        return pipeline_from_config(config)
+        return pipeline_from_config(config, Trust.of(allow, trusted))
 
     def to_config(self) -> dict[str, Any]:
         """Return this pipeline's config as plain data (``from_config`` of it rebuilds it).

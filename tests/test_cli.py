@@ -483,7 +483,7 @@ def test_console_script_imports_functions_from_the_current_folder(tmp_path: Path
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(
-        [str(exe), "run", "cfg.toml", "--json"],
+        [str(exe), "run", "cfg.toml", "--allow", "mymod", "--json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -330,7 +330,7 @@ def test_options_in_configs() -> None:
         "options": {"on_error": "skip", "max_failures": 0.5},
     }
     pipe = Pipeline.from_config(
-        {**cfg, "stages": [{"stage": "map", "fn": f"{__name__}:fail_on_bad"}]}
+        {**cfg, "stages": [{"stage": "map", "fn": f"{__name__}:fail_on_bad"}]}, allow=[__name__]
     )
     assert pipe.to_config()["options"] == {"on_error": "skip", "max_failures": 0.5}
     with pipe:

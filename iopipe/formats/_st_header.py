@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from iopipe._errors import IopipeError
+from iopipe._errors import IopipeError, show
 from iopipe._files import contained, open_regular, read_small
 
 __all__ = ["DTYPES", "CheckpointError", "ShardHeader", "TensorSpec", "plan_checkpoint"]
@@ -40,17 +39,6 @@ MAX_INDEX_BYTES = 64 << 20
 #: arithmetic overflows even for a tensor of no elements.
 _MAX_DIMS = 64
 _MAX_DIM = 1 << 63
-
-#: Values from a header or an index shown in a message: bounded in length and depth
-#: (a 100 MB header can hold a 16 MB list, or a list nested 900 deep).
-_SHOW = reprlib.Repr()
-_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxtuple = 3, 8, 4, 8
-_SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 200, 40, 80
-
-
-def _show(value: Any) -> str:
-    """``repr(value)``, cut short: bounded in time, length and recursion."""
-    return _SHOW.repr(value)
 
 
 def _dtype_table() -> dict[str, torch.dtype]:
@@ -196,7 +184,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {_show(key)}")
+            raise ValueError(f"duplicate key {show(key)}")
         out[key] = value
     return out
 
@@ -229,14 +217,14 @@ def _parse_header(
 
 def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: int) -> TensorSpec:
     def fail(what: str) -> CheckpointError:
-        return CheckpointError(f"{path}: tensor {_show(name)}: {what}", path=path, tensor=name)
+        return CheckpointError(f"{path}: tensor {show(name)}: {what}", path=path, tensor=name)
 
     if not isinstance(entry, dict):
         raise fail("entry is not a JSON object")
     dtype_name = entry.get("dtype")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         known = ", ".join(sorted(DTYPES))
-        raise fail(f"unknown dtype {_show(dtype_name)} (known: {known})")
+        raise fail(f"unknown dtype {show(dtype_name)} (known: {known})")
     shape = entry.get("shape")
     if not (
         isinstance(shape, list)
@@ -245,7 +233,7 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
     ):
         raise fail(
             f"shape must be a list of non-negative integers (below 2**63, at most "
-            f"{_MAX_DIMS} of them), got {_show(shape)}"
+            f"{_MAX_DIMS} of them), got {show(shape)}"
         )
     offsets = entry.get("data_offsets")
     if not (
@@ -253,7 +241,7 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
         and len(offsets) == 2
         and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise fail(f"data_offsets must be [begin, end] integers, got {_show(offsets)}")
+        raise fail(f"data_offsets must be [begin, end] integers, got {show(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise fail(f"data_offsets [{begin}, {end}) are not an increasing range")
@@ -264,7 +252,7 @@ def _tensor_spec(path: str, name: str, entry: Any, data_start: int, data_bytes: 
         )
     dtype = DTYPES[dtype_name]
     if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= _MAX_DIM:
-        raise fail(f"shape {_show(shape)} of {dtype_name} is too large: sizes multiply past 2**63")
+        raise fail(f"shape {show(shape)} of {dtype_name} is too large: sizes multiply past 2**63")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes != end - begin:
         raise fail(
@@ -282,7 +270,7 @@ def _check_overlaps(path: str, specs: list[TensorSpec]) -> None:
             continue
         if previous is not None and spec.offset < previous.offset + previous.nbytes:
             raise CheckpointError(
-                f"{path}: tensor {_show(spec.name)} overlaps tensor {_show(previous.name)} in the "
+                f"{path}: tensor {show(spec.name)} overlaps tensor {show(previous.name)} in the "
                 "data section",
                 path=path,
                 tensor=spec.name,
@@ -332,7 +320,7 @@ def _plan_index(index: Path) -> list[ShardHeader]:
     by_shard: dict[str, set[str]] = {}
     for name, shard in _read_weight_map(index).items():
         try:
-            contained(shard, f"{where}: weight_map[{_show(name)}]")
+            contained(shard, f"{where}: weight_map[{show(name)}]")
         except ValueError as exc:
             raise CheckpointError(str(exc), path=where, tensor=name) from None
         by_shard.setdefault(shard, set()).add(name)
@@ -369,19 +357,19 @@ def _index_shard(index: Path, shard: str, wanted: set[str]) -> ShardHeader:
         shard_path.stat()
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(
-            f"{where}: index names shard {_show(shard)}, which does not exist ({shard_path})",
+            f"{where}: index names shard {show(shard)}, which does not exist ({shard_path})",
             path=where,
         ) from None
     except OSError as exc:  # a name too long, a symlink loop, no permission
         raise CheckpointError(
-            f"{where}: cannot open shard {_show(shard)}: {exc.strerror}", path=where
+            f"{where}: cannot open shard {show(shard)}: {exc.strerror}", path=where
         ) from exc
     header = read_header(str(shard_path))  # refuses a FIFO, a device, a folder
     present = {spec.name for spec in header.tensors}
     missing = sorted(wanted - present)
     if missing:
         raise CheckpointError(
-            f"{where}: tensor {_show(missing[0])} is mapped to shard {_show(shard)}, which has "
+            f"{where}: tensor {show(missing[0])} is mapped to shard {show(shard)}, which has "
             f"no such tensor ({len(missing)} missing in that shard)",
             path=where,
             tensor=missing[0],
@@ -396,7 +384,7 @@ def _unique_names(headers: list[ShardHeader]) -> list[ShardHeader]:
         for spec in header.tensors:
             if spec.name in seen:
                 raise CheckpointError(
-                    f"tensor {_show(spec.name)} is in both {seen[spec.name]} and {header.path}",
+                    f"tensor {show(spec.name)} is in both {seen[spec.name]} and {header.path}",
                     path=header.path,
                     tensor=spec.name,
                 )
