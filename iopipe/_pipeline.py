@@ -720,8 +720,12 @@ class Pipeline(Generic[T]):
         """Read each item (a path or ``(path, offset, length)``) into a ``uint8`` numpy buffer.
 
         Args:
-            chunk_bytes: Items larger than this are read in pieces of this size,
-                concurrently, into one buffer.
+            chunk_bytes: The largest single ``preadv``.  Items larger than this
+                are read in pieces, concurrently, into one buffer: a piece is one
+                chunk, or, when an item has more chunks than there are workers,
+                whole chunks adding up to about 1 MiB (one job, one ``preadv``
+                each), so the jobs of an item do not grow with its size over
+                ``chunk_bytes``.
             concurrency: Reads in flight, or ``"auto"`` (tuned while running, see
                 docs/tuning.md).
             with_source: Yield ``(item, buffer)`` pairs instead of buffers.

@@ -47,6 +47,11 @@ CURRENT_GROUP: contextvars.ContextVar[Group | None] = contextvars.ContextVar(
 CURRENT_SPAN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "iopipe_span", default=None
 )
+#: When the work a job is one piece of began (a large item read in chunks): the
+#: watchdog reports that age, not the age of the chunk running now.
+CURRENT_SINCE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "iopipe_since", default=None
+)
 
 #: A job should take about this long, so that the ~30 us cost of handing it to a
 #: thread stays a few percent of the work (bench/bench_pipeline.py shows the effect).
@@ -317,7 +322,9 @@ class Stage:
         self.unit = 1  # items per group in this stage's input (set by the pipeline)
         # Jobs running in workers: job -> (group, span of it, submit time), per job
         # (never per item); the stall watchdog names stuck items from it.
-        self._inflight: dict[concurrent.futures.Future[Any], tuple[Any, Any, float]] = {}
+        self._inflight: dict[
+            concurrent.futures.Future[Any], tuple[Any, Any, float, float | None]
+        ] = {}
 
     def fresh(self) -> Stage:
         """Return an unopened copy with the same configuration."""
@@ -342,7 +349,8 @@ class Stage:
             raise RuntimeError(f"stage {self.name!r} is not open")
         fut = pool.submit(shielded, fn, *args)
         inflight = self._inflight
-        inflight[fut] = (CURRENT_GROUP.get(), CURRENT_SPAN.get(), time.perf_counter())
+        now = time.perf_counter()
+        inflight[fut] = (CURRENT_GROUP.get(), CURRENT_SPAN.get(), now, CURRENT_SINCE.get())
         fut.add_done_callback(lambda f: inflight.pop(f, None))
         return await asyncio.wrap_future(fut)
 
@@ -354,8 +362,10 @@ class Stage:
         """
         now = time.perf_counter()
         out = []
-        for fut, (group, span, t0) in self._inflight.copy().items():
-            started = getattr(fut, "started", 0.0) or t0  # a WorkerPool job knows its start
+        for fut, (group, span, t0, since) in self._inflight.copy().items():
+            # A WorkerPool job knows its start; a piece of larger work (CURRENT_SINCE)
+            # is as old as that work.
+            started = since if since is not None else getattr(fut, "started", 0.0) or t0
             keys: list[Any] = []
             items: list[Any] = []
             if group is not None:
