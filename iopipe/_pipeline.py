@@ -301,14 +301,18 @@ class _Epoch:
         await asyncio.gather(*(s.quiesce() for s in self.rt.plan))
 
     def idle_after_reader(self) -> bool:
-        """Whether nothing after the budgeted reader is queued or running (reader threads ask).
+        """Whether no read runs, nothing after the reader is queued or running, and the
+        consumer waits in ``next()`` (the budget asks, on the loop thread).
 
         Then no byte held can reach the consumer without more reads: the budget
-        lets one more through rather than deadlock (iopipe/_budget.py).
+        lets the oldest waiting group's read through rather than deadlock
+        (iopipe/_budget.py).
         """
         reader = _budgeted_reader(self.rt.stages)
         budget = self.budget
-        if reader is None or budget is None or len(reader._inflight) > budget.waiting:
+        if reader is None or budget is None or reader._inflight:  # a read will deliver
+            return False
+        if not self.handoff.consumer_waiting:  # it computes: admitting can wait until it asks
             return False
         at = self.rt.stages.index(reader)
         if any(q is not None and q.counters.used for q in self.queues[at + 1 :]):

@@ -255,6 +255,7 @@ class Handoff:
         self._space: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self.wait_s = 0.0  # time the consumer spent blocked in get()
+        self.consumer_waiting = False  # the consumer is blocked in get() now (any thread reads)
 
     # -- loop side -------------------------------------------------------------
     async def put(self, group: Group) -> None:
@@ -309,18 +310,22 @@ class Handoff:
         start = time.perf_counter()
         deadline = None if timeout is None else start + timeout
         with self._cond:
-            while not self._items:
-                if self._closed:
-                    raise RuntimeError("iopipe: the hand-off queue was closed")
-                wait = 0.1
-                if deadline is not None:
-                    left = deadline - time.perf_counter()
-                    if left <= 0:
-                        self.wait_s += time.perf_counter() - start
-                        raise TimeoutError
-                    wait = min(wait, left)
-                if not self._cond.wait(wait) and not alive() and not self._items:
-                    raise RuntimeError("iopipe: the event-loop thread died")
+            try:
+                while not self._items:
+                    if self._closed:
+                        raise RuntimeError("iopipe: the hand-off queue was closed")
+                    wait = 0.1
+                    if deadline is not None:
+                        left = deadline - time.perf_counter()
+                        if left <= 0:
+                            self.wait_s += time.perf_counter() - start
+                            raise TimeoutError
+                        wait = min(wait, left)
+                    self.consumer_waiting = True
+                    if not self._cond.wait(wait) and not alive() and not self._items:
+                        raise RuntimeError("iopipe: the event-loop thread died")
+            finally:
+                self.consumer_waiting = False
             item = self._items.popleft()
             if isinstance(item, Group):
                 self.counters.change(-1)

@@ -9,6 +9,7 @@ the bound stops it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,44 @@ def test_an_item_larger_than_the_bound_passes(tmp_path: Path, chunk_bytes: int) 
         n, _ = slow_consume(pipe)
         stats = pipe.stats()
     assert n == 4
-    # Read whole, it passes alone.  Read in chunks, reads of the next items that
-    # wait for room hold the read slots its chunks need: they are let through
-    # (at most `concurrency` of them) rather than deadlock (iopipe/_budget.py).
-    extra = 0 if chunk_bytes > 10 * ITEM else 2 * ITEM
-    assert 10 * ITEM <= stats.peak_inflight_bytes <= 10 * ITEM + extra
+    # It passes alone, read whole or in chunks: the reads of later items wait for
+    # room on the loop, holding no read slot its chunks need, and leave room for it.
+    assert stats.peak_inflight_bytes == 10 * ITEM
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_items_read_in_chunks_keep_the_bound(tmp_path: Path, group_size: int) -> None:
+    # 1 MiB items in 256 KiB chunks under a 16 MiB bound peaked at 32 MiB with
+    # group_size=4: reads waiting for room held the slots the chunks needed.
+    mib = 1 << 20
+    make_files(tmp_path, [mib] * 48)
+    pipe = Pipeline.from_files(
+        str(tmp_path / "*.bin"), max_inflight_bytes=16 * mib, group_size=group_size, timeout=30
+    ).read(chunk_bytes=mib // 4)
+    with pipe:
+        n, worst = slow_consume(pipe, per_element_s=0.002)
+        stats = pipe.stats()
+    assert n == 48
+    assert worst <= stats.peak_inflight_bytes <= 16 * mib
+
+
+def test_a_group_larger_than_the_bound_passes_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_files(tmp_path, [ITEM] * 24)
+    pipe = Pipeline.from_files(
+        str(tmp_path / "*.bin"), max_inflight_bytes=4 * ITEM, group_size=8, timeout=30
+    ).read(concurrency=2)
+    with caplog.at_level(logging.WARNING, logger="iopipe"), pipe:
+        n, _ = slow_consume(pipe, per_element_s=0.001)
+        stats = pipe.stats()
+    assert n == 24
+    # One group (8 items) is what the consumer needs next: it passes, and only it.
+    assert 4 * ITEM < stats.peak_inflight_bytes <= 8 * ITEM + 4 * ITEM
+    warned = [r.getMessage() for r in caplog.records if "max_inflight_bytes" in r.getMessage()]
+    assert len(warned) == 1
+    assert "smaller than one reader group needs" in warned[0]
+    assert "group_size" in warned[0]
 
 
 def test_a_bound_below_one_batch_still_delivers_every_batch(files: str) -> None:

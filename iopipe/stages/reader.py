@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._budget import ByteBudget
+from .._budget import ByteBudget, Ticket
 from .._files import open_regular, open_sized
 from .._queue import Group
 from .._threads import WorkerPool
@@ -56,6 +56,13 @@ class _Large:
     path: str
     buf: np.ndarray[Any, np.dtype[np.uint8]]
     offset: int
+
+
+@dataclass(slots=True, frozen=True)
+class _NeedRoom:
+    """The last entry of a job's output: the next item's ``bytes`` did not fit the budget."""
+
+    bytes: int
 
 
 def normalize_item(item: Any) -> tuple[str, int, int | None]:
@@ -139,7 +146,7 @@ def _read_job(
     chunk_bytes: int,
     flags: int,
     skip: bool = False,
-    reserve: Callable[[int], None] | None = None,
+    reserve: Callable[[int], bool] | None = None,
 ) -> tuple[list[Any], int]:
     """Read whole small items; size large ones for chunked reading (worker thread).
 
@@ -149,7 +156,8 @@ def _read_job(
     Every descriptor it opens is closed before it returns.  With ``skip``
     (``on_error="skip"``) an item that fails gets an :class:`ItemFailure` in
     place of its buffer and the job goes on.  With ``reserve`` (``max_inflight_bytes``)
-    each item's size is reserved before its buffer is allocated (it may wait).
+    each item's size is reserved before its buffer is allocated; an item that does
+    not fit ends the job, with a :class:`_NeedRoom` after the items read.
     """
     out: list[Any] = []
     misses = probed = 0
@@ -175,8 +183,9 @@ def _read_job(
                     size = length
                     if offset + length > fd_size:
                         fd_size = _past_end(fd, path, offset, length)
-                if reserve is not None:
-                    reserve(size)  # may wait for room: iopipe/_budget.py
+                if reserve is not None and not reserve(size):
+                    out.append(_NeedRoom(size))  # the reader waits for room on the loop
+                    break
                 buf: Any = np.empty(size, np.uint8)
                 if size > chunk_bytes:
                     out.append(_Large(path, buf, offset))
@@ -399,6 +408,29 @@ class ChunkedReader(Stage):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
+    async def _read_span(self, job: Any, entries: list[Any], ticket: Ticket | None) -> list[Any]:
+        """Run ``job`` over ``entries``, waiting on the loop wherever the byte budget is full.
+
+        A job that meets an item with no room ends there; the wait holds no read
+        slot, so reads already admitted (the pieces of large items) go on, and a
+        new job takes up the rest.  Item indexes in failures are the span's.
+        """
+        out: list[Any] = []
+        while True:
+            rest = entries[len(out) :]
+            try:
+                part = await self._job(job, len(rest), rest, self.chunk_bytes)
+            except ItemFailure as failure:
+                if not out:
+                    raise
+                raise ItemFailure(failure.index + len(out), failure.cause) from None
+            if not part or not isinstance(part[-1], _NeedRoom):
+                return out + part if out else part
+            assert ticket is not None
+            need = part.pop()
+            out.extend(part)
+            await ticket.budget.wait_room(ticket, need.bytes)
+
     async def _process(self, group: Group) -> Group:
         # Taken before any await: tickets follow the source order (iopipe/_budget.py).
         budget = self.budget
@@ -416,14 +448,18 @@ class ChunkedReader(Stage):
         spans = self._gov.split(len(entries))
         job = _read_job if self.policy is None else _read_job_skipping
         if ticket is not None:
-            job = functools.partial(job, reserve=ticket.take)
+            job = functools.partial(job, reserve=ticket.try_take)
+            ticket.expect(len(entries))
         try:
             done = await gather_spans(
-                [self._job(job, b - a, entries[a:b], self.chunk_bytes) for a, b in spans],
+                [self._read_span(job, entries[a:b], ticket) for a, b in spans],
                 [a for a, _ in spans],
             )
         except SpanFailure as sf:
             raise self.fail(group, sf.exc, sf.offset)
+        finally:
+            if ticket is not None:
+                ticket.done()
         larges: list[tuple[int, _Large]] = []
         for out, (a, _) in zip(done, spans, strict=True):
             for j, x in enumerate(out):
