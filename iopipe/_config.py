@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import difflib
 import fractions
-import inspect
 import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,8 @@ from ._errors import show
 
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
+    from .stages._base import Stage
+    from .stages.source import Source
 
 __all__ = [
     "ConfigError",
@@ -358,14 +359,17 @@ _UNTRUSTED = Trust()
 
 
 def pipeline_from_config(
-    config: Mapping[str, Any] | str | os.PathLike[str], trust: Trust = _UNTRUSTED
-) -> Pipeline[Any]:
-    """Build a pipeline from a config mapping or file (see :meth:`Pipeline.from_config`).
+    config: Mapping[str, Any] | str | os.PathLike[str],
+    build: type[Pipeline[Any]],
+    trust: Trust = _UNTRUSTED,
+) -> tuple[Pipeline[Any], dict[str, Any]]:
+    """Build a pipeline with ``build`` (the Pipeline class) from a config mapping or file.
 
-    The whole document is checked first; only then are the functions it names
-    imported, each if ``trust`` permits it.
+    Returns the pipeline and its source's origin (what ``to_config`` writes for
+    the source).  The whole document is checked first; only then are the
+    functions it names imported, each if ``trust`` permits it.  See
+    :meth:`Pipeline.from_config`.
     """
-    from ._pipeline import Pipeline
     from .stages.source import EMPTY_HINT
 
     doc = load_config(config) if isinstance(config, str | os.PathLike) else config
@@ -398,26 +402,26 @@ def pipeline_from_config(
     try:
         if kind == "files":
             try:
-                pipe = Pipeline.from_files(what, **source, **options)
+                pipe = build.from_files(what, **source, **options)
             except FileNotFoundError as exc:  # say it in the config's words
                 text = str(exc).replace(EMPTY_HINT, "set allow_empty = true in the source table")
                 raise (
                     FileNotFoundError(exc.errno, text) if exc.errno else FileNotFoundError(text)
                 ) from None
         else:
-            items = what if kind == "items" else iterable
-            pipe = Pipeline.from_iterable(items, **source, **options)
+            items: Any = what if kind == "items" else iterable
+            pipe = build.from_iterable(items, **source, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError("source", str(exc)) from None
-    pipe._source.origin = {kind: str(what) if kind == "iterable" else what}
+    origin: dict[str, Any] = {kind: str(what) if kind == "iterable" else what}
     if source.get("allow_empty"):
-        pipe._source.origin["allow_empty"] = True
+        origin["allow_empty"] = True
     for i, (method, args) in enumerate(specs):
         try:
             pipe = getattr(pipe, method)(**args)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"stages[{i}]", str(exc)) from None
-    return pipe
+    return pipe, origin
 
 
 def _stage_spec(entry: Any, path: str) -> tuple[str, dict[str, Any]]:
@@ -438,7 +442,7 @@ def _resolve(table: dict[str, Any], path: str, trust: Trust, skip: tuple[str, ..
 
 
 def _iterable(name: FunctionName, trust: Trust) -> Any:
-    obj = trust.resolve(name, "source.iterable")
+    obj: Any = trust.resolve(name, "source.iterable")
     try:
         iter(obj)
     except TypeError:
@@ -459,14 +463,19 @@ _METHOD = {
 _FUNCTIONS = ("fn", "collate_fn", "on_stats")
 
 
-def pipeline_to_config(pipe: Pipeline[Any]) -> dict[str, Any]:
-    """Return the config of ``pipe`` as plain data (see :meth:`Pipeline.to_config`).
+def pipeline_to_config(
+    src: Source, options: Mapping[str, Any], defaults: Mapping[str, Any], stages: Sequence[Stage]
+) -> dict[str, Any]:
+    """Return the config of a pipeline as plain data (see :meth:`Pipeline.to_config`).
+
+    Args:
+        src: the pipeline's source; options: its options; defaults: the options'
+            default values (left out of the config); stages: its stages, in order.
 
     Raises:
         ConfigError: a part cannot be written (a lambda as ``fn``, a source built
             from an arbitrary iterable).
     """
-    src = pipe._source
     origin = getattr(src, "origin", None)
     if origin is None:
         items = src.items
@@ -483,18 +492,13 @@ def pipeline_to_config(pipe: Pipeline[Any]) -> dict[str, Any]:
         source["files"] = [x if isinstance(x, str) else list(x) for x in source["files"]]
     source.update({k: v for k, v in src.config().items() if v is not None})
     # Options left at their defaults are not written: the config says what was chosen.
-    defaults = {
-        k: p.default
-        for k, p in inspect.signature(type(pipe).__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    options = {k: v for k, v in pipe._options.items() if not (k in defaults and v == defaults[k])}
+    chosen = {k: v for k, v in options.items() if not (k in defaults and v == defaults[k])}
     out: dict[str, Any] = {
         "source": source,
-        "options": _plain_values({k: v for k, v in options.items() if v is not None}, "options"),
+        "options": _plain_values({k: v for k, v in chosen.items() if v is not None}, "options"),
         "stages": [],
     }
-    for i, stage in enumerate(pipe._stages):
+    for i, stage in enumerate(stages):
         if stage.kind not in _METHOD:
             raise ConfigError(f"stages[{i}]", f"a {stage.kind!r} stage has no config form")
         cfg: dict[str, Any] = {"stage": _METHOD[stage.kind], **stage.config()}

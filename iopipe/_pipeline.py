@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import os
 import time
 import weakref
@@ -695,7 +696,9 @@ class Pipeline(Generic[T]):
                 expected an int >= 1 or 'auto', got 'x'``).
             FileNotFoundError: the config file, or the source's files, do not exist.
         """
-        return pipeline_from_config(config, Trust.of(allow, trusted))
+        pipe, origin = pipeline_from_config(config, cls, Trust.of(allow, trusted))
+        pipe._source.origin = origin
+        return pipe
 
     def to_config(self) -> dict[str, Any]:
         """Return this pipeline's config as plain data (``from_config`` of it rebuilds it).
@@ -703,7 +706,12 @@ class Pipeline(Generic[T]):
         Raises:
             ConfigError: a part has no config form (a lambda, an arbitrary iterable source).
         """
-        return pipeline_to_config(self)
+        defaults = {
+            k: p.default
+            for k, p in inspect.signature(type(self).__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        return pipeline_to_config(self._source, self._options, defaults, self._stages)
 
     def _then(self, stage: Stage) -> Pipeline[Any]:
         names = {s.name for s in self._stages}

@@ -419,7 +419,7 @@ class ChunkedReader(Stage):
         while True:
             rest = entries[len(out) :]
             try:
-                part = await self._job(job, len(rest), rest, self.chunk_bytes)
+                part: list[Any] = await self._job(job, len(rest), rest, self.chunk_bytes)
             except ItemFailure as failure:
                 if not out:
                     raise
