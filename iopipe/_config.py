@@ -273,15 +273,21 @@ def _table(v: Any, path: str) -> Mapping[str, Any]:
         raise ConfigError(path, f"expected a table, got {type(v).__name__}: {show(v)}")
     for k in v:
         if not isinstance(k, str):
-            raise ConfigError(path, f"keys must be strings, got {k!r}")
+            raise ConfigError(path, f"keys must be strings, got {show(k)}")
     return v
+
+
+def _cut(key: str) -> str:
+    """A key from the document, cut short for a key path."""
+    return key if len(key) <= 80 else f"{key[:60]}...({len(key)} characters)"
 
 
 def _unknown(what: str, got: Any, known: list[str], *, quote: bool = False) -> str:
     """``unknown key; did you mean 'concurrency'? expected one of ...``."""
     names = ", ".join(map(repr, known)) if quote else ", ".join(known)
-    head = f"unknown {what} {got!r}" if quote else f"unknown {what}"
-    close = difflib.get_close_matches(got, known, n=1) if isinstance(got, str) else []
+    head = f"unknown {what} {show(got)}" if quote else f"unknown {what}"
+    near = isinstance(got, str) and len(got) <= 100
+    close = difflib.get_close_matches(got, known, n=1) if near else []
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{head}{hint}; expected one of {names}"
 
@@ -294,7 +300,7 @@ def _check(table: Any, spec: Spec, path: str, skip: tuple[str, ...] = ()) -> dic
         if k in skip:
             continue
         if k not in spec:
-            raise ConfigError(f"{path}.{k}", _unknown("key", k, sorted(spec)))
+            raise ConfigError(f"{path}.{_cut(k)}", _unknown("key", k, sorted(spec)))
         out[k] = spec[k][0](v, f"{path}.{k}")
     for k, (_, required) in spec.items():
         if required and k not in t:
@@ -336,6 +342,8 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError("", f"{p}: invalid {kind}: {exc}") from None
     except RecursionError:
         raise ConfigError("", f"{p}: nested too deeply") from None
+    except ValueError as exc:  # an integer of more than 4300 digits, say
+        raise ConfigError("", f"{p}: {str(exc)[:300]}") from None
     if not isinstance(doc, dict):
         raise ConfigError("", f"{p}: expected a table at the top, got {type(doc).__name__}")
     return doc
@@ -376,7 +384,7 @@ def pipeline_from_config(
     top = _table(doc, "")
     for k in top:
         if k not in ("source", "options", "stages"):
-            raise ConfigError(k, _unknown("key", k, ["options", "source", "stages"]))
+            raise ConfigError(_cut(k), _unknown("key", k, ["options", "source", "stages"]))
     if "source" not in top:
         raise ConfigError("source", "required key missing")
     source = _check(top["source"], _SOURCE, "source")
@@ -388,10 +396,14 @@ def pipeline_from_config(
     if not isinstance(stages, list):
         raise ConfigError("stages", f"expected a list of tables, got {type(stages).__name__}")
     specs = [_stage_spec(st, f"stages[{i}]") for i, st in enumerate(stages)]
-    _resolve(source, "source", trust, skip=("iterable",))
-    _resolve(options, "options", trust)
-    for i, (_, args) in enumerate(specs):
-        _resolve(args, f"stages[{i}]", trust)
+    tables = [("source", source), ("options", options)]
+    tables += [(f"stages[{i}]", args) for i, (_, args) in enumerate(specs)]
+    for path, table in tables:  # every name is permitted before any is imported
+        for k, v in table.items():
+            if isinstance(v, FunctionName):
+                trust.check(v, f"{path}.{k}")
+    for path, table in tables:
+        _resolve(table, path, trust, skip=("iterable",) if path == "source" else ())
 
     kind = kinds[0]
     if kind != "files" and "allow_empty" in source:
@@ -429,7 +441,7 @@ def _stage_spec(entry: Any, path: str) -> tuple[str, dict[str, Any]]:
     if "stage" not in t:
         raise ConfigError(f"{path}.stage", "required key missing")
     method = t["stage"]
-    if method not in _STAGES:
+    if not isinstance(method, str) or method not in _STAGES:
         raise ConfigError(f"{path}.stage", _unknown("stage", method, list(_STAGES), quote=True))
     return method, _check(t, _STAGES[method], path, skip=("stage",))
 

@@ -39,12 +39,12 @@ __all__ = [
 
 #: Built-ins a config may name without an allow list: each reads its argument
 #: and returns a value, with no I/O, no import and no access to other objects.
+#: ``bytes`` and ``bytearray`` are not among them: ``bytes(60_000_000_000)``
+#: from a config's items would allocate 60 GB.
 SAFE_BUILTINS = frozenset(
     {
         "abs",
         "bool",
-        "bytearray",
-        "bytes",
         "dict",
         "float",
         "frozenset",
@@ -65,6 +65,7 @@ SAFE_BUILTINS = frozenset(
 
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _HELP = 'see docs/config.md, "What a config may run"'
+_MAX_NAME = 500  # characters in a "package.module:function" name
 
 
 class FunctionName(str):
@@ -93,7 +94,7 @@ class ConfigError(IopipeError, ValueError):
 
 def check_name(v: Any, path: str) -> FunctionName:
     """Return ``v`` as a :class:`FunctionName` if it is well formed; import nothing."""
-    if isinstance(v, str) and v.count(":") == 1:
+    if isinstance(v, str) and len(v) <= _MAX_NAME and v.count(":") == 1:
         mod, qual = v.split(":")
         if _MODULE.fullmatch(mod) and all(p.isidentifier() for p in qual.split(".")):
             return FunctionName(v)
@@ -129,6 +130,11 @@ class Trust:
             return True
         return name.module == "builtins" and name.split(":")[1] in SAFE_BUILTINS
 
+    def permits_module_object(self, module: Any) -> bool:
+        """Whether an imported module is what its allowed name says (not an alias)."""
+        real = getattr(module, "__name__", None)
+        return isinstance(real, str) and (self.allows_module(real) or real == "builtins")
+
     def allows_module(self, mod: str) -> bool:
         """Whether functions from module ``mod`` may be named."""
         return self.trusted or any(mod == a or mod.startswith(a + ".") for a in self.allow)
@@ -140,15 +146,30 @@ class Trust:
             ConfigError: the module is not allowed (nothing was imported), or the
                 name does not resolve to a callable.
         """
-        if not self.permits(name):
-            top = name.module.split(".")[0]
+        self.check(name, path)
+        return resolve_function(name, path, self)
+
+    def check(self, name: FunctionName, path: str) -> None:
+        """Raise the refusal if this policy does not permit ``name``; import nothing.
+
+        Raises:
+            ConfigError: the module is not allowed.
+        """
+        if self.permits(name):
+            return
+        if name.module == "builtins":
             raise ConfigError(
                 path,
-                f"{str(name)!r} is not allowed: module {name.module!r} is not in the allow "
-                f"list (from_config(..., allow=[{top!r}]) or iopipe run --allow {top}; "
-                f"trusted=True or --trusted for a config as trusted as code); {_HELP}",
+                f"{str(name)!r} is not allowed: it is not one of the pure built-ins a config "
+                f"may name ({', '.join(sorted(SAFE_BUILTINS))}); {_HELP}",
             )
-        return resolve_function(name, path, self)
+        top = name.module.split(".")[0]
+        raise ConfigError(
+            path,
+            f"{str(name)!r} is not allowed: module {name.module!r} is not in the allow "
+            f"list (from_config(..., allow=[{top!r}]) or iopipe run --allow {top}; "
+            f"trusted=True or --trusted for a config as trusted as code); {_HELP}",
+        )
 
 
 def resolve_function(name: str, path: str = "", trust: Trust | None = None) -> Callable[..., Any]:
@@ -168,7 +189,11 @@ def resolve_function(name: str, path: str = "", trust: Trust | None = None) -> C
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise ConfigError(path, f"cannot import module {mod_name!r}: {exc}") from None
+        raise ConfigError(path, f"cannot import module {mod_name!r}: {str(exc)[:300]}") from None
+    if trust is not None and not trust.trusted and not trust.permits_module_object(obj):
+        raise ConfigError(  # an alias in sys.modules, or an importer's redirection
+            path, f"{name!r} is not allowed: {mod_name!r} is module {obj.__name__!r}; {_HELP}"
+        )
     for part in qual.split("."):
         try:
             obj = getattr(obj, part)

@@ -182,3 +182,55 @@ def test_iopipe_run_refuses_a_bad_module_name_as_usage() -> None:
     )
     assert out.returncode == 2
     assert "argument --allow: expected a module name like 'myproject', got 'a b'" in out.stderr
+
+
+def test_every_name_is_permitted_before_any_is_imported(planted: Path) -> None:
+    cfg = _map("planted_mod:inc")
+    cfg["stages"].append({"stage": "map", "fn": "os:system"})
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\.fn: 'os:system' is not allowed"):
+        Pipeline.from_config(cfg, allow=["planted_mod"])
+    assert "planted_mod" not in sys.modules
+    assert not planted.exists()
+
+
+def test_a_builtin_outside_the_safe_ones_is_refused_without_suggesting_all_builtins() -> None:
+    for name in ("eval", "bytes", "bytearray", "type"):
+        with pytest.raises(ConfigError) as info:
+            Pipeline.from_config(_map(f"builtins:{name}"))
+        assert "not one of the pure built-ins a config may name" in str(info.value)
+        assert "allow=['builtins']" not in str(info.value)
+
+
+def test_a_module_alias_in_sys_modules_does_not_pass_for_the_allowed_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os as real_os
+
+    monkeypatch.setitem(sys.modules, "innocent_alias", real_os)
+    with pytest.raises(ConfigError, match=r"'innocent_alias' is module 'os'"):
+        Pipeline.from_config(_map("innocent_alias:getcwd"), allow=["innocent_alias"])
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (
+            {"source": {"items": [1]}, "stages": [{"stage": [1]}]},
+            r"^stages\[0\]\.stage: unknown stage \[1\]",
+        ),
+        (
+            {"source": {"items": [1]}, "x" * 100_000: 1},
+            r"^x{60}\.\.\.\(100000 characters\): unknown key",
+        ),
+        (
+            _map("m" * 10_000 + ":f"),
+            r"^stages\[0\]\.fn: expected 'package\.module:function', got 'mmm",
+        ),
+    ],
+)
+def test_hostile_names_and_keys_are_config_errors_quoted_short(
+    cfg: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        Pipeline.from_config(cfg)
+    assert len(str(info.value)) < 1000

@@ -149,3 +149,14 @@ def test_a_stall_on_a_large_item_names_the_reader_the_item_and_its_age(
     assert found, message
     assert found.group(1).endswith(os.path.basename(path))
     assert float(found.group(2)) >= 0.3  # the item's age, not the second piece's
+
+
+def test_a_job_stopped_for_room_reports_no_cache_observation(tmp_path: Path) -> None:
+    # A job that read nothing must not tell the read governor "all cached".
+    path, _ = _file(tmp_path, 1 << 16)
+    out, misses = reader._read_job(
+        [(path, 0, None)] * 4, 1 << 22, getattr(os, "RWF_NOWAIT", 0), reserve=lambda n: False
+    )
+    assert len(out) == 1
+    assert type(out[0]).__name__ == "_NeedRoom"
+    assert misses == -1

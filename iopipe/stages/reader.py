@@ -209,8 +209,11 @@ def _read_job(
     finally:
         if fd >= 0:
             os.close(fd)
-    if misses > 0:
-        misses = min(len(entries), round(misses * len(entries) / probed))
+    read = len(out) - (1 if out and isinstance(out[-1], _NeedRoom) else 0)
+    if probed == 0:
+        misses = -1  # nothing probed: no observation (a job cut short by the budget, say)
+    elif misses > 0:
+        misses = min(read, round(misses * read / probed))
     return out, misses
 
 
@@ -276,7 +279,7 @@ def _read_piece(large: _Large, start: int, stop: int, chunk: int, flags: int) ->
     try:
         for a in range(start, stop, chunk):
             b = min(stop, a + chunk)
-            if a == start:  # the first read probes the page cache for the whole piece
+            if a == start:  # the first chunk's read probes the page cache for the piece
                 miss = _read_probing(fd, large.buf[a:b], large.offset + a, large.path, flags)
             else:
                 read_exact(fd, large.buf[a:b], large.offset + a, large.path)
@@ -359,6 +362,8 @@ class ChunkedReader(Stage):
         self.counters.jobs += 1
         # CPU seconds of the reads: the bottleneck verdict tells storage from CPU by it.
         self.counters.extra["cpu_s"] = self.counters.extra.get("cpu_s", 0.0) + cpu
+        if isinstance(out, list) and out and isinstance(out[-1], _NeedRoom):
+            items = len(out) - 1  # the job stopped for room: what it read is what it did
         self._gov.observe(wall, cpu, items, misses)
         return out
 
