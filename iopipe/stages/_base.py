@@ -352,7 +352,11 @@ class Stage:
         now = time.perf_counter()
         inflight[fut] = (CURRENT_GROUP.get(), CURRENT_SPAN.get(), now, CURRENT_SINCE.get())
         fut.add_done_callback(lambda f: inflight.pop(f, None))
-        return await asyncio.wrap_future(fut)
+        waiter = asyncio.wrap_future(fut)
+        # A job that fails after its task was cancelled (the epoch stopped) has no
+        # one to read its exception: read it here, so asyncio does not log it at exit.
+        waiter.add_done_callback(_retrieve)
+        return await waiter
 
     def running_jobs(self) -> list[tuple[list[Any], list[Any], float]]:
         """``(keys, items, seconds running)`` of each job in a worker, oldest first (any thread).
@@ -590,6 +594,11 @@ class SpanFailure(Exception):
         super().__init__(exc, offset)
         self.exc = exc
         self.offset = offset
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def gather_spans(coros: list[Any], offsets: list[int]) -> list[Any]:
