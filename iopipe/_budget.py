@@ -67,7 +67,7 @@ class BudgetClosedError(BaseException):
 class Ticket:
     """The bytes reserved for one reader group; ``end`` is its end in source items."""
 
-    __slots__ = ("budget", "bytes", "credit", "end", "forced", "items", "left")
+    __slots__ = ("budget", "bytes", "credit", "end", "items", "left")
 
     def __init__(self, budget: ByteBudget, end: int) -> None:
         self.budget = budget
@@ -76,7 +76,6 @@ class Ticket:
         self.credit = 0  # granted by wait_room, not yet used by a read
         self.left = 0  # items of the group still to reserve (see ByteBudget._fits)
         self.items = 0  # items of the group
-        self.forced = False  # the group passed over the bound: the rest of it passes too
 
     def expect(self, items: int) -> None:
         """Say how many items the group will reserve (loop thread, before its reads)."""
@@ -137,7 +136,7 @@ class ByteBudget:
                 raise BudgetClosedError("iopipe: the epoch stopped")
             self._largest = max(self._largest, n)
             used = min(n, t.credit)
-            if n > used and not t.forced and not self._fits(t, n - used):
+            if n > used and not self._fits(t, n - used):
                 return False
             t.credit -= used
             t.left = max(0, t.left - 1)
@@ -195,7 +194,6 @@ class ByteBudget:
                 # not every group in the reader's window.
                 idle = self._idle is not None and self._idle()
                 if idle and idle_seen and self._first_waiting(t):
-                    t.forced = True  # the consumer needs the whole group: no wait per item
                     break
                 idle_seen = idle
         finally:

@@ -141,6 +141,21 @@ def _read_probing(fd: int, buf: Any, offset: int, path: str, flags: int) -> int:
     return missed
 
 
+def _item_size(
+    fd: int, fd_size: int, path: str, offset: int, length: int | None
+) -> tuple[int, int]:
+    """``(bytes to read, file size)`` of an item; a range past the end is refused first.
+
+    A bogus length is refused before its buffer is allocated (:func:`_past_end`
+    looks again, in case the file grew since it was opened).
+    """
+    if length is None:
+        return max(0, fd_size - offset), fd_size
+    if offset + length > fd_size:
+        fd_size = _past_end(fd, path, offset, length)
+    return length, fd_size
+
+
 def _read_job(
     entries: list[tuple[str, int, int | None]],
     chunk_bytes: int,
@@ -151,8 +166,9 @@ def _read_job(
     """Read whole small items; size large ones for chunked reading (worker thread).
 
     Returns the buffers and the number of cache misses (-1: the probe is not
-    supported here), estimated from every ``_PROBE_EVERY``-th read.  Consecutive byte ranges of one file share one descriptor
-    (token windows, say, would otherwise pay an open and a close per range).
+    supported here, or nothing probed), estimated from every ``_PROBE_EVERY``-th
+    read.  Consecutive byte ranges of one file share one descriptor (token
+    windows, say, would otherwise pay an open and a close per range).
     Every descriptor it opens is closed before it returns.  With ``skip``
     (``on_error="skip"``) an item that fails gets an :class:`ItemFailure` in
     place of its buffer and the job goes on.  With ``reserve`` (``max_inflight_bytes``)
@@ -177,30 +193,22 @@ def _read_job(
                     continue
                 fd_path = path
             try:
-                if length is None:
-                    size = max(0, fd_size - offset)
-                else:  # a bogus length is refused before its buffer is allocated
-                    size = length
-                    if offset + length > fd_size:
-                        fd_size = _past_end(fd, path, offset, length)
+                size, fd_size = _item_size(fd, fd_size, path, offset, length)
                 if reserve is not None and not reserve(size):
                     out.append(_NeedRoom(size))  # the reader waits for room on the loop
                     break
                 buf: Any = np.empty(size, np.uint8)
                 if size > chunk_bytes:
                     out.append(_Large(path, buf, offset))
-                elif flags and i % _PROBE_EVERY == 0:
+                    continue
+                if flags and i % _PROBE_EVERY == 0:
                     miss = _read_probing(fd, buf, offset, path, flags)
-                    if miss < 0:
-                        flags, misses = 0, -1
-                    else:
-                        misses += miss
-                        probed += 1
-                    out.append(buf)
-                else:
-                    if os.preadv(fd, [buf], offset) != size:  # short: read the rest
-                        read_exact(fd, buf, offset, path)
-                    out.append(buf)
+                    flags, misses, probed = (
+                        (0, -1, probed) if miss < 0 else (flags, misses + miss, probed + 1)
+                    )
+                elif os.preadv(fd, [buf], offset) != size:  # short: read the rest
+                    read_exact(fd, buf, offset, path)
+                out.append(buf)
             except Exception as err:
                 failure = _explained(err, fd, path, offset, length)
                 if not skip or not skippable(failure):
