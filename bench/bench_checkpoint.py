@@ -126,7 +126,7 @@ def _run_case(case: str, folder: Path, shards: list[Path], opts: dict[str, Any])
 
     if case == "iopipe":
         if opts.pop("buffered_only", False):  # A/B knob: no O_DIRECT reads
-            import iopipe.formats._ckpt_io as ckpt_io
+            import iopipe.checkpoint.io as ckpt_io
 
             ckpt_io.DIRECT_MIN_FILE_BYTES = 1 << 62
         kwargs = {k: v for k, v in opts.items() if v}

@@ -1,4 +1,4 @@
-"""A/B: the stages' WorkerPool (iopipe/_threads.py) against ThreadPoolExecutor (issues 6, 7).
+"""A/B: the stages' WorkerPool (iopipe/runtime/threads.py) against ThreadPoolExecutor (issues 6, 7).
 
 WorkerPool replaced ``concurrent.futures.ThreadPoolExecutor`` in every stage so
 that a job that never returns cannot hang interpreter exit, and then so that a
@@ -29,7 +29,7 @@ import iopipe.stages.batch
 import iopipe.stages.decode
 import iopipe.stages.reader
 from iopipe import Pipeline
-from iopipe._threads import WorkerPool
+from iopipe.runtime.threads import WorkerPool
 
 MODULES = (iopipe.stages.reader, iopipe.stages.decode, iopipe.stages.batch)
 

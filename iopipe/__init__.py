@@ -1,41 +1,28 @@
 """iopipe: keep accelerators fed.
 
-Layout (everything public is re-exported here; modules with a leading underscore
-are private):
+The public API is exactly what this module exports; every subpackage is internal.
+Layers, each built only on the ones above it in this list:
 
-- ``_pipeline``  Pipeline: the builder API and the runtime that drives stages
-- ``_loop``      the background event-loop thread (uvloop when importable)
-- ``_queue``     bounded queues between stages and the one thread hand-off
-- ``_stats``     per-stage counters and the frozen snapshots of ``stats()``
-- ``_errors``    the exception hierarchy
-- ``_policy``    ``on_error="skip"`` / ``max_failures``: the failure policy
-- ``_verdict``   the bottleneck verdict and periodic stats reports
-- ``_config``    pipelines from config files (TOML, JSON, YAML) and back
-- ``_autotune``  ``concurrency="auto"``: the hill-climbing controller
-- ``_loader``    DataLoader: torch's DataLoader on the engine (``_loader_state``:
-                 resume; ``_workers``: worker jobs and torch's worker processes)
-- ``_probe``, ``_cli``  the ``iopipe`` command (``probe``, ``run``)
-- ``stages/``    one stage per module: source, reader, prefetch, decode, batch,
-                 cache, device
-- ``formats/``   file formats: token shards, safetensors checkpoints
+- ``io/``        bounded opens of regular files, exact reads, listing (no engine)
+- ``runtime/``   errors, the loop thread, channels and the one thread hand-off,
+                 worker threads, the byte budget, the failure policy, counters, watchdog
+- ``control/``   controllers: concurrency hill-climbing (``concurrency="auto"``)
+- ``stages/``    one operator per module over the runtime's job pump
+- ``pipeline/``  the builder (``Pipeline``), its epoch runner, config files and trust
+- ``observe/``   the bottleneck verdict and periodic stats reports
+- ``loader/``    ``DataLoader``: torch's signature and semantics on the pipeline
+- ``tokens/``, ``checkpoint/``  LLM workloads: token shards, safetensors checkpoints
+- ``probe/``     the ``iopipe`` command (``probe``, ``run``)
 """
 
-from ._config import ConfigError
-from ._errors import IopipeError, PipelineClosedError, StageError, TooManyFailures
-from ._loader import DataLoader
-from ._pipeline import Pipeline
-from ._stats import PipelineStats, StageStats
-from ._verdict import Verdict, bottleneck
-from .formats import (
-    CheckpointError,
-    LoadResult,
-    TokenFile,
-    TokenFileError,
-    TokenShards,
-    iter_checkpoint,
-    load_checkpoint,
-    load_into,
-)
+from .checkpoint import CheckpointError, LoadResult, iter_checkpoint, load_checkpoint, load_into
+from .loader.loader import DataLoader
+from .observe.verdict import Verdict, bottleneck
+from .pipeline.builder import Pipeline
+from .pipeline.config import ConfigError
+from .runtime.errors import IopipeError, PipelineClosedError, StageError, TooManyFailures
+from .runtime.stats import PipelineStats, StageStats
+from .tokens import TokenFile, TokenFileError, TokenShards
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,10 @@
-"""``python -m iopipe``: the ``iopipe`` command (see iopipe/_cli.py)."""
+"""``python -m iopipe``: the ``iopipe`` command (see iopipe/probe/cli.py)."""
 
 from __future__ import annotations
 
 import sys
 
-from ._cli import main
+from .probe.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ and item, closes cleanly midway, and resumes exactly from a state saved midway.
 * ``check_state_midway(make, expected, take=k)``
 
 Stage drivers run one stage alone on the running event loop, joined by
-:class:`~iopipe._queue.GroupQueue` s as the pipeline would join it:
+:class:`~iopipe.runtime.channels.GroupQueue` s as the pipeline would join it:
 ``run_stage(stage, groups)`` and ``run_source(source, ...)``.
 
 Functions here that a process-pool decoder runs (``square``, ``fail_on``) live at
@@ -34,9 +34,9 @@ import pytest
 import torch
 
 from iopipe import Pipeline, PipelineClosedError, StageError
-from iopipe._errors import item_label
-from iopipe._queue import END, Group, GroupQueue
-from iopipe.stages._base import Stage, leaf_errors
+from iopipe.runtime.channels import END, Group, GroupQueue
+from iopipe.runtime.errors import item_label
+from iopipe.stages.base import Stage, leaf_errors
 from iopipe.stages.source import Source
 
 PipeFactory = Callable[[], Pipeline[Any]]

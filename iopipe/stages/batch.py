@@ -7,9 +7,9 @@ from typing import Any
 
 from torch.utils.data import default_collate
 
-from .._queue import BatchKey, Group
-from .._threads import WorkerPool
-from ._base import OutQueue, Stage, drain, pump, shutdown_executor, skippable, timed
+from ..runtime.channels import BatchKey, Group
+from ..runtime.threads import WorkerPool
+from .base import OutQueue, Stage, drain, pump, shutdown_executor, skippable, timed
 
 __all__ = ["Batcher"]
 
@@ -118,7 +118,7 @@ class Batcher(Stage):
             batch, dt = await self.submit(self._pool, timed, _collate_job, collate, group.items)
         except Exception as exc:
             if self.policy is None or not skippable(exc):
-                from .._errors import StageError
+                from ..runtime.errors import StageError
 
                 raise StageError(self.name, key, exc)
             self.policy.record(self.name, self.counters, key, exc, len(group.items), what="")

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._queue import GAP, Group
-from ._base import OutQueue, Stage, drain
+from ..runtime.channels import GAP, Group
+from .base import OutQueue, Stage, drain
 
 __all__ = ["Cache", "nbytes"]
 
@@ -116,7 +116,7 @@ class Cache(Stage):
                 group = _merged(group, merged, mkeys)
             self.counters.items += group.weight
             await outq.put(group)
-        from .._queue import END
+        from ..runtime.channels import END
 
         await outq.put(END)
 

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._errors import Interrupted
-from .._queue import Group
-from .._threads import WorkerPool
-from ._base import (
+from ..runtime.channels import Group
+from ..runtime.errors import Interrupted
+from ..runtime.threads import WorkerPool
+from .base import (
     ItemFailure,
     Limiter,
     OutQueue,
@@ -50,7 +50,7 @@ def map_items(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
             out.append(fn(x))
         except Exception as exc:
             raise ItemFailure(i, exc) from None
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: see iopipe/_errors.py
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: see iopipe/runtime/errors.py
             raise ItemFailure(i, Interrupted(exc)) from None
     return out
 
@@ -157,7 +157,7 @@ def _forget_parents_forkserver() -> None:
     is not its child and fail (``ChildProcessError``).  Forgetting the handle makes
     the child start a server of its own; closing the child's copy of the "alive"
     descriptor leaves the parent's server to the parent.  (Private attributes of
-    multiprocessing.forkserver, read defensively; tests/test_faults.py checks it.)
+    multiprocessing.forkserver, read defensively; tests/guarantees/test_faults.py checks it.)
     """
     from multiprocessing import forkserver
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from .._errors import StageError
-from .._queue import Group
-from .._threads import WorkerPool
-from ._base import OutQueue, Stage, drain, pump, shutdown_executor, timed
+from ..runtime.channels import Group
+from ..runtime.errors import StageError
+from ..runtime.threads import WorkerPool
+from .base import OutQueue, Stage, drain, pump, shutdown_executor, timed
 
 __all__ = ["DeviceTransfer", "apply_to_tensors"]
 

@@ -14,7 +14,7 @@ errors and configuration: statistics and error messages read as if each ran on
 its own.  Per group the stage chooses:
 
 * **fused**: one worker job reads, maps and collates the group, while the
-  reader's :class:`~iopipe.stages._base.IoGovernor` sees the page cache serve
+  reader's :class:`~iopipe.stages.base.IoGovernor` sees the page cache serve
   the reads (its limit is 1).  How many such jobs run at once moves between 1
   and the members' concurrency by measured throughput (:class:`RateGovernor`):
   a GIL-bound job gains nothing from a second thread; a decoder that releases
@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import StageError, shielded
-from .._queue import BatchKey, Group
-from ._base import ItemFailure, Limiter, OutQueue, Stage, drain, pump
+from ..runtime.channels import BatchKey, Group
+from ..runtime.errors import StageError, shielded
+from .base import ItemFailure, Limiter, OutQueue, Stage, drain, pump
 from .batch import Batcher
 from .decode import Decoder, map_items
 from .reader import ChunkedReader, _Large, _read_job, normalize_item
@@ -498,7 +498,7 @@ class _SharedWaits:
     """A member's counters whose waits every member of the fused run shares.
 
     The run waits as one: while it waits for input or for room downstream, none
-    of its members works, so each member's busy share (iopipe/_stats.py
+    of its members works, so each member's busy share (iopipe/runtime/stats.py
     ``busy_share``) must see the wait.  Other fields go to ``primary`` alone.
     """
 
@@ -529,7 +529,7 @@ def _default_collate() -> Any:
 
 async def _collate(batcher: Batcher, group: Group, index: int) -> Group:
     """Collate one batch with the batcher's pool, as batch number ``index``."""
-    from ._base import timed
+    from .base import timed
 
     collate = batcher.collate_fn or _default_collate()
     loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import OutQueue, Stage, drain
+from .base import OutQueue, Stage, drain
 
 __all__ = ["Prefetcher"]
 
@@ -35,6 +35,6 @@ class Prefetcher(Stage):
         async for group in drain(inq, self.counters):
             self.counters.items += len(group.items)
             await outq.put(group)
-        from .._queue import END
+        from ..runtime.channels import END
 
         await outq.put(END)

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from .._budget import ByteBudget, Ticket
-from .._files import open_regular, open_sized
-from .._queue import Group
-from .._threads import WorkerPool
-from ._base import (
+from ..io.files import open_regular, open_sized
+from ..runtime.budget import ByteBudget, Ticket
+from ..runtime.channels import Group
+from ..runtime.threads import WorkerPool
+from .base import (
     CURRENT_SINCE,
     CURRENT_SPAN,
     IoGovernor,
@@ -445,7 +445,7 @@ class ChunkedReader(Stage):
             await ticket.budget.wait_room(ticket, need.bytes)
 
     async def _process(self, group: Group) -> Group:
-        # Taken before any await: tickets follow the source order (iopipe/_budget.py).
+        # Taken before any await: tickets follow the source order (iopipe/runtime/budget.py).
         budget = self.budget
         ticket = budget.ticket(group.weight + group.dropped) if budget is not None else None
         try:

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import StageError, shielded
-from .._files import walk_files
-from .._queue import END, Group
-from .._stats import StageCounters
-from .._threads import Job, WorkerPool
-from ._base import OutQueue, shutdown_executor
+from ..io.files import walk_files
+from ..runtime.channels import END, Group
+from ..runtime.errors import StageError, shielded
+from ..runtime.stats import StageCounters
+from ..runtime.threads import Job, WorkerPool
+from .base import OutQueue, shutdown_executor
 
 __all__ = ["SHARD_MODES", "Source", "resolve_rank"]
 

@@ -1,0 +1,189 @@
+"""Fill an ``nn.Module`` from a safetensors checkpoint, one streamed tensor at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from iopipe.checkpoint.header import CheckpointError, ShardHeader, plan_checkpoint
+from iopipe.checkpoint.load import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    _Loader,
+    _named,
+    _validate,
+)
+
+__all__ = ["LoadResult", "load_into"]
+
+
+class LoadResult(NamedTuple):
+    """What :func:`load_into` could not match (the fields of torch's ``_IncompatibleKeys``)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class _Slot(NamedTuple):
+    """Where one state-dict entry lives: ``getattr(owner, attr)``."""
+
+    owner: nn.Module
+    attr: str
+    is_parameter: bool
+    current: torch.Tensor
+
+
+def _module_slots(module: nn.Module) -> dict[str, _Slot]:
+    """Map every state-dict key of ``module`` to its slot (persistent buffers only)."""
+    slots: dict[str, _Slot] = {}
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        base = f"{prefix}." if prefix else ""
+        for attr, param in owner._parameters.items():
+            if param is not None:
+                slots[base + attr] = _Slot(owner, attr, True, param)
+        for attr, buf in owner._buffers.items():
+            if buf is not None and attr not in owner._non_persistent_buffers_set:
+                slots[base + attr] = _Slot(owner, attr, False, buf)
+    return slots
+
+
+def _aliases(slots: dict[str, _Slot]) -> dict[str, list[str]]:
+    """Map each key to the other keys holding the very same tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for key, slot in slots.items():
+        groups.setdefault(id(slot.current), []).append(key)
+    return {key: [k for k in groups[id(slot.current)] if k != key] for key, slot in slots.items()}
+
+
+def _check_keys(
+    name: str,
+    slots: dict[str, _Slot],
+    headers: list[ShardHeader],
+    aliases: dict[str, list[str]],
+    strict: bool,
+) -> LoadResult:
+    shapes = {spec.name: spec.shape for header in headers for spec in header.tensors}
+    # A tied weight saved once (as Hugging Face does) counts as present under every alias.
+    missing = [k for k in slots if k not in shapes and not any(a in shapes for a in aliases[k])]
+    unexpected = [k for k in shapes if k not in slots]
+    errors = []
+    if strict and missing:
+        errors.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing))
+    if strict and unexpected:
+        errors.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected))
+    for key, slot in slots.items():
+        if key in shapes and tuple(slot.current.shape) != shapes[key]:
+            errors.append(
+                f"size mismatch for {key}: copying a param with shape "
+                f"{torch.Size(shapes[key])} from checkpoint, the shape in current model is "
+                f"{slot.current.shape}."
+            )
+    if errors:
+        raise CheckpointError(
+            f"Error(s) in loading state_dict for {name}:\n\t" + "\n\t".join(errors)
+        )
+    return LoadResult(missing, unexpected)
+
+
+def _default_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _assign(slots: dict[str, _Slot], keys: list[str], tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the value of every key in ``keys`` (one key plus its unloaded aliases)."""
+    first = slots[keys[0]]
+    value: torch.Tensor = tensor
+    if first.is_parameter:
+        value = nn.Parameter(tensor, requires_grad=first.current.requires_grad)
+    for key in keys:
+        slot = slots[key]
+        if slot.is_parameter:
+            slot.owner._parameters[slot.attr] = value  # type: ignore[assignment]
+        else:
+            slot.owner._buffers[slot.attr] = value
+
+
+def load_into(
+    module: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    concurrency: int | None = DEFAULT_CONCURRENCY,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> LoadResult:
+    """Fill ``module``'s parameters and persistent buffers from a checkpoint.
+
+    Semantics are ``module.load_state_dict(..., assign=True)``: each loaded tensor
+    *becomes* the parameter (wrapped in ``nn.Parameter`` with the old ``requires_grad``)
+    or buffer, so a module built on the meta device is materialised without ever
+    allocating its weights twice. Tensors stream from :func:`iter_checkpoint` and are
+    assigned one by one, so at most ``max_inflight_bytes`` of loaded-but-unassigned
+    data exists besides the module itself. Keys and shapes are checked against the
+    headers before any tensor is read.
+
+    Tied weights (one tensor under several keys, such as an embedding shared with the
+    output layer) stay tied when the checkpoint holds one of the keys: the loaded tensor
+    is assigned to all of them, and the others are not reported missing. If the
+    checkpoint holds several of the keys, each gets its own tensor, as with torch.
+
+    Args:
+        module: The module to fill (any device, ``meta`` included).
+        path: As for :func:`load_checkpoint`.
+        strict: Raise if the checkpoint and ``module.state_dict()`` keys differ.
+        device: Where the tensors go; default: the device of the module's first
+            non-meta parameter or buffer, else ``"cpu"``.
+        dtype: Cast floating-point tensors to this dtype; default: keep the
+            checkpoint's dtypes (as ``assign=True`` does).
+        max_inflight_bytes: As for :func:`iter_checkpoint`.
+        concurrency: As for :func:`iter_checkpoint`.
+        chunk_bytes: As for :func:`iter_checkpoint`.
+
+    Returns:
+        The missing and unexpected keys (both empty when ``strict``).
+
+    Raises:
+        CheckpointError: The checkpoint is corrupt; or keys differ (``strict``) or a
+            shape differs, with a message in the style of ``load_state_dict``; nothing
+            has been assigned then.
+    """
+    target = _default_device(module) if device is None else device
+    dev, threads = _validate(target, dtype, max_inflight_bytes, concurrency, chunk_bytes)
+    headers = plan_checkpoint(path)
+    slots = _module_slots(module)
+    aliases = _aliases(slots)
+    result = _check_keys(type(module).__name__, slots, headers, aliases, strict)
+    wanted = [
+        ShardHeader(
+            h.path,
+            h.file_bytes,
+            h.data_start,
+            tuple(s for s in h.tensors if s.name in slots),
+            h.metadata,
+        )
+        for h in headers
+    ]
+    loaded = {spec.name for header in wanted for spec in header.tensors}
+    loader = _Loader(
+        wanted,
+        device=dev,
+        dtype=dtype,
+        budget=max_inflight_bytes,
+        max_inflight_bytes=max_inflight_bytes,
+        concurrency=threads,
+        chunk_bytes=chunk_bytes,
+    )
+    with contextlib.closing(_named(loader)) as pairs:
+        for key, tensor in pairs:
+            _assign(slots, [key, *(a for a in aliases[key] if a not in loaded)], tensor)
+    return result

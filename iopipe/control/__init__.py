@@ -1,0 +1,1 @@
+"""Controllers: pure decision rules (concurrency hill-climbing, read governors)."""

@@ -1,0 +1,1 @@
+"""Low-level file I/O: regular files opened bounded, exact reads, residency, listing."""

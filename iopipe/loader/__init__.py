@@ -1,0 +1,1 @@
+"""DataLoader: torch's DataLoader signature and semantics on the engine."""

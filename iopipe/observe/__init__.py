@@ -1,0 +1,1 @@
+"""Observation: the bottleneck verdict and periodic stats reports."""

@@ -1,0 +1,1 @@
+"""The builder API, config files and what a config may run."""

@@ -1,0 +1,1 @@
+"""The ``iopipe`` command: ``probe`` (storage and pipeline throughput) and ``run``."""

@@ -1,0 +1,1 @@
+"""The engine: loop thread, channels and hand-off, worker threads, limits, epochs, policy."""

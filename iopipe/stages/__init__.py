@@ -1,0 +1,1 @@
+"""Stages: one operator per module (source, reader, prefetch, decode, batch, cache, device)."""
