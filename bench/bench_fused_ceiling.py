@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import default_collate
 
 from iopipe import Pipeline
-from iopipe.stages.reader import _NOWAIT, _read_job
+from iopipe.io.reads import RWF_NOWAIT as _NOWAIT
+from iopipe.stages.read_jobs import read_job as _read_job
 
 
 def transform(buf: np.ndarray) -> torch.Tensor:

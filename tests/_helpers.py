@@ -36,7 +36,8 @@ import torch
 from iopipe import Pipeline, PipelineClosedError, StageError
 from iopipe.runtime.channels import END, Group, GroupQueue
 from iopipe.runtime.errors import item_label
-from iopipe.stages.base import Stage, leaf_errors
+from iopipe.stages.base import Stage
+from iopipe.stages.pump import leaf_errors
 from iopipe.stages.source import Source
 
 PipeFactory = Callable[[], Pipeline[Any]]

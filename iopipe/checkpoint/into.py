@@ -43,11 +43,12 @@ def _module_slots(module: nn.Module) -> dict[str, _Slot]:
     slots: dict[str, _Slot] = {}
     for prefix, owner in module.named_modules(remove_duplicate=False):
         base = f"{prefix}." if prefix else ""
-        for attr, param in owner._parameters.items():
-            if param is not None:
-                slots[base + attr] = _Slot(owner, attr, True, param)
-        for attr, buf in owner._buffers.items():
-            if buf is not None and attr not in owner._non_persistent_buffers_set:
+        for attr, param in owner.named_parameters(recurse=False, remove_duplicate=False):
+            slots[base + attr] = _Slot(owner, attr, True, param)
+        # torch has no public word for a buffer's persistence: its own state_dict reads this.
+        skip = owner._non_persistent_buffers_set
+        for attr, buf in owner.named_buffers(recurse=False, remove_duplicate=False):
+            if attr not in skip:
                 slots[base + attr] = _Slot(owner, attr, False, buf)
     return slots
 
@@ -145,9 +146,7 @@ def load_into(
             non-meta parameter or buffer, else ``"cpu"``.
         dtype: Cast floating-point tensors to this dtype; default: keep the
             checkpoint's dtypes (as ``assign=True`` does).
-        max_inflight_bytes: As for :func:`iter_checkpoint`.
-        concurrency: As for :func:`iter_checkpoint`.
-        chunk_bytes: As for :func:`iter_checkpoint`.
+        max_inflight_bytes, concurrency, chunk_bytes: As for :func:`iter_checkpoint`.
 
     Returns:
         The missing and unexpected keys (both empty when ``strict``).
@@ -159,7 +158,31 @@ def load_into(
     """
     target = _default_device(module) if device is None else device
     dev, threads = _validate(target, dtype, max_inflight_bytes, concurrency, chunk_bytes)
-    headers = plan_checkpoint(path)
+    targets = _targets(module, plan_checkpoint(path), strict)
+    loader = _Loader(
+        targets.wanted,
+        device=dev,
+        dtype=dtype,
+        budget=max_inflight_bytes,
+        max_inflight_bytes=max_inflight_bytes,
+        concurrency=threads,
+        chunk_bytes=chunk_bytes,
+    )
+    _assign_streamed(loader, targets)
+    return targets.result
+
+
+class _Targets(NamedTuple):
+    """What a checkpoint fills in a module, checked against its headers."""
+
+    slots: dict[str, _Slot]
+    aliases: dict[str, list[str]]  # see _aliases
+    result: LoadResult
+    wanted: list[ShardHeader]  # the headers cut to the tensors the module has
+
+
+def _targets(module: nn.Module, headers: list[ShardHeader], strict: bool) -> _Targets:
+    """Match ``module``'s state-dict keys to the checkpoint (see :func:`_check_keys`)."""
     slots = _module_slots(module)
     aliases = _aliases(slots)
     result = _check_keys(type(module).__name__, slots, headers, aliases, strict)
@@ -173,17 +196,13 @@ def load_into(
         )
         for h in headers
     ]
-    loaded = {spec.name for header in wanted for spec in header.tensors}
-    loader = _Loader(
-        wanted,
-        device=dev,
-        dtype=dtype,
-        budget=max_inflight_bytes,
-        max_inflight_bytes=max_inflight_bytes,
-        concurrency=threads,
-        chunk_bytes=chunk_bytes,
-    )
+    return _Targets(slots, aliases, result, wanted)
+
+
+def _assign_streamed(loader: _Loader, targets: _Targets) -> None:
+    """Assign each tensor as it is loaded, to its key and the aliases not loaded themselves."""
+    loaded = {spec.name for header in targets.wanted for spec in header.tensors}
+    aliases = targets.aliases
     with contextlib.closing(_named(loader)) as pairs:
         for key, tensor in pairs:
-            _assign(slots, [key, *(a for a in aliases[key] if a not in loaded)], tensor)
-    return result
+            _assign(targets.slots, [key, *(a for a in aliases[key] if a not in loaded)], tensor)

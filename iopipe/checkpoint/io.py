@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from iopipe.checkpoint.header import ShardHeader
-from iopipe.io.files import open_regular
+from iopipe.io.files import O_READ, open_regular
+from iopipe.io.reads import RWF_NOWAIT, read_cached
 
 MiB = 1 << 20
 #: Alignment of direct reads (the logical block size of nearly every device).
@@ -266,18 +267,18 @@ def mostly_uncached(fd: int, header: ShardHeader) -> bool:
     share = _resident_share(fd, header.data_start, data)
     if share is not None:
         return share < 0.5
-    nowait = getattr(os, "RWF_NOWAIT", None)
-    if nowait is None:
+    if not RWF_NOWAIT:
         return False
-    probe = [memoryview(bytearray(1))]
+    probe = memoryview(bytearray(1))
     misses = 0
     for k in range(CACHE_SAMPLES):
         try:
-            os.preadv(fd, probe, header.data_start + data * k // CACHE_SAMPLES, nowait)
-        except BlockingIOError:
-            misses += 1
+            got = read_cached(fd, probe, header.data_start + data * k // CACHE_SAMPLES)
         except OSError:
             return False
+        if got is None:
+            return False
+        misses += got == 0
     return 2 * misses > CACHE_SAMPLES
 
 
@@ -287,6 +288,6 @@ def open_direct(path: str) -> int:
     if not flag:
         return -1
     try:
-        return open_regular(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
+        return open_regular(path, O_READ | flag)
     except OSError:
         return -1

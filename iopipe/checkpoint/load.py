@@ -4,7 +4,8 @@ The plan (``_st_header``) validates every header before a tensor byte is read. T
 reader then walks each shard in offset order, cutting it into requests of at most
 ``chunk_bytes`` contiguous file bytes; one request may cover many small tensors (one
 ``preadv`` with one buffer per tensor piece) and a large tensor spans many requests.
-Requests run on a small thread pool (threads ``iopipe-ckpt-N``):
+Requests run on a small :class:`~iopipe.runtime.threads.WorkerPool` (daemon threads
+``iopipe-ckpt_N``):
 
 * CPU: each request reads straight into its destination tensors' bytes; large
   tensors of a file that is mostly not in the page cache are read with ``O_DIRECT``
@@ -25,11 +26,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import os
-import threading
 from collections.abc import Generator, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ from iopipe.checkpoint.io import (
     read_into,
 )
 from iopipe.io.files import open_regular
+from iopipe.runtime.threads import WorkerPool
 
 __all__ = ["iter_checkpoint", "load_checkpoint"]
 
@@ -209,12 +209,7 @@ class _Loader:
     def run(self) -> Generator[tuple[int, torch.Tensor], None, None]:
         """Yield ``(index into specs, finished tensor)`` in completion order."""
         self._empty_cursor = 0
-        counter = itertools.count()
-        pool = ThreadPoolExecutor(
-            max_workers=self.concurrency,
-            initializer=_name_thread,
-            initargs=(counter,),
-        )
+        pool = WorkerPool(self.concurrency, "iopipe-ckpt")
         stream: Any = None
         try:
             self._open_files()
@@ -259,7 +254,7 @@ class _Loader:
         self.free_slots = collections.deque(range(self.slot_count))
         return stream
 
-    def _loop(self, pool: ThreadPoolExecutor, stream: Any) -> Iterator[tuple[int, torch.Tensor]]:
+    def _loop(self, pool: WorkerPool, stream: Any) -> Iterator[tuple[int, torch.Tensor]]:
         inflight: dict[Future[None], tuple[Request, int]] = {}
         next_request = 0
         while True:
@@ -301,7 +296,7 @@ class _Loader:
             event.synchronize()  # the slot's last copies have left it
         return slot
 
-    def _submit(self, pool: ThreadPoolExecutor, request: Request, slot: int) -> Future[None]:
+    def _submit(self, pool: WorkerPool, request: Request, slot: int) -> Future[None]:
         fd, direct_fd = self.fds[request.file], self.direct_fds[request.file]
         offset, end = request.offset, request.offset + request.nbytes
         if slot >= 0 and direct_fd >= 0:
@@ -374,10 +369,6 @@ def _open(path: str) -> int:
         return open_regular(path)
     except OSError as exc:
         raise CheckpointError(f"cannot open {path}: {exc.strerror}", path=path) from exc
-
-
-def _name_thread(counter: itertools.count[int]) -> None:
-    threading.current_thread().name = f"iopipe-ckpt-{next(counter)}"
 
 
 def _make_loader(

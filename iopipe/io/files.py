@@ -4,8 +4,8 @@ Every reader opens the files a listing, an index or a config names through
 :func:`open_regular`: a FIFO there would block an ``open()`` or a read
 forever, ``/dev/zero`` never ends, and ``/proc`` files report a size of 0 while
 holding data.  :func:`read_small` reads a whole file up to a bound (indexes,
-headers), :func:`contained` checks a name an index gives for a file beside
-it, and :func:`walk_files` lists a folder without following a symlink loop.
+headers) and :func:`contained` checks a name an index gives for a file beside
+it.  Listing is in :mod:`iopipe.io.listing`, exact reads in :mod:`iopipe.io.reads`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator
 
 #: Flags for a plain read-only open.
 O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
@@ -137,28 +136,3 @@ def contained(name: object, what: str) -> str:
             "(an index may only name files in its own folder)"
         )
     return name
-
-
-def walk_files(root: str, *, follow_links: bool) -> Iterator[str]:
-    """Every regular file below ``root`` (paths joined to it), each folder once.
-
-    With ``follow_links`` symlinked folders are entered, but a folder already
-    entered (same device and inode) is not entered again: a ``self -> .`` link
-    lists nothing twice.  FIFOs, sockets, devices and dangling links are left out.
-    """
-    seen: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(root, followlinks=follow_links):
-        try:
-            st = os.stat(folder)
-        except OSError:
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                yield path

@@ -33,7 +33,7 @@ import os
 import random
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,11 +41,16 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from .workers import NOTHING
+
 __all__ = [
     "PROBE_TIMEOUT_S",
+    "NeedsProcesses",
+    "Primed",
     "Probe",
     "RngSnapshot",
     "announce",
+    "first_job",
     "probe_here",
     "probe_in_thread",
     "static_mode",
@@ -125,7 +130,7 @@ class RngSnapshot:
             if "numpy.random" in sys.modules and not _numpy_untouched():
                 return "numpy's global RNG (numpy.random was first imported meanwhile)"
         else:
-            now = np.random.get_state()
+            now = _numpy_state()
             if not (
                 self.numpy_state[2:] == now[2:] and np.array_equal(self.numpy_state[1], now[1])
             ):
@@ -144,8 +149,13 @@ def _numpy_untouched() -> bool:
     only after a multiple of 624 words).  Anything else counts as touched:
     the safe side (the dataset then runs as torch runs it).
     """
-    _, _, pos, has_gauss, _ = np.random.get_state()
-    return pos == _FRESH_MT_POS and has_gauss == 0
+    _, _, pos, has_gauss, _ = _numpy_state()
+    return bool(pos == _FRESH_MT_POS and has_gauss == 0)
+
+
+def _numpy_state() -> Any:
+    """``np.random.get_state()``: the legacy tuple, which numpy's stubs type as a dict."""
+    return np.random.get_state()
 
 
 _FRESH_MT_POS = 623  # numpy >= 1.17 seeds MT19937 through SeedSequence
@@ -242,3 +252,35 @@ def announce(loader: Any, mode: str, reason: str) -> None:
         "main": "the iterating thread (torch's num_workers=0)",
     }[mode]
     logger.info("iopipe.DataLoader: loading on %s: %s", where, reason)
+
+
+class NeedsProcesses(Exception):
+    """The watched first batch needs torch's worker processes (``worker_type="auto"``)."""
+
+
+def first_job(fn: Callable[[Any], Any], job: Any, jobs: Iterator[Any]) -> tuple[Any, Any]:
+    """Run the epoch's first job (taking it from ``jobs`` when ``job`` is NOTHING)."""
+    if job is NOTHING:
+        job = next(jobs, NOTHING)
+    return job, (NOTHING if job is NOTHING else fn(job))
+
+
+class Primed:
+    """A job function that returns a result already computed for one job.
+
+    The batch watched by ``worker_type="auto"`` is not fetched twice: the
+    pipeline's job function hands out its outcome when that job comes.
+    """
+
+    __slots__ = ("fn", "primed")
+
+    def __init__(self, fn: Callable[[Any], Any], primed: tuple[int, Any] | None = None) -> None:
+        self.fn = fn
+        self.primed = primed
+
+    def __call__(self, job: tuple[int, Any]) -> Any:
+        primed = self.primed
+        if primed is not None and primed[0] == job[0]:
+            self.primed = None
+            return primed[1]
+        return self.fn(job)

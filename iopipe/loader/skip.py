@@ -2,7 +2,7 @@
 
 Each job returns a :class:`Fetched`: the batch collated from the samples that
 loaded (or ``NOTHING`` when none did, or when ``collate_fn`` failed), how many
-samples were attempted and what failed.  The consumer thread (``_LoaderIter``)
+samples were attempted and what failed.  The consumer thread (``LoaderIter``)
 counts and logs the failures through the loader's
 :class:`~iopipe.runtime.policy.FailurePolicy`, in batch order, and hands out the batch.
 Under ``on_error="raise"`` none of this runs: the loader uses the plain jobs of
@@ -15,7 +15,15 @@ import asyncio
 from typing import Any
 
 from ..stages.base import skippable
-from .workers import NOTHING, AsyncMapFetcher, Collate, Failed, MapFetcher, _label, getitems_note
+from .workers import (
+    NOTHING,
+    AsyncMapFetcher,
+    Collate,
+    Failed,
+    MapFetcher,
+    getitems_note,
+    index_label,
+)
 
 __all__ = ["Fetched", "SkippingAsyncMapFetcher", "SkippingCollate", "SkippingMapFetcher"]
 
@@ -115,9 +123,7 @@ class SkippingMapFetcher(MapFetcher):
             try:
                 out.append(ds[i])
             except Exception as exc:
-                note = (
-                    f"iopipe.DataLoader: dataset[{i!r}] failed (batch {n}, indices {_label(index)})"
-                )
+                note = f"iopipe.DataLoader: dataset[{i!r}] failed (batch {n}, indices {index_label(index)})"
                 if not skippable(exc):
                     raise _noted(exc, note) from None
                 failures.append((i, _noted(exc, note), 1))
@@ -130,7 +136,7 @@ class SkippingAsyncMapFetcher(AsyncMapFetcher):
     Returns ``(n, Fetched)`` with the samples uncollated, for :class:`SkippingCollate`.
     """
 
-    async def __call__(self, job: tuple[int, Any]) -> tuple[int, Any]:  # type: ignore[override]
+    async def __call__(self, job: tuple[int, Any]) -> tuple[int, Any]:
         n, index = job
         try:
             return n, await self._fetch_skipping(n, index)

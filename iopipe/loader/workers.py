@@ -1,13 +1,11 @@
-"""The jobs a DataLoader runs off the training thread, and torch's worker processes.
+"""The jobs a DataLoader runs off the training thread (torch's processes: ``processes.py``).
 
 Each epoch, the loader puts an iterator of jobs in a :class:`Feed` (the source of
 its pipeline).  Thread workers run :class:`MapFetcher` (or :class:`AsyncMapFetcher`)
 on one batch's indices at a time, and :class:`Collate` on the samples an iterable
 dataset yielded; a failure becomes a :class:`Failed` batch with a note naming the
-batch and the failing index.  Process workers are torch's own:
-:class:`TorchWorkers` is torch's multi-process iterator with a stop flag,
-:class:`TorchDriver` iterates it from the pipeline's source thread, and
-:class:`WorkerProcesses` keeps them across epochs.
+batch and the failing index.  :class:`GovernedSlots` bounds the fetches that run
+at once.
 """
 
 from __future__ import annotations
@@ -16,23 +14,12 @@ import asyncio
 import concurrent.futures
 import heapq
 import itertools
-import multiprocessing.connection
-import os
-import signal
 import sys
 import threading
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
-from torch._utils import ExceptionWrapper
-from torch.utils.data import IterableDataset
-from torch.utils.data._utils import signal_handling
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
-
 from ..runtime.errors import Interrupted, item_label
-from ..stages.source import _shard_iter
-from .state import EpochPlan, draw_base_seed
 
 __all__ = [
     "NOTHING",
@@ -42,24 +29,13 @@ __all__ = [
     "Failed",
     "Feed",
     "FirstGate",
+    "GovernedSlots",
     "MapFetcher",
-    "RankShard",
-    "TorchDriver",
-    "TorchWorkers",
-    "WorkerProcesses",
-    "inner_loader",
+    "index_label",
     "iterable_batches",
     "numbered",
     "run_inline",
 ]
-
-#: How often a wait on worker processes wakes to check for a stop request and
-#: for dead workers (torch's own interval, 5 s, is too slow to notice a crash).
-POLL_S = 0.1
-#: Longest the driver waits for a worker to be seen dead after torch's iterator failed.
-CRASH_WAIT_S = 1.0
-#: Longest ``TorchDriver.stop`` waits for the source thread to leave torch's iterator.
-STOP_TIMEOUT_S = 10.0
 
 
 class Failed:
@@ -174,7 +150,8 @@ def run_inline(fn: Callable[[Any], Any], jobs: Iterable[Any], pin: bool) -> Iter
         yield pin_memory(batch) if pin and not isinstance(batch, Failed) else batch  # type: ignore[no-untyped-call]
 
 
-def _label(index: Any) -> str:
+def index_label(index: Any) -> str:
+    """A batch's indices as the loader's error notes name them (shortened)."""
     return item_label(index, 120)
 
 
@@ -189,7 +166,7 @@ def collate(collate_fn: Callable[[Any], Any], n: int, data: Any) -> Any:
 
 def getitems_note(index: Any, n: int) -> str:
     """The note added to an exception of ``dataset.__getitems__`` (batch ``n``)."""
-    return f"iopipe.DataLoader: dataset.__getitems__({_label(index)}) failed (batch {n})"
+    return f"iopipe.DataLoader: dataset.__getitems__({index_label(index)}) failed (batch {n})"
 
 
 class GovernedSlots:
@@ -204,7 +181,7 @@ class GovernedSlots:
     """
 
     def __init__(self, limit: int, *, govern: bool = True) -> None:
-        from ..stages.fused import RateGovernor
+        from ..control.governor import RateGovernor
 
         self._cond = threading.Condition()
         self._limit = max(1, limit)
@@ -334,7 +311,7 @@ class MapFetcher:
                 out.append(ds[i])
             except BaseException as exc:  # named, then raised
                 exc.add_note(
-                    f"iopipe.DataLoader: dataset[{i!r}] failed (batch {n}, indices {_label(index)})"
+                    f"iopipe.DataLoader: dataset[{i!r}] failed (batch {n}, indices {index_label(index)})"
                 )
                 raise
         return out
@@ -347,7 +324,7 @@ class AsyncMapFetcher(MapFetcher):
     for a :class:`Collate` stage, so collation runs in a thread, not on the loop.
     """
 
-    async def __call__(self, job: tuple[int, Any]) -> tuple[int, Any]:  # type: ignore[override]
+    async def __call__(self, job: tuple[int, Any]) -> tuple[int, Any]:
         n, index = job
         try:
             return n, await self._fetch(n, index)
@@ -378,7 +355,7 @@ class AsyncMapFetcher(MapFetcher):
         try:
             return await self.dataset[i]
         except BaseException as exc:  # named, then raised
-            where = f"batch {n}" if index is None else f"batch {n}, indices {_label(index)}"
+            where = f"batch {n}" if index is None else f"batch {n}, indices {index_label(index)}"
             exc.add_note(f"iopipe.DataLoader: dataset[{i!r}] failed ({where})")
             raise
 
@@ -430,272 +407,3 @@ def iterable_batches(
     except Exception as exc:
         exc.add_note(f"iopipe.DataLoader: iterating the dataset failed (batch {n})")
         yield n, Failed(exc)
-
-
-class RankShard(IterableDataset[Any]):
-    """An iterable dataset dealt round-robin to ``world_size`` ranks (worker processes).
-
-    Each worker process shards its own replica's stream, so a dataset that
-    splits itself across workers with ``get_worker_info()`` stays disjoint.
-    """
-
-    def __init__(self, dataset: Any, rank: int, world_size: int, mode: str) -> None:
-        self.dataset = dataset
-        self.rank = rank
-        self.world_size = world_size
-        self.mode = mode
-
-    def __iter__(self) -> Iterator[Any]:
-        return _shard_iter(iter(self.dataset), self.rank, self.world_size, self.mode)
-
-
-class _Stopped(Exception):
-    """Raised inside torch's iterator when the driver was asked to stop."""
-
-
-class TorchWorkers(_MultiProcessingDataLoaderIter):
-    """torch's multi-process DataLoader iterator, stoppable from another thread.
-
-    Only the waiting differs from torch: it wakes every ``POLL_S`` to honour
-    ``stop`` and to check that the workers are alive (torch checks every 5 s,
-    relying on a SIGCHLD handler it can install only from the main thread).
-    Timeouts are the pipeline's (the inner loader is built with ``timeout=0``).
-    """
-
-    stop: threading.Event
-
-    def __init__(self, loader: Any, stop: threading.Event) -> None:
-        self.stop = stop
-        super().__init__(loader)
-        # torch registers the workers with its SIGCHLD handler, which then raises
-        # RuntimeError asynchronously in the main thread, wherever it is (inside a
-        # close(), inside a test runner: both were hit).  The poll in _get_data
-        # finds a dead worker within POLL_S and the error reaches next() in order.
-        if self._worker_pids_set:
-            signal_handling._remove_worker_pids(id(self))  # type: ignore[attr-defined]
-            self._worker_pids_set = False
-
-    def _get_data(self) -> Any:
-        while True:
-            if self.stop.is_set():
-                raise _Stopped
-            if self._pin_memory and not self._pin_memory_thread.is_alive():
-                raise RuntimeError("Pin memory thread exited unexpectedly")
-            ok, data = self._try_get_data(POLL_S)  # type: ignore[no-untyped-call]
-            if ok:
-                return data
-
-    def _process_data(self, data: Any, worker_idx: int) -> Any:
-        try:
-            return super()._process_data(data, worker_idx)  # type: ignore[no-untyped-call]
-        except Exception as exc:
-            if isinstance(data, ExceptionWrapper):  # the dataset failed, not the workers
-                return Failed(exc)
-            raise
-
-    def crashed(self, wait_s: float) -> dict[int, int]:
-        """Return ``{pid: exit code}`` of workers that died; wait up to ``wait_s`` for one."""
-        procs = list(self._workers)
-        if not any(p.exitcode for p in procs):
-            live = [p for p in procs if p.exitcode is None]
-            ready = multiprocessing.connection.wait([p.sentinel for p in live], timeout=wait_s)
-            for p in live:
-                if p.sentinel in ready:
-                    # The sentinel is readable as soon as the process closes its
-                    # files, a moment before waitpid(WNOHANG) reports it: reap it.
-                    p.join(wait_s)
-        return {p.pid: p.exitcode for p in procs if p.exitcode and p.pid is not None}
-
-    def shutdown(self) -> None:
-        """Stop and join the worker processes (idempotent)."""
-        self._shutdown_workers()
-
-
-class TorchDriver:
-    """One epoch of :class:`TorchWorkers`, iterated by the pipeline's source thread.
-
-    Invariant: the source thread is inside torch's iterator only while holding
-    ``_lock``, so :meth:`stop` returning means nobody touches the iterator.
-    """
-
-    def __init__(self, workers: TorchWorkers, plan: EpochPlan, drop: int = 0) -> None:
-        self.workers = workers
-        self.plan = plan
-        self.stop_event = workers.stop
-        self._drop = drop  # iterable datasets: batches consumed before a resume
-        self._n = plan.skip - drop
-        self._lock = threading.Lock()
-
-    def __iter__(self) -> TorchDriver:
-        return self
-
-    def __next__(self) -> Any:
-        with self._lock:
-            while True:
-                if self.stop_event.is_set():
-                    raise StopIteration
-                batch = self._next()
-                if self._drop:
-                    self._drop -= 1
-                    continue
-                return batch
-
-    def _next(self) -> Any:
-        sent = self.plan.sent
-        try:
-            batch = next(self.workers)
-        except _Stopped:
-            raise StopIteration from None
-        except StopIteration:
-            raise
-        except Exception as exc:
-            # torch's iterator itself failed.  A worker that dies just after
-            # sending a batch surfaces as ConnectionResetError or EOFError (its
-            # shared-memory handles are gone) before it looks dead: wait for it.
-            dead = self.workers.crashed(wait_s=CRASH_WAIT_S)
-            if not dead:
-                raise
-            err = RuntimeError(_death_message(dead))
-            err.add_note(f"iopipe.DataLoader: worker exit codes (pid: code): {dead}")
-            raise err from exc
-        index = sent.popleft() if sent else None
-        if isinstance(batch, Failed):
-            where = "" if index is None else f" (indices {_label(index)})"
-            batch.exc.add_note(
-                f"iopipe.DataLoader: batch {self._n}{where} failed in a worker process"
-            )
-        self._n += 1
-        return batch
-
-    def stop(self) -> None:
-        """Make the source thread leave torch's iterator; wait (bounded) until it has."""
-        self.stop_event.set()
-        if self._lock.acquire(timeout=STOP_TIMEOUT_S):
-            self._lock.release()
-
-
-def _death_message(dead: dict[int, int]) -> str:
-    """torch's words for a dead worker: the first killed by a signal, else all that exited."""
-    signalled = [(pid, code) for pid, code in dead.items() if code < 0]
-    if signalled:
-        pid, code = signalled[0]
-        try:
-            name = signal.Signals(-code).name
-            what = signal.strsignal(-code) or name
-        except ValueError:
-            what = f"signal {-code}"
-        return f"DataLoader worker (pid {pid}) is killed by signal: {what}. "
-    pids = ", ".join(str(p) for p in dead)
-    return f"DataLoader worker (pid(s) {pids}) exited unexpectedly"
-
-
-class WorkerProcesses:
-    """torch's worker processes of one DataLoader, across its epochs.
-
-    Without persistent workers every epoch starts new processes (torch then draws
-    a base seed) and the previous ones are shut down; with them, the processes
-    are reset between epochs, as torch's persistent iterator is.
-    """
-
-    def __init__(self, persistent: bool) -> None:
-        self.persistent = persistent
-        self.workers: TorchWorkers | None = None
-        self.driver: TorchDriver | None = None
-        self._pid = os.getpid()  # a forked child inherits these objects, not the processes
-
-    @property
-    def will_start(self) -> bool:
-        """Whether the next epoch starts new processes (none yet, not persistent, or one died)."""
-        self._forget_inherited()
-        w = self.workers
-        return w is None or not self.persistent or any(p.exitcode is not None for p in w._workers)
-
-    def _forget_inherited(self) -> None:
-        """In a child made by ``os.fork()``, drop the parent's workers without touching them.
-
-        Shutting them down from here would set the parent's done event and join
-        processes that are not this process's children; the driver's lock may be
-        held by a thread that exists only in the parent.
-        """
-        if self._pid != os.getpid():
-            self.workers, self.driver, self._pid = None, None, os.getpid()
-
-    def start_epoch(
-        self, inner: Any, plan: EpochPlan, *, drop: int, hand_draw: bool
-    ) -> TorchDriver:
-        """Start (or reset) the workers for ``plan``; return the epoch's driver.
-
-        Args:
-            inner: The torch DataLoader from :func:`inner_loader`.
-            plan: The epoch (its index stream is ``inner``'s sampler).
-            drop: Batches to fetch and drop first (iterable datasets resuming).
-            hand_draw: Draw a base seed from ``inner.generator`` before resetting
-                persistent workers (see ``DataLoader._plan_epoch``).
-        """
-        stop = threading.Event()
-        if self.will_start:
-            if self.workers is not None:
-                self.workers.shutdown()
-            self.workers = TorchWorkers(inner, stop)  # draws the base seed, primes workers
-        else:
-            assert self.workers is not None
-            if hand_draw:
-                draw_base_seed(inner.generator)
-            self.workers.stop = stop
-            self.workers._reset(inner)  # type: ignore[no-untyped-call]
-        self.driver = TorchDriver(self.workers, plan, drop)
-        return self.driver
-
-    @property
-    def stop_event(self) -> threading.Event | None:
-        return None if self.driver is None else self.driver.stop_event
-
-    def end_epoch(self) -> None:
-        """Stop the epoch's driver; shut the workers down unless persistent."""
-        self._forget_inherited()
-        driver, self.driver = self.driver, None
-        if driver is not None:
-            driver.stop()
-            if not self.persistent:
-                self.close()
-
-    def close(self) -> None:
-        """Shut the workers down (idempotent; call :meth:`end_epoch` first)."""
-        self._forget_inherited()
-        workers, self.workers = self.workers, None
-        if workers is not None:
-            workers.shutdown()
-
-
-def inner_loader(loader: Any, dataset: Any, stream: Any) -> Any:
-    """Build torch's DataLoader that the worker processes run, from ``loader``'s settings.
-
-    Map-style datasets are sampled by ``stream`` (the resumable index stream),
-    as ``batch_sampler`` (or ``sampler`` when ``batch_size=None``); iterable ones
-    are batched by torch as usual.  Its timeout is 0: the pipeline's applies.
-    """
-    from torch.utils.data import DataLoader
-
-    kw: dict[str, Any] = {
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": 0,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "generator": loader.generator,
-        "prefetch_factor": loader.prefetch_factor,
-        "persistent_workers": loader.persistent_workers,
-        "pin_memory_device": loader.pin_memory_device,
-        "in_order": loader.in_order,
-    }
-    with warnings.catch_warnings():
-        # The loader itself warned (as torch does) if the workers are too many.
-        warnings.filterwarnings("ignore", message="This DataLoader will create")
-        if isinstance(dataset, IterableDataset):
-            return DataLoader(
-                dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **kw
-            )
-        if loader.batch_sampler is not None:
-            return DataLoader(dataset, batch_sampler=stream, **kw)
-        return DataLoader(dataset, batch_size=None, sampler=stream, **kw)

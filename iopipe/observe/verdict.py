@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..runtime.stats import PipelineStats, StageStats, busy_share
 
 if TYPE_CHECKING:
-    from ..pipeline.builder import Pipeline, _Epoch
+    from ..pipeline.builder import Pipeline
+    from ..pipeline.epoch import Epoch
 
 __all__ = [
     "CONSUMER_WAIT",
@@ -184,7 +185,7 @@ class StatsReporter:
     def __init__(
         self,
         pipe: Pipeline[Any],
-        ep: _Epoch,
+        ep: Epoch,
         interval: float | None,
         on_stats: Callable[[PipelineStats], Any] | None,
     ) -> None:
@@ -204,7 +205,7 @@ class StatsReporter:
 
     def _tick(self, loop: Any) -> None:
         pipe, ep = self._pipe(), self._ep()
-        if pipe is None or ep is None or pipe._last is not ep:
+        if pipe is None or ep is None or ep.rt.latest is not ep:
             return  # the pipeline is gone or a newer epoch reports for itself
         ended = ep.ended is not None
         self.report(pipe.stats())

@@ -15,32 +15,34 @@ A config is a mapping with three keys (see docs/config.md)::
     concurrency = "auto"
 
 User functions are written ``"package.module:function"``; sizes may be written
-``"4MiB"``.  Every validation error is a :class:`ConfigError` whose message
+``"4MiB"`` (:mod:`iopipe.pipeline.sizes`).  Every validation error is a :class:`ConfigError` whose message
 starts with the key path (``stages[2].concurrency: expected an int >= 1 or
 'auto', got 'x'``).
 """
 
 from __future__ import annotations
 
-import difflib
-import fractions
 import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..runtime.errors import show
-from .trust import (
-    ConfigError,
-    FunctionName,
-    Trust,
-    check_name,
-    function_name,
-    resolve_function,
+from ..stages.source import EMPTY_HINT
+from .schema import (
+    OPTIONS,
+    SOURCE,
+    SOURCE_KINDS,
+    as_table,
+    check_table,
+    cut_key,
+    stage_spec,
+    unknown_key,
 )
+from .trust import ConfigError, FunctionName, Trust, function_name, resolve_function
 
 if TYPE_CHECKING:
     from ..stages.base import Stage
@@ -49,263 +51,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConfigError",
-    "format_size",
     "function_name",
     "load_config",
-    "parse_size",
     "pipeline_from_config",
     "pipeline_to_config",
     "resolve_function",
 ]
-
-
-# -- sizes ----------------------------------------------------------------------------
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1 << 10,
-    "kib": 1 << 10,
-    "kb": 10**3,
-    "m": 1 << 20,
-    "mib": 1 << 20,
-    "mb": 10**6,
-    "g": 1 << 30,
-    "gib": 1 << 30,
-    "gb": 10**9,
-    "t": 1 << 40,
-    "tib": 1 << 40,
-    "tb": 10**12,
-}
-#: Sizes fit a signed 64-bit count of bytes (what the OS and numpy take).
-MAX_SIZE = (1 << 63) - 1
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
-
-
-def parse_size(value: int | str) -> int:
-    """Return the number of bytes ``value`` denotes.
-
-    Accepts an int or a string: ``"4MiB"``, ``"256KiB"``, ``"1G"``, ``"1.5GiB"``,
-    ``"512"``.  ``K``/``M``/``G``/``T`` and ``KiB``... are powers of 1024;
-    ``KB``/``MB``/``GB``/``TB`` are powers of 1000.
-
-    Raises:
-        ValueError: not a size, or a fraction of a byte.
-    """
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value > MAX_SIZE:  # negative ones are the caller's to refuse, by name
-            raise ValueError(f"size {show(value)} is larger than 2**63 - 1 bytes")
-        return value
-    if isinstance(value, str) and len(value) <= 64 and (m := _SIZE.fullmatch(value)):
-        unit = _UNITS.get(m.group(2).lower())
-        exact = fractions.Fraction(m.group(1)) * (unit or 0)  # exact: no float rounding
-        n = -1 if unit is None or exact.denominator != 1 else int(exact)
-    else:
-        n = -1
-    if n < 0:
-        raise ValueError(
-            f"not a size in bytes: {show(value)} (write e.g. 4194304, '4MiB', '256KiB')"
-        )
-    if n > MAX_SIZE:
-        raise ValueError(f"size {show(value)} is larger than 2**63 - 1 bytes")
-    return n
-
-
-def format_size(n: int) -> str:
-    """Return ``n`` bytes in the shortest exact binary unit: ``4194304 -> "4MiB"``."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return f"{n}B"
-
-
-# -- value checkers: each returns the converted value or raises ConfigError ---------------
-
-
-def _int(lo: int, *, auto: bool = False) -> Callable[[Any, str], Any]:
-    want = f"an int >= {lo}" + (" or 'auto'" if auto else "")
-
-    def check(v: Any, path: str) -> Any:
-        if auto and v == "auto":
-            return v
-        if isinstance(v, int) and not isinstance(v, bool) and v >= lo:
-            return v
-        raise ConfigError(path, f"expected {want}, got {show(v)}")
-
-    return check
-
-
-def _size(v: Any, path: str) -> int:
-    try:
-        n = parse_size(v)
-    except ValueError:
-        n = 0
-    if n >= 1:
-        return n
-    raise ConfigError(
-        path, f"expected a size in bytes (an int >= 1 or a string such as '4MiB'), got {show(v)}"
-    )
-
-
-def _bool(v: Any, path: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    raise ConfigError(path, f"expected true or false, got {show(v)}")
-
-
-def _number(v: Any, path: str) -> float:
-    if isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
-        return v
-    raise ConfigError(path, f"expected a number > 0, got {show(v)}")
-
-
-def _str(v: Any, path: str) -> str:
-    if isinstance(v, str) and v:
-        return v
-    raise ConfigError(path, f"expected a non-empty string, got {show(v)}")
-
-
-def _choice(*options: str) -> Callable[[Any, str], Any]:
-    def check(v: Any, path: str) -> Any:
-        if v in options:
-            return v
-        raise ConfigError(path, f"expected one of {', '.join(map(repr, options))}, got {show(v)}")
-
-    return check
-
-
-def _max_failures(v: Any, path: str) -> int | float:
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-        return v
-    if isinstance(v, float) and 0 < v < 1:
-        return v
-    raise ConfigError(path, f"expected an int >= 0 or a number in (0, 1), got {show(v)}")
-
-
-def _function(v: Any, path: str) -> FunctionName:
-    return check_name(v, path)  # imported later, once the whole config is checked
-
-
-def _is_range(x: Any) -> bool:
-    return (
-        isinstance(x, list | tuple)
-        and len(x) == 3
-        and isinstance(x[0], str)
-        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in x[1:])
-    )
-
-
-def _files(v: Any, path: str) -> Any:
-    if isinstance(v, str) and v:
-        return v
-    if isinstance(v, list) and v and all((isinstance(x, str) and x) or _is_range(x) for x in v):
-        return [x if isinstance(x, str) else tuple(x) for x in v]  # byte ranges as tuples
-    raise ConfigError(
-        path,
-        "expected a glob, a folder, or a list of paths and [path, offset, length] ranges, "
-        f"got {show(v)}",
-    )
-
-
-def _items(v: Any, path: str) -> list[Any]:
-    if isinstance(v, list):
-        return v
-    raise ConfigError(path, f"expected a list, got {show(v)}")
-
-
-Spec = dict[str, tuple[Callable[[Any, str], Any], bool]]  # key -> (checker, required)
-
-_SOURCE: Spec = {
-    "files": (_files, False),
-    "iterable": (_function, False),
-    "items": (_items, False),
-    "shuffle": (_bool, False),
-    "seed": (_int(0), False),
-    "rank": (_int(0), False),
-    "world_size": (_int(1), False),
-    "shard": (_choice("pad", "drop"), False),
-    "allow_empty": (_bool, False),  # files only: a glob matching nothing gives empty epochs
-}
-_SOURCE_KINDS = ("files", "iterable", "items")
-
-_OPTIONS: Spec = {
-    "timeout": (_number, False),
-    "handoff": (_int(1), False),
-    "group_size": (_int(1), False),
-    "use_uvloop": (_bool, False),
-    "stats_interval": (_number, False),
-    "on_stats": (_function, False),
-    "cpu_budget": (_int(1), False),
-    "memory_budget_bytes": (_size, False),
-    "on_error": (_choice("raise", "skip"), False),
-    "max_failures": (_max_failures, False),
-    "stall_warning": (_number, False),
-    "max_inflight_bytes": (_size, False),
-    "fuse": (_bool, False),
-}
-
-_STAGES: dict[str, Spec] = {
-    "read": {
-        "chunk_bytes": (_size, False),
-        "concurrency": (_int(1, auto=True), False),
-        "with_source": (_bool, False),
-    },
-    "prefetch": {"n": (_int(1, auto=True), True)},
-    "map": {
-        "fn": (_function, True),
-        "concurrency": (_int(1, auto=True), False),
-        "executor": (_choice("thread", "process", "async", "inline"), False),
-        "ordered": (_bool, False),
-        "name": (_str, False),
-    },
-    "batch": {
-        "batch_size": (_int(1), True),
-        "drop_last": (_bool, False),
-        "collate_fn": (_function, False),
-    },
-    "cache": {"max_bytes": (_size, True)},
-    "to_device": {"device": (_str, True), "pin_memory": (_bool, False)},
-}
-
-
-def _table(v: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise ConfigError(path, f"expected a table, got {type(v).__name__}: {show(v)}")
-    for k in v:
-        if not isinstance(k, str):
-            raise ConfigError(path, f"keys must be strings, got {show(k)}")
-    return v
-
-
-def _cut(key: str) -> str:
-    """A key from the document, cut short for a key path."""
-    return key if len(key) <= 80 else f"{key[:60]}...({len(key)} characters)"
-
-
-def _unknown(what: str, got: Any, known: list[str], *, quote: bool = False) -> str:
-    """``unknown key; did you mean 'concurrency'? expected one of ...``."""
-    names = ", ".join(map(repr, known)) if quote else ", ".join(known)
-    head = f"unknown {what} {show(got)}" if quote else f"unknown {what}"
-    near = isinstance(got, str) and len(got) <= 100
-    close = difflib.get_close_matches(got, known, n=1) if near else []
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{head}{hint}; expected one of {names}"
-
-
-def _check(table: Any, spec: Spec, path: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Validate ``table`` against ``spec``; return the converted values."""
-    t = _table(table, path)
-    out: dict[str, Any] = {}
-    for k, v in t.items():
-        if k in skip:
-            continue
-        if k not in spec:
-            raise ConfigError(f"{path}.{_cut(k)}", _unknown("key", k, sorted(spec)))
-        out[k] = spec[k][0](v, f"{path}.{k}")
-    for k, (_, required) in spec.items():
-        if required and k not in t:
-            raise ConfigError(f"{path}.{k}", "required key missing")
-    return out
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -378,24 +129,8 @@ def pipeline_from_config(
     functions it names imported, each if ``trust`` permits it.  See
     :meth:`Pipeline.from_config`.
     """
-    from ..stages.source import EMPTY_HINT
-
     doc = load_config(config) if isinstance(config, str | os.PathLike) else config
-    top = _table(doc, "")
-    for k in top:
-        if k not in ("source", "options", "stages"):
-            raise ConfigError(_cut(k), _unknown("key", k, ["options", "source", "stages"]))
-    if "source" not in top:
-        raise ConfigError("source", "required key missing")
-    source = _check(top["source"], _SOURCE, "source")
-    kinds = [k for k in _SOURCE_KINDS if k in source]
-    if len(kinds) != 1:
-        raise ConfigError("source", "expected exactly one of 'files', 'iterable', 'items'")
-    options = _check(top.get("options", {}), _OPTIONS, "options")
-    stages = top.get("stages", [])
-    if not isinstance(stages, list):
-        raise ConfigError("stages", f"expected a list of tables, got {type(stages).__name__}")
-    specs = [_stage_spec(st, f"stages[{i}]") for i, st in enumerate(stages)]
+    kind, source, options, specs = _checked(doc)
     tables = [("source", source), ("options", options)]
     tables += [(f"stages[{i}]", args) for i, (_, args) in enumerate(specs)]
     for path, table in tables:  # every name is permitted before any is imported
@@ -404,8 +139,48 @@ def pipeline_from_config(
                 trust.check(v, f"{path}.{k}")
     for path, table in tables:
         _resolve(table, path, trust, skip=("iterable",) if path == "source" else ())
+    pipe, origin = _source_pipeline(build, kind, source, options, trust)
+    for i, (method, args) in enumerate(specs):
+        try:
+            pipe = getattr(pipe, method)(**args)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"stages[{i}]", str(exc)) from None
+    return pipe, origin
 
-    kind = kinds[0]
+
+#: A checked config: its source's kind, the source and options tables, and each
+#: stage's builder method and arguments.
+_Checked = tuple[str, dict[str, Any], dict[str, Any], list[tuple[str, dict[str, Any]]]]
+
+
+def _checked(doc: Any) -> _Checked:
+    """Check a whole config document (nothing it names is imported yet)."""
+    top = as_table(doc, "")
+    for k in top:
+        if k not in ("source", "options", "stages"):
+            raise ConfigError(cut_key(k), unknown_key("key", k, ["options", "source", "stages"]))
+    if "source" not in top:
+        raise ConfigError("source", "required key missing")
+    source = check_table(top["source"], SOURCE, "source")
+    kinds = [k for k in SOURCE_KINDS if k in source]
+    if len(kinds) != 1:
+        raise ConfigError("source", "expected exactly one of 'files', 'iterable', 'items'")
+    options = check_table(top.get("options", {}), OPTIONS, "options")
+    stages = top.get("stages", [])
+    if not isinstance(stages, list):
+        raise ConfigError("stages", f"expected a list of tables, got {type(stages).__name__}")
+    specs = [stage_spec(st, f"stages[{i}]") for i, st in enumerate(stages)]
+    return kinds[0], source, options, specs
+
+
+def _source_pipeline(
+    build: type[Pipeline[Any]],
+    kind: str,
+    source: dict[str, Any],
+    options: dict[str, Any],
+    trust: Trust,
+) -> tuple[Pipeline[Any], dict[str, Any]]:
+    """The pipeline of the checked, resolved ``source`` table, and its origin."""
     if kind != "files" and "allow_empty" in source:
         raise ConfigError("source.allow_empty", f"applies to a 'files' source only, not {kind!r}")
     what = source.pop(kind)
@@ -428,22 +203,7 @@ def pipeline_from_config(
     origin: dict[str, Any] = {kind: str(what) if kind == "iterable" else what}
     if source.get("allow_empty"):
         origin["allow_empty"] = True
-    for i, (method, args) in enumerate(specs):
-        try:
-            pipe = getattr(pipe, method)(**args)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"stages[{i}]", str(exc)) from None
     return pipe, origin
-
-
-def _stage_spec(entry: Any, path: str) -> tuple[str, dict[str, Any]]:
-    t = _table(entry, path)
-    if "stage" not in t:
-        raise ConfigError(f"{path}.stage", "required key missing")
-    method = t["stage"]
-    if not isinstance(method, str) or method not in _STAGES:
-        raise ConfigError(f"{path}.stage", _unknown("stage", method, list(_STAGES), quote=True))
-    return method, _check(t, _STAGES[method], path, skip=("stage",))
 
 
 def _resolve(table: dict[str, Any], path: str, trust: Trust, skip: tuple[str, ...] = ()) -> None:

@@ -17,7 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..pipeline.config import ConfigError, parse_size
+from ..io.listing import sized_files
+from ..pipeline.config import ConfigError
+from ..pipeline.sizes import format_size_approx, parse_size
+from .probe import probe
+from .report import plot
 
 __all__ = ["main"]
 
@@ -101,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_probe(sub, debug)
+    _add_run(sub, debug)
+    return parser
 
+
+def _add_probe(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """The ``probe`` command's arguments."""
     p = sub.add_parser(
         "probe",
         parents=[debug],
@@ -159,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="write a chart of MB/s against concurrency")
     p.set_defaults(func=cmd_probe)
 
+
+def _add_run(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """The ``run`` command's arguments."""
     r = sub.add_parser(
         "run",
         parents=[debug],
@@ -198,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     r.set_defaults(func=cmd_run)
-    return parser
 
 
 def _bar(**kwargs: Any) -> Any:
@@ -212,8 +224,6 @@ def _bar(**kwargs: Any) -> Any:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """``iopipe probe``: measure the grid, print the table (or JSON), the advice, the plot."""
-    from . import probe as _probe
-
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -222,10 +232,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         folder = os.path.dirname(os.path.abspath(args.plot))
         if not os.path.isdir(folder):  # before the measurement, not after it
             raise InputError(f"--plot {args.plot}: the folder {folder} does not exist")
-    files = _probe.list_files(args.path, args.pattern)  # OSError: bad input, exit status 2
+    files = sized_files(args.path, args.pattern)  # OSError: bad input, exit status 2
     cells = len(args.concurrency) * len(args.chunk_bytes)
     with _bar(total=cells, unit="cell") as bar:
-        report = _probe.probe(
+        report = probe(
             args.path,
             files,
             concurrency=args.concurrency,
@@ -237,7 +247,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             progress=bar,
         )
     if args.plot:
-        _probe.plot(report, args.plot)
+        plot(report, args.plot)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0
@@ -245,7 +255,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if not args.cold and not report.warmed:
         temp = "warm: not pre-read, larger than half the available memory"
     print(
-        f"probe: {report.files:,} files, {_probe.format_size_approx(report.bytes)} under "
+        f"probe: {report.files:,} files, {format_size_approx(report.bytes)} under "
         f"{args.path} ({temp}); {report.cpus} CPUs"
     )
     print(report.table())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from torch.utils.data import default_collate
 
 from ..runtime.channels import BatchKey, Group
+from ..runtime.errors import StageError, shielded
 from ..runtime.threads import WorkerPool
-from .base import OutQueue, Stage, drain, pump, shutdown_executor, skippable, timed
+from .base import OutQueue, Stage, shutdown_executor, skippable, timed
+from .pump import drain, pump
 
 __all__ = ["Batcher"]
 
@@ -58,11 +61,9 @@ class Batcher(Stage):
             "collate_fn": self.collate_fn,
         }
 
-    def fresh(self) -> Batcher:
-        clone = super().fresh()
-        assert isinstance(clone, Batcher)
-        clone._pool = None
-        return clone
+    def reset_runtime(self) -> None:
+        super().reset_runtime()
+        self._pool = None
 
     def open(self, unit: int) -> None:
         super().open(unit)
@@ -72,7 +73,7 @@ class Batcher(Stage):
         shutdown_executor(self._pool, timeout)
         self._pool = None
 
-    async def _cut(self, groups: AsyncIterator[Group]) -> AsyncIterator[Group]:
+    async def cut(self, groups: AsyncIterator[Group]) -> AsyncIterator[Group]:
         """Re-chunk the incoming groups into groups of exactly one batch's items."""
         items: list[Any] = []
         keys: list[Any] = []
@@ -118,8 +119,6 @@ class Batcher(Stage):
             batch, dt = await self.submit(self._pool, timed, _collate_job, collate, group.items)
         except Exception as exc:
             if self.policy is None or not skippable(exc):
-                from ..runtime.errors import StageError
-
                 raise StageError(self.name, key, exc)
             self.policy.record(self.name, self.counters, key, exc, len(group.items), what="")
             return Group([], [], batched=True, counts=[], dropped=group.weight + group.dropped)
@@ -132,10 +131,26 @@ class Batcher(Stage):
             [batch], [key], batched=True, counts=[sum(group.counts)], dropped=group.dropped
         )
 
+    async def collate_batch(self, group: Group, index: int) -> Group:
+        """Collate one batch with this stage's pool, as batch number ``index`` (a fused run's)."""
+        collate = self.collate_fn or default_collate
+        loop = asyncio.get_running_loop()
+        key = BatchKey(index, group.keys[0], group.keys[-1])
+        try:
+            batch, dt = await loop.run_in_executor(
+                self._pool, shielded, timed, collate, group.items
+            )
+        except Exception as exc:
+            raise StageError(self.name, key, exc)
+        self.counters.busy_s += dt
+        self.counters.items += 1
+        self.counters.jobs += 1
+        return Group([batch], [key], batched=True, counts=[len(group.items)])
+
     async def run(self, inq: Any, outq: OutQueue) -> None:
         self._count = 0
         await pump(
-            self._cut(drain(inq, self.counters)),
+            self.cut(drain(inq, self.counters)),
             outq,
             self._collate,
             window=self.window(),

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..runtime.channels import GAP, Group
-from .base import OutQueue, Stage, drain
+from .base import OutQueue, Stage
+from .pump import drain
 
 __all__ = ["Cache", "nbytes"]
 
@@ -57,13 +58,11 @@ class Cache(Stage):
     def config(self) -> dict[str, Any]:
         return {"max_bytes": self.max_bytes}
 
-    def fresh(self) -> Cache:
-        clone = super().fresh()
-        assert isinstance(clone, Cache)
-        clone._entries = OrderedDict()
-        clone._held = 0
-        clone.counters.extra.update(hits=0, misses=0, bytes_held=0, entries=0)
-        return clone
+    def reset_runtime(self) -> None:
+        super().reset_runtime()
+        self._entries = OrderedDict()
+        self._held = 0
+        self.counters.extra.update(hits=0, misses=0, bytes_held=0, entries=0)
 
     def reset_counters(self) -> None:
         super().reset_counters()

@@ -19,23 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..control.governor import job_sizer
 from ..runtime.channels import Group
 from ..runtime.errors import Interrupted
+from ..runtime.limits import CapacityLimiter
 from ..runtime.threads import WorkerPool
-from .base import (
-    ItemFailure,
-    Limiter,
-    OutQueue,
-    SpanFailure,
-    Stage,
-    drain,
-    gather_spans,
-    job_sizer,
-    pump,
-    shutdown_executor,
-    skippable,
-    timed,
-)
+from .base import ItemFailure, OutQueue, Stage, shutdown_executor, skippable, timed
+from .pump import SpanFailure, drain, gather_spans, pump
 
 __all__ = ["EXECUTORS", "Decoder", "map_items", "map_items_skipping"]
 
@@ -201,6 +191,7 @@ class Decoder(Stage):
     """
 
     kind = "map"
+    knob = "map"
 
     def __init__(
         self,
@@ -233,7 +224,7 @@ class Decoder(Stage):
         self.executor = executor
         self.ordered = bool(ordered)
         self._pool: concurrent.futures.Executor | None = None
-        self._limit: Limiter | None = None
+        self._limit: CapacityLimiter | None = None
         self._sizer = job_sizer()
 
     def config(self) -> dict[str, Any]:
@@ -244,15 +235,13 @@ class Decoder(Stage):
             "ordered": self.ordered,
         }
 
-    def fresh(self) -> Decoder:
-        clone = super().fresh()
-        assert isinstance(clone, Decoder)
-        clone._pool, clone._limit, clone._sizer = None, None, job_sizer()
-        return clone
+    def reset_runtime(self) -> None:
+        super().reset_runtime()
+        self._pool, self._limit, self._sizer = None, None, job_sizer()
 
     def open(self, unit: int) -> None:
         super().open(unit)
-        self._limit = Limiter(self.concurrency)
+        self._limit = CapacityLimiter(self.concurrency)
         if self.executor == "thread":
             self._pool = WorkerPool(self.concurrency, f"iopipe-{self.name}")
         elif self.executor == "process":
@@ -270,6 +259,20 @@ class Decoder(Stage):
     def window(self) -> int:
         return max(2, -(-2 * self.concurrency // max(1, self.unit)))
 
+    @property
+    def limiter(self) -> CapacityLimiter | None:
+        return self._limit
+
+    def set_knob(self, value: int) -> None:
+        """Run up to ``value`` jobs at once (the autotuner's setting; within the pool)."""
+        assert self._limit is not None
+        self.counters.concurrency = value
+        self._limit.total_tokens = value
+
+    def observe_job(self, seconds: float, items: int) -> None:
+        """Feed the job sizer a job of this stage's function run elsewhere (a fused job)."""
+        self._sizer.observe(seconds, items)
+
     async def _run_job(self, items: list[Any], job: Callable[..., Any] = _timed_map) -> Any:
         assert self._limit is not None
         async with self._limit:
@@ -277,7 +280,7 @@ class Decoder(Stage):
         self.counters.busy_s += dt
         self.counters.jobs += 1
         self._sizer.observe(dt, len(items))
-        return out  # type: ignore[no-any-return]
+        return out
 
     async def _run_async_item(self, x: Any, i: int) -> Any:
         assert self._limit is not None
@@ -298,7 +301,8 @@ class Decoder(Stage):
                 raise
             return exc
 
-    async def _process(self, group: Group) -> Group:
+    async def process(self, group: Group) -> Group:
+        """Map one group's items (the pump's step; a fused run's staged path)."""
         items = group.items
         if not items:
             return group
@@ -313,7 +317,9 @@ class Decoder(Stage):
                     await asyncio.gather(*(self._run_async_item(x, i) for i, x in enumerate(items)))
                 )
             else:
-                spans = self._sizer.split(len(items), self._limit.limit if self._limit else 1)
+                spans = self._sizer.split(
+                    len(items), self._limit.total_tokens if self._limit else 1
+                )
                 parts = await gather_spans(
                     [self._run_job(items[a:b]) for a, b in spans], [a for a, _ in spans]
                 )
@@ -328,7 +334,7 @@ class Decoder(Stage):
         return group.replace_items(out)
 
     async def _process_skipping(self, group: Group) -> Group:
-        """``_process`` under ``on_error="skip"``: failed items are dropped, not raised."""
+        """``process`` under ``on_error="skip"``: failed items are dropped, not raised."""
         items = group.items
         failed: list[tuple[int, BaseException]] = []
         try:
@@ -343,7 +349,9 @@ class Decoder(Stage):
                 )
                 failed = [(i, y.cause) for i, y in enumerate(out) if isinstance(y, ItemFailure)]
             else:
-                spans = self._sizer.split(len(items), self._limit.limit if self._limit else 1)
+                spans = self._sizer.split(
+                    len(items), self._limit.total_tokens if self._limit else 1
+                )
                 parts = await gather_spans(
                     [self._run_job(items[a:b], _timed_map_skipping) for a, b in spans],
                     [a for a, _ in spans],
@@ -388,7 +396,7 @@ class Decoder(Stage):
         await pump(
             drain(inq, self.counters),
             outq,
-            self._process,
+            self.process,
             window=self.window(),
             ordered=self.ordered,
             counters=self.counters,

@@ -11,7 +11,8 @@ import torch
 from ..runtime.channels import Group
 from ..runtime.errors import StageError
 from ..runtime.threads import WorkerPool
-from .base import OutQueue, Stage, drain, pump, shutdown_executor, timed
+from .base import OutQueue, Stage, shutdown_executor, timed
+from .pump import drain, pump
 
 __all__ = ["DeviceTransfer", "apply_to_tensors"]
 
@@ -90,11 +91,9 @@ class DeviceTransfer(Stage):
     def config(self) -> dict[str, Any]:
         return {"device": str(self.device), "pin_memory": self._asked_pin}
 
-    def fresh(self) -> DeviceTransfer:
-        clone = super().fresh()
-        assert isinstance(clone, DeviceTransfer)
-        clone._pool, clone._stream = None, None
-        return clone
+    def reset_runtime(self) -> None:
+        super().reset_runtime()
+        self._pool, self._stream = None, None
 
     def open(self, unit: int) -> None:
         super().open(unit)

@@ -14,9 +14,10 @@ errors and configuration: statistics and error messages read as if each ran on
 its own.  Per group the stage chooses:
 
 * **fused**: one worker job reads, maps and collates the group, while the
-  reader's :class:`~iopipe.stages.base.IoGovernor` sees the page cache serve
+  reader's :class:`~iopipe.control.governor.IoGovernor` sees the page cache serve
   the reads (its limit is 1).  How many such jobs run at once moves between 1
-  and the members' concurrency by measured throughput (:class:`RateGovernor`):
+  and the members' concurrency by measured throughput
+  (:class:`~iopipe.control.governor.RateGovernor`):
   a GIL-bound job gains nothing from a second thread; a decoder that releases
   the GIL (PIL, numpy) does.
 * **staged**: the members process the group one after another, each its own
@@ -33,14 +34,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..control.governor import RateGovernor, TokenBound
 from ..runtime.channels import BatchKey, Group
-from ..runtime.errors import StageError, shielded
-from .base import ItemFailure, Limiter, OutQueue, Stage, drain, pump
+from ..runtime.errors import StageError
+from ..runtime.limits import CapacityLimiter
+from ..runtime.stats import StageCounters
+from .base import ItemFailure, OutQueue, Stage
 from .batch import Batcher
 from .decode import Decoder, map_items
-from .reader import ChunkedReader, _Large, _read_job, normalize_item
+from .pump import drain, pump
+from .read_jobs import Large, normalize_item, read_job
+from .reader import ChunkedReader
 
-__all__ = ["Fused", "RateGovernor", "fusable", "plan"]
+__all__ = ["Fused", "fusable", "plan"]
 
 
 def fusable(stage: Stage) -> bool:
@@ -82,170 +88,6 @@ def plan(stages: list[Stage]) -> list[Stage]:
     return out
 
 
-class RateGovernor:
-    """Moves a :class:`Limiter` between 1 and ``maximum`` by measured throughput.
-
-    Measures the items finished per second over windows of ``limit + 1`` jobs or
-    more (``2 * limit + 1`` when started high: a step down that is wrongly kept
-    costs more than a step up, undone by the checks below) and at least
-    ``MIN_WINDOW_S``.  A step up (doubling) is kept only if the rate rose by 10%
-    or more; a step down (halving) only if the rate did not fall.  The first
-    job is a warm-up and not judged; after a change of limit, measuring waits
-    until the jobs started under the old limit have finished (they would credit
-    the new limit with their work).  After the second window it tries a step up
-    from the limiter's start, or with ``start_high`` a step down from it.  A step
-    up that runs clearly slower (under ``ABORT`` of the rate before it, after
-    ``limit + 1`` jobs) is undone without waiting for ``MIN_WINDOW_S``: on
-    GIL-bound work a second job costs a third of the rate while it runs.  Jobs
-    that report their thread CPU time let it tell sooner: a step up whose first
-    job spends more than ``CONTENDED`` times the CPU per item of the jobs before
-    it is contending for the GIL (two jobs of pure Python on the benchmark
-    machine: 2-4x the CPU each), and is undone at once.  After
-    settling it tries again every ``REPROBE`` windows, alternately up and down,
-    so one noisy measurement does not decide a whole run; each trial that does
-    not pay doubles that interval (up to 32 times), so a workload that needs its
-    setting pays little for the probes.  When downstream is the bottleneck more
-    jobs cannot raise the rate, so the limit stays low (and the CPU free).
-
-    The limiter may expose ``held`` (jobs running now); without it a change of
-    limit is measured from the next finished job.
-
-    Not thread-safe: call :meth:`observe` from one thread, or under a lock.
-    """
-
-    MIN_WINDOW_S = 0.05
-    REPROBE = 16
-    ABORT = 0.75
-    CONTENDED = 1.6
-
-    __slots__ = (
-        "_cpu_item",
-        "_down_next",
-        "_interval",
-        "_seen",
-        "_settle",
-        "_start_high",
-        "_trial",
-        "_win_items",
-        "_win_jobs",
-        "_win_start",
-        "_windows",
-        "limiter",
-        "maximum",
-    )
-
-    def __init__(self, limiter: Any, maximum: int, *, start_high: bool = False) -> None:
-        self.limiter = limiter  # anything with ``limit`` and ``set_limit(n)``
-        self.maximum = max(1, maximum)
-        self._start_high = start_high
-        self._interval = self.REPROBE
-        self._trial: tuple[int, float, bool] | None = None  # (limit before, its rate, up?)
-        self._seen = 0  # windows measured outside trials (the first is a warm-up)
-        self._settle = 0  # jobs of the old limit still to finish after a change
-        self._windows = 0  # windows since the last decision
-        self._down_next = True  # the next re-probe tries a lower limit (when above 1)
-        self._win_items = 0
-        self._win_jobs = 0
-        self._win_start = -1.0
-        self._cpu_item = 0.0  # EWMA thread CPU seconds per item, outside trials
-
-    def started(self) -> None:
-        """A job starts (opens the first measurement window)."""
-        if self._win_start < 0:
-            self._win_start = time.perf_counter()
-
-    def restart(self) -> None:
-        """Drop the window being measured (an epoch starts: idle time is not throughput)."""
-        self._win_items, self._win_jobs, self._win_start = 0, 0, -1.0
-        self._settle = 0  # the last epoch's jobs are over
-
-    def _try(self, limit: int, rate: float, up: bool) -> None:
-        self._trial = (limit, rate, up)
-        self._set(min(self.maximum, 2 * limit) if up else max(1, limit // 2))
-
-    def _set(self, limit: int) -> None:
-        self._settle = int(getattr(self.limiter, "held", 0))
-        self.limiter.set_limit(limit)
-
-    def _judge(self, rate: float, limit: int) -> None:
-        """End the trial running at ``limit`` with its measured ``rate``."""
-        assert self._trial is not None
-        before, before_rate, up = self._trial
-        self._trial = None
-        self._windows = 0
-        if up and rate >= 1.1 * before_rate:
-            self._interval = self.REPROBE
-            if limit < self.maximum:
-                self._try(limit, rate, up=True)  # it paid: try further
-        elif not up and rate >= before_rate:
-            self._interval = self.REPROBE  # as fast with fewer: keep the lower limit
-        else:
-            self._set(before)  # it did not pay: back, and wait longer
-            self._interval = min(32 * self.REPROBE, 2 * self._interval)
-
-    def observe(self, items: int, cpu: float = -1.0) -> None:
-        """Account one finished job of ``items`` items (``cpu``: its thread CPU seconds)."""
-        if self.maximum == 1:
-            return
-        self._win_items += items
-        self._win_jobs += 1
-        now = time.perf_counter()
-        span = now - self._win_start
-        limit = self.limiter.limit
-        # The first window (a warm-up: threads start, caches fill) is the first job alone.
-        jobs = (2 * limit if self._start_high else limit) + 1
-        full = (self._win_jobs >= jobs and span >= self.MIN_WINDOW_S) or self._seen == 0
-        trial = self._trial
-        if cpu >= 0 and items > 0:
-            per = cpu / items
-            if trial is None:
-                if self._settle == 0:
-                    c = self._cpu_item
-                    self._cpu_item = per if c == 0 else 0.8 * c + 0.2 * per
-            elif trial[2] and self._cpu_item > 0 and per > self.CONTENDED * self._cpu_item:
-                # Contending for the GIL (a job of the old limit shows it too: it
-                # ran beside the new one): undo now.
-                self._win_items, self._win_jobs, self._win_start = 0, 0, now
-                self._judge(0.0, limit)
-                return
-        if self._settle > 0:
-            self._settle -= 1
-            if self._settle == 0 or full:  # (a failed old job is never observed)
-                self._settle = 0
-                self._win_items, self._win_jobs, self._win_start = 0, 0, now
-            return
-        if not full:
-            if (
-                trial is not None
-                and trial[2]
-                and self._win_jobs >= limit + 1
-                and span > 0
-                and self._win_items / span < self.ABORT * trial[1]
-            ):
-                self._win_items, self._win_jobs, self._win_start = 0, 0, now
-                self._judge(0.0, limit)  # clearly slower: undo now
-            return
-        rate = self._win_items / span
-        self._win_items, self._win_jobs, self._win_start = 0, 0, now
-        if trial is not None:
-            self._judge(rate, limit)
-            return
-        self._seen += 1
-        if self._seen == 1:
-            return  # start-up (threads, first batch fetched alone) is not the steady rate
-        if self._seen == 2:
-            if self._start_high and limit > 1:
-                self._try(limit, rate, up=False)
-            elif limit < self.maximum:
-                self._try(limit, rate, up=True)
-            return
-        self._windows += 1
-        if self._windows >= self._interval:
-            down = limit >= self.maximum or (self._down_next and limit > 1)
-            self._down_next = not down
-            self._try(limit, rate, up=not down)
-
-
 class _StepFailure(Exception):
     """Step ``step`` of a fused job failed with ``exc`` (an ItemFailure or a collate error)."""
 
@@ -285,10 +127,10 @@ def _fused_job(
         try:
             if kind == "read":
                 c0 = time.thread_time()
-                items, res.misses = _read_job(_entries(items), step[1], flags)
+                items, res.misses = read_job(_entries(items), step[1], flags)
                 res.read_cpu = time.thread_time() - c0
-                res.read_bytes = sum(len(x) for x in items if not isinstance(x, _Large))
-                if any(isinstance(x, _Large) for x in items):
+                res.read_bytes = sum(len(x) for x in items if not isinstance(x, Large))
+                if any(isinstance(x, Large) for x in items):
                     res.seconds.append(time.perf_counter() - t0)
                     res.items, res.done = items, k + 1
                     res.cpu = time.thread_time() - cpu0
@@ -335,7 +177,7 @@ class Fused(Stage):
         self.maps = [m for m in members if isinstance(m, Decoder)]
         last = members[-1]
         self.batcher = last if isinstance(last, Batcher) else None
-        self._limit: Limiter | None = None
+        self._limit: CapacityLimiter | None = None
         self._gov: RateGovernor | None = None
         self._pool: Any = None
         self._count = 0
@@ -345,11 +187,15 @@ class Fused(Stage):
         """Take the first member's worker pool (open already); fused jobs run there."""
         super().open(unit)
         self._pool = getattr(self.members[0], "_pool", None)
-        self._limit = Limiter(1)
-        self._gov = RateGovernor(self._limit, self.concurrency)
+        self._limit = CapacityLimiter(1)
+        self._gov = RateGovernor(TokenBound(self._limit), self.concurrency)
 
     def close(self, timeout: float) -> None:
         self._pool = None  # the member that owns it shuts it down
+
+    @property
+    def limiter(self) -> CapacityLimiter | None:
+        return self._limit
 
     def window(self) -> int:
         # Groups in process: enough for the widest member plus one moving through
@@ -368,8 +214,7 @@ class Fused(Stage):
 
     def _cached(self) -> bool:
         """Whether reads are served by the page cache (no reader: always)."""
-        r = self.reader
-        return r is None or r._limit is None or r._limit.limit == 1
+        return self.reader is None or self.reader.cached()
 
     # -- one group ------------------------------------------------------------
     async def _process(self, group: Group) -> Group:
@@ -401,7 +246,7 @@ class Fused(Stage):
         start = 0
         cpu = -1.0  # the job's thread CPU, when one job did the whole group
         while start < len(steps):
-            flags = self.reader._gov.probe_flags if self.reader and self.reader._gov else 0
+            flags = self.reader.probe_flags if self.reader else 0
             async with self._limit:
                 self._gov.started()
                 cell = ([0], start)
@@ -422,7 +267,7 @@ class Fused(Stage):
             if start < len(steps):  # large items: the reader reads them in pieces
                 assert self.reader is not None
                 await self._read_larges(group, items)
-                items = [x.buf if isinstance(x, _Large) else x for x in items]
+                items = [x.buf if isinstance(x, Large) else x for x in items]
                 if self.reader.with_source:
                     items = list(zip(group.items, items, strict=True))
         self._gov.observe(len(group.items), cpu)
@@ -430,7 +275,7 @@ class Fused(Stage):
 
     async def _read_larges(self, group: Group, items: list[Any]) -> None:
         assert self.reader is not None
-        larges = [(i, x) for i, x in enumerate(items) if isinstance(x, _Large)]
+        larges = [(i, x) for i, x in enumerate(items) if isinstance(x, Large)]
         await self.reader.read_larges(group, larges)
         self.reader.counters.bytes += sum(len(x.buf) for _, x in larges)
 
@@ -448,11 +293,10 @@ class Fused(Stage):
                 c.items += n
                 c.bytes += res.read_bytes
                 c.extra["cpu_s"] = c.extra.get("cpu_s", 0.0) + res.read_cpu
-                if m._gov is not None:
-                    m._gov.observe(dt, res.read_cpu, n, res.misses)
+                m.observe_reads(dt, res.read_cpu, n, res.misses)
             elif isinstance(m, Decoder):
                 c.items += n
-                m._sizer.observe(dt, n)
+                m.observe_job(dt, n)
             else:
                 c.items += 1
 
@@ -477,8 +321,9 @@ class Fused(Stage):
         g = group
         for m in self.members:
             if isinstance(m, Batcher):
-                return await _collate(m, g, index)
-            g = await m._process(g)  # type: ignore[attr-defined]
+                return await m.collate_batch(g, index)
+            assert isinstance(m, ChunkedReader | Decoder)
+            g = await m.process(g)
         return g
 
     # -- the stream -----------------------------------------------------------
@@ -489,7 +334,7 @@ class Fused(Stage):
         every = [m.counters for m in self.members]
         groups = drain(inq, _SharedWaits(every[0], every))
         if self.batcher is not None:
-            groups = self.batcher._cut(groups)
+            groups = self.batcher.cut(groups)
         last = _SharedWaits(every[-1], every)
         await pump(groups, outq, self._process, window=self.window(), ordered=True, counters=last)
 
@@ -499,46 +344,40 @@ class _SharedWaits:
 
     The run waits as one: while it waits for input or for room downstream, none
     of its members works, so each member's busy share (iopipe/runtime/stats.py
-    ``busy_share``) must see the wait.  Other fields go to ``primary`` alone.
+    ``busy_share``) must see the wait.  Other fields are ``primary``'s alone.
     """
 
     __slots__ = ("_all", "_primary")
-    _SHARED = frozenset(("wait_input_s", "wait_output_s"))
 
-    def __init__(self, primary: Any, every: list[Any]) -> None:
-        object.__setattr__(self, "_primary", primary)
-        object.__setattr__(self, "_all", every)
+    def __init__(self, primary: StageCounters, every: list[StageCounters]) -> None:
+        self._primary = primary
+        self._all = every
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._primary, name)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name not in self._SHARED:
-            setattr(self._primary, name, value)
-            return
-        delta = value - getattr(self._primary, name)
+    @property
+    def wait_input_s(self) -> float:
+        return self._primary.wait_input_s
+
+    @wait_input_s.setter
+    def wait_input_s(self, value: float) -> None:
+        delta = value - self._primary.wait_input_s
         for c in self._all:
-            setattr(c, name, getattr(c, name) + delta)
+            c.wait_input_s += delta
+
+    @property
+    def wait_output_s(self) -> float:
+        return self._primary.wait_output_s
+
+    @wait_output_s.setter
+    def wait_output_s(self, value: float) -> None:
+        delta = value - self._primary.wait_output_s
+        for c in self._all:
+            c.wait_output_s += delta
 
 
 def _default_collate() -> Any:
     from torch.utils.data import default_collate
 
     return default_collate
-
-
-async def _collate(batcher: Batcher, group: Group, index: int) -> Group:
-    """Collate one batch with the batcher's pool, as batch number ``index``."""
-    from .base import timed
-
-    collate = batcher.collate_fn or _default_collate()
-    loop = asyncio.get_running_loop()
-    key = BatchKey(index, group.keys[0], group.keys[-1])
-    try:
-        batch, dt = await loop.run_in_executor(batcher._pool, shielded, timed, collate, group.items)
-    except Exception as exc:
-        raise StageError(batcher.name, key, exc)
-    batcher.counters.busy_s += dt
-    batcher.counters.items += 1
-    batcher.counters.jobs += 1
-    return Group([batch], [key], batched=True, counts=[len(group.items)])

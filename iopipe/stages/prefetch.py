@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import OutQueue, Stage, drain
+from .base import OutQueue, Stage
+from .pump import drain
 
 __all__ = ["Prefetcher"]
 
@@ -17,6 +18,7 @@ class Prefetcher(Stage):
     """
 
     kind = "prefetch"
+    knob = "prefetch"
 
     def __init__(self, n: int, *, name: str | None = None) -> None:
         super().__init__(name=name, concurrency=1)

@@ -9,291 +9,38 @@ docs/design.md.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
-import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from ..io.files import open_regular, open_sized
+from ..control.governor import IoGovernor
+from ..io.reads import RWF_NOWAIT
 from ..runtime.budget import ByteBudget, Ticket
 from ..runtime.channels import Group
+from ..runtime.limits import CapacityLimiter
 from ..runtime.threads import WorkerPool
 from .base import (
     CURRENT_SINCE,
     CURRENT_SPAN,
-    IoGovernor,
     ItemFailure,
-    Limiter,
     OutQueue,
-    SpanFailure,
     Stage,
-    drain,
-    gather_spans,
-    pump,
     shutdown_executor,
     skippable,
     timed_cpu,
 )
+from .pump import SpanFailure, drain, gather_spans, pump
+from .read_jobs import (
+    Large,
+    NeedRoom,
+    normalize_item,
+    piece_bytes,
+    read_job,
+    read_job_skipping,
+    read_piece,
+)
 
-__all__ = ["ChunkedReader", "normalize_item", "read_exact"]
-
-_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-
-
-@dataclass(slots=True)
-class _Large:
-    """An item too big for one job: its pieces are read concurrently into ``buf``.
-
-    It carries no open file: each piece's job opens and closes the file itself, so
-    a job abandoned by a cancelled epoch can never leak a descriptor.
-    """
-
-    path: str
-    buf: np.ndarray[Any, np.dtype[np.uint8]]
-    offset: int
-
-
-@dataclass(slots=True, frozen=True)
-class _NeedRoom:
-    """The last entry of a job's output: the next item's ``bytes`` did not fit the budget."""
-
-    bytes: int
-
-
-def normalize_item(item: Any) -> tuple[str, int, int | None]:
-    """Return ``(path, offset, length)`` for a path or a ``(path, offset, length)`` tuple.
-
-    Raises:
-        TypeError: the item is neither.
-        ValueError: a negative offset or length.
-    """
-    if isinstance(item, str | os.PathLike):
-        return os.fspath(item), 0, None
-    if isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], str | os.PathLike):
-        path, offset, length = item
-        if not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"byte range offset must be an int >= 0, got {offset!r}")
-        if not isinstance(length, int) or length < 0:
-            raise ValueError(f"byte range length must be an int >= 0, got {length!r}")
-        return os.fspath(path), offset, length
-    raise TypeError(
-        "read() expects paths or (path, offset, length) tuples, got "
-        f"{type(item).__name__}: {item!r:.80}"
-    )
-
-
-def read_exact(fd: int, buf: Any, offset: int, path: str) -> None:
-    """Fill ``buf`` from ``fd`` at ``offset`` with ``os.preadv``; short files raise EOFError."""
-    n = os.preadv(fd, [buf], offset)
-    want = len(buf) if isinstance(buf, np.ndarray) else memoryview(buf).nbytes
-    if n == want:
-        return
-    view = memoryview(buf).cast("B")
-    got = n
-    while got < want:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise EOFError(
-                f"{path}: expected {want} bytes at offset {offset}, the file ended after {got}"
-            )
-        got += n
-
-
-#: ``preadv`` flag that fails with EAGAIN instead of waiting for storage (Linux).
-_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
-
-#: A job probes every this many reads (the first always): a refused probe costs
-#: 3-7 us of CPU per cold file on the benchmark machine, a sample of 1 in 8
-#: tells the miss rate as well for a group of any size worth governing.
-_PROBE_EVERY = 8
-
-
-def _read_probing(fd: int, buf: Any, offset: int, path: str, flags: int) -> int:
-    """Fill ``buf`` like :func:`read_exact`; say whether the bytes had to come from storage.
-
-    With ``flags=RWF_NOWAIT`` the first ``preadv`` returns only what the page cache
-    holds, so a short or refused read is a cache miss, measured exactly and for the
-    price of one syscall.  Returns 1 for a miss, 0 for a hit, -1 when the file
-    system does not support the probe (the caller stops probing).
-    """
-    if not flags:
-        read_exact(fd, buf, offset, path)
-        return 0
-    want = len(buf)
-    try:
-        n = os.preadv(fd, [buf], offset, flags)
-    except BlockingIOError:
-        n, missed = 0, 1
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            read_exact(fd, buf, offset, path)
-            return -1
-        raise
-    else:
-        missed = 0 if n == want else 1
-    if n < want:
-        read_exact(fd, buf[n:], offset + n, path)
-    return missed
-
-
-def _item_size(
-    fd: int, fd_size: int, path: str, offset: int, length: int | None
-) -> tuple[int, int]:
-    """``(bytes to read, file size)`` of an item; a range past the end is refused first.
-
-    A bogus length is refused before its buffer is allocated (:func:`_past_end`
-    looks again, in case the file grew since it was opened).
-    """
-    if length is None:
-        return max(0, fd_size - offset), fd_size
-    if offset + length > fd_size:
-        fd_size = _past_end(fd, path, offset, length)
-    return length, fd_size
-
-
-def _read_job(
-    entries: list[tuple[str, int, int | None]],
-    chunk_bytes: int,
-    flags: int,
-    skip: bool = False,
-    reserve: Callable[[int], bool] | None = None,
-) -> tuple[list[Any], int]:
-    """Read whole small items; size large ones for chunked reading (worker thread).
-
-    Returns the buffers and the number of cache misses (-1: the probe is not
-    supported here, or nothing probed), estimated from every ``_PROBE_EVERY``-th
-    read.  Consecutive byte ranges of one file share one descriptor (token
-    windows, say, would otherwise pay an open and a close per range).
-    Every descriptor it opens is closed before it returns.  With ``skip``
-    (``on_error="skip"``) an item that fails gets an :class:`ItemFailure` in
-    place of its buffer and the job goes on.  With ``reserve`` (``max_inflight_bytes``)
-    each item's size is reserved before its buffer is allocated; an item that does
-    not fit ends the job, with a :class:`_NeedRoom` after the items read.
-    """
-    out: list[Any] = []
-    misses = probed = 0
-    fd, fd_path = -1, ""
-    try:
-        for i, (path, offset, length) in enumerate(entries):
-            if path != fd_path:
-                if fd >= 0:
-                    os.close(fd)
-                    fd, fd_path = -1, ""
-                try:
-                    fd, fd_size = open_sized(path, _O_FLAGS)
-                except OSError as exc:
-                    if not skip:
-                        raise ItemFailure(i, exc) from None
-                    out.append(ItemFailure(i, exc))
-                    continue
-                fd_path = path
-            try:
-                size, fd_size = _item_size(fd, fd_size, path, offset, length)
-                if reserve is not None and not reserve(size):
-                    out.append(_NeedRoom(size))  # the reader waits for room on the loop
-                    break
-                buf: Any = np.empty(size, np.uint8)
-                if size > chunk_bytes:
-                    out.append(_Large(path, buf, offset))
-                    continue
-                if flags and i % _PROBE_EVERY == 0:
-                    miss = _read_probing(fd, buf, offset, path, flags)
-                    flags, misses, probed = (
-                        (0, -1, probed) if miss < 0 else (flags, misses + miss, probed + 1)
-                    )
-                elif os.preadv(fd, [buf], offset) != size:  # short: read the rest
-                    read_exact(fd, buf, offset, path)
-                out.append(buf)
-            except Exception as err:
-                failure = _explained(err, fd, path, offset, length)
-                if not skip or not skippable(failure):
-                    raise ItemFailure(i, failure) from None
-                out.append(ItemFailure(i, failure))
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    read = len(out) - (1 if out and isinstance(out[-1], _NeedRoom) else 0)
-    if probed == 0:
-        misses = -1  # nothing probed: no observation (a job cut short by the budget, say)
-    elif misses > 0:
-        misses = min(read, round(misses * read / probed))
-    return out, misses
-
-
-_read_job_skipping = functools.partial(_read_job, skip=True)
-
-
-def _explained(exc: Exception, fd: int, path: str, offset: int, length: int | None) -> Exception:
-    """Make a failed read say which file, and how short it was, in its own message.
-
-    ``preadv`` on a folder raises IsADirectoryError without a filename (the
-    path was replaced by a folder after listing); a short read reports only
-    the last call's offsets, not the range the user asked for.
-    """
-    if isinstance(exc, OSError) and exc.filename is None:
-        exc.filename = path
-        return exc
-    if not isinstance(exc, EOFError):
-        return exc
-    try:
-        now = os.fstat(fd).st_size
-    except OSError:
-        return exc
-    if length is not None:
-        text = (
-            f"{path}: byte range (offset {offset}, length {length}) runs past the end of "
-            f"the file ({now} bytes): a wrong range, or the file was truncated after listing"
-        )
-    else:
-        text = f"{path}: the file was truncated to {now} bytes while being read"
-    new = EOFError(text)
-    new.__cause__ = exc
-    return new
-
-
-def _past_end(fd: int, path: str, offset: int, length: int) -> int:
-    """The file's size now if the range fits it after all (it grew); else raise EOFError."""
-    now = os.fstat(fd).st_size
-    if offset + length <= now:
-        return now
-    raise EOFError(
-        f"{path}: byte range (offset {offset}, length {length}) runs past the end of "
-        f"the file ({now} bytes): a wrong range, or the file was truncated after listing"
-    )
-
-
-#: A job of a large item reads at least this much (several chunks, one ``preadv``
-#: each) once the item has more chunks than workers to read them: a job costs a
-#: thread crossing (hundreds of microseconds of CPU here), a 1 MiB read about as much.
-_MIN_JOB_BYTES = 1 << 20
-
-
-def _piece_bytes(size: int, chunk_bytes: int, workers: int) -> int:
-    """Bytes per job for a ``size``-byte item: whole chunks, enough jobs for ``workers``."""
-    chunks = -(-size // chunk_bytes)
-    per_job = min(-(-_MIN_JOB_BYTES // chunk_bytes), chunks // max(1, workers))
-    return chunk_bytes * max(1, per_job)
-
-
-def _read_piece(large: _Large, start: int, stop: int, chunk: int, flags: int) -> tuple[int, int]:
-    """Read ``buf[start:stop]`` of a large item, ``chunk`` bytes a ``preadv`` (worker thread)."""
-    fd = open_regular(large.path, _O_FLAGS)
-    miss = 0
-    try:
-        for a in range(start, stop, chunk):
-            b = min(stop, a + chunk)
-            if a == start:  # the first chunk's read probes the page cache for the piece
-                miss = _read_probing(fd, large.buf[a:b], large.offset + a, large.path, flags)
-            else:
-                read_exact(fd, large.buf[a:b], large.offset + a, large.path)
-    finally:
-        os.close(fd)
-    return stop - start, miss
+__all__ = ["ChunkedReader"]
 
 
 class ChunkedReader(Stage):
@@ -309,6 +56,7 @@ class ChunkedReader(Stage):
     """
 
     kind = "read"
+    knob = "read"
     #: The epoch's byte budget (``max_inflight_bytes``), set by the pipeline per epoch.
     budget: ByteBudget | None = None
     #: ``max_inflight_bytes`` when this reader is gated by it (a gated reader is never fused).
@@ -330,7 +78,7 @@ class ChunkedReader(Stage):
             raise TypeError(f"with_source must be True or False, got {with_source!r}")
         self.with_source = bool(with_source)
         self._pool: WorkerPool | None = None
-        self._limit: Limiter | None = None
+        self._limit: CapacityLimiter | None = None
         self._gov: IoGovernor | None = None
 
     def config(self) -> dict[str, Any]:
@@ -340,17 +88,15 @@ class ChunkedReader(Stage):
             "with_source": self.with_source,
         }
 
-    def fresh(self) -> ChunkedReader:
-        clone = super().fresh()
-        assert isinstance(clone, ChunkedReader)
-        clone._pool, clone._limit, clone._gov = None, None, None
-        return clone
+    def reset_runtime(self) -> None:
+        super().reset_runtime()
+        self._pool, self._limit, self._gov = None, None, None
 
     def open(self, unit: int) -> None:
         super().open(unit)
         self._pool = WorkerPool(self.concurrency, f"iopipe-{self.name}")
-        self._limit = Limiter(1)
-        self._gov = IoGovernor(self._limit, self.concurrency, _NOWAIT)
+        self._limit = CapacityLimiter(1)
+        self._gov = IoGovernor(self._limit, self.concurrency, RWF_NOWAIT)
 
     def close(self, timeout: float) -> None:
         shutdown_executor(self._pool, timeout)
@@ -359,6 +105,33 @@ class ChunkedReader(Stage):
     def window(self) -> int:
         # Small groups (one item each, say) need several in process to fill the workers.
         return max(2, -(-2 * self.concurrency // max(1, self.unit)))
+
+    @property
+    def limiter(self) -> CapacityLimiter | None:
+        return self._limit
+
+    @property
+    def probe_flags(self) -> int:
+        """``preadv`` flags a job probes the page cache with (0: none, or not open)."""
+        return self._gov.probe_flags if self._gov is not None else 0
+
+    def cached(self) -> bool:
+        """Whether the governor sees the page cache serve the reads (limit 1; not open: yes)."""
+        return self._limit is None or self._limit.total_tokens == 1
+
+    def set_knob(self, value: int) -> None:
+        """Let the I/O governor open up to ``value`` reads (the autotuner's setting)."""
+        assert self._gov is not None
+        assert self._limit is not None
+        self.counters.concurrency = value
+        self._gov.maximum = value
+        if self._limit.total_tokens > value:
+            self._limit.total_tokens = value
+
+    def observe_reads(self, wall: float, cpu: float, items: int, misses: int) -> None:
+        """Feed the I/O governor a job of reads run elsewhere (a fused job)."""
+        if self._gov is not None:
+            self._gov.observe(wall, cpu, items, misses)
 
     async def _job(self, fn: Any, items: int, *args: Any) -> Any:
         assert self._limit is not None
@@ -370,12 +143,12 @@ class ChunkedReader(Stage):
         self.counters.jobs += 1
         # CPU seconds of the reads: the bottleneck verdict tells storage from CPU by it.
         self.counters.extra["cpu_s"] = self.counters.extra.get("cpu_s", 0.0) + cpu
-        if isinstance(out, list) and out and isinstance(out[-1], _NeedRoom):
+        if isinstance(out, list) and out and isinstance(out[-1], NeedRoom):
             items = len(out) - 1  # the job stopped for room: what it read is what it did
         self._gov.observe(wall, cpu, items, misses)
         return out
 
-    async def read_larges(self, group: Group, larges: list[tuple[int, _Large]]) -> None:
+    async def read_larges(self, group: Group, larges: list[tuple[int, Large]]) -> None:
         """Read a group's large items ``(index in group, item)`` concurrently, in pieces.
 
         A failure is raised as a StageError naming the item; the other reads are
@@ -393,7 +166,7 @@ class ChunkedReader(Stage):
                     raise self.fail(group, ItemFailure(0, exc), idx)
             raise
 
-    async def _read_large(self, large: _Large, idx: int) -> None:
+    async def _read_large(self, large: Large, idx: int) -> None:
         """Read item ``idx`` of the group in pieces, up to ``concurrency`` at once.
 
         ``concurrency`` tasks take the pieces in turn, so the tasks, and the
@@ -402,12 +175,12 @@ class ChunkedReader(Stage):
         CURRENT_SPAN.set((idx, idx + 1))  # this task's context: the watchdog names the item
         CURRENT_SINCE.set(time.perf_counter())  # and its age, not the current piece's
         size, chunk = len(large.buf), self.chunk_bytes
-        step = _piece_bytes(size, chunk, self.concurrency)
+        step = piece_bytes(size, chunk, self.concurrency)
         starts = iter(range(0, size, step))
 
         async def take_pieces() -> None:
             for s in starts:
-                await self._job(_read_piece, 1, large, s, min(size, s + step), chunk)
+                await self._job(read_piece, 1, large, s, min(size, s + step), chunk)
 
         tasks = [
             asyncio.ensure_future(take_pieces())
@@ -437,14 +210,15 @@ class ChunkedReader(Stage):
                 if not out:
                     raise
                 raise ItemFailure(failure.index + len(out), failure.cause) from None
-            if not part or not isinstance(part[-1], _NeedRoom):
+            if not part or not isinstance(part[-1], NeedRoom):
                 return out + part if out else part
             assert ticket is not None
             need = part.pop()
             out.extend(part)
             await ticket.budget.wait_room(ticket, need.bytes)
 
-    async def _process(self, group: Group) -> Group:
+    async def process(self, group: Group) -> Group:
+        """Read one group's items (the pump's step; a fused run's staged path)."""
         # Taken before any await: tickets follow the source order (iopipe/runtime/budget.py).
         budget = self.budget
         ticket = budget.ticket(group.weight + group.dropped) if budget is not None else None
@@ -459,7 +233,7 @@ class ChunkedReader(Stage):
         results: list[Any] = []
         assert self._gov is not None
         spans = self._gov.split(len(entries))
-        job = _read_job if self.policy is None else _read_job_skipping
+        job = read_job if self.policy is None else read_job_skipping
         if ticket is not None:
             job = functools.partial(job, reserve=ticket.try_take)
             ticket.expect(len(entries))
@@ -473,10 +247,10 @@ class ChunkedReader(Stage):
         finally:
             if ticket is not None:
                 ticket.done()
-        larges: list[tuple[int, _Large]] = []
+        larges: list[tuple[int, Large]] = []
         for out, (a, _) in zip(done, spans, strict=True):
             for j, x in enumerate(out):
-                if isinstance(x, _Large):
+                if isinstance(x, Large):
                     larges.append((a + j, x))
                     results.append(x.buf)
                 else:
@@ -503,9 +277,9 @@ class ChunkedReader(Stage):
         return self.drop_failed(group, group.items, failed), entries
 
     async def _finish_skipping(
-        self, group: Group, results: list[Any], larges: list[tuple[int, _Large]]
+        self, group: Group, results: list[Any], larges: list[tuple[int, Large]]
     ) -> Group:
-        """The end of ``_process`` under ``on_error="skip"``: drop the items that failed."""
+        """The end of ``process`` under ``on_error="skip"``: drop the items that failed."""
         failed = [(i, r.cause) for i, r in enumerate(results) if isinstance(r, ItemFailure)]
         if larges:
             tasks = [asyncio.ensure_future(self._read_large(lg, i)) for i, lg in larges]
@@ -541,7 +315,7 @@ class ChunkedReader(Stage):
         await pump(
             drain(inq, self.counters),
             outq,
-            self._process,
+            self.process,
             window=self.window(),
             ordered=True,
             counters=self.counters,

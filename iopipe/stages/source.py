@@ -10,8 +10,6 @@ thread a group at a time so a slow generator never blocks the loop.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
-import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import PurePath
@@ -19,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from ..io.files import walk_files
 from ..runtime.channels import END, Group
 from ..runtime.errors import StageError, shielded
 from ..runtime.stats import StageCounters
@@ -104,7 +101,8 @@ class _Dealer:
         return [rnd[self.rank]]
 
 
-def _shard_iter(it: Iterator[Any], rank: int, world: int, mode: str) -> Iterator[Any]:
+def shard_iter(it: Iterator[Any], rank: int, world: int, mode: str) -> Iterator[Any]:
+    """Deal ``it`` round-robin over ``world`` ranks; yield ``rank``'s share (``mode``: SHARD_MODES)."""
     deal = _Dealer(rank, world, mode)
     for x in it:
         yield from deal.push(x)
@@ -317,7 +315,7 @@ class Source:
             return
         it: Iterator[Any] = iter(self.items)  # type: ignore[arg-type]
         if world > 1:
-            it = _shard_iter(it, rank, world, self.shard)
+            it = shard_iter(it, rank, world, self.shard)
         pool = self._pool
         assert pool is not None
         while True:
@@ -344,82 +342,3 @@ class Source:
             keys = [_key(x, pos + i) for i, x in enumerate(batch)]
             pos += len(batch)
             await self._put(outq, self._make_group(batch, keys, cache))
-
-
-def list_files(
-    pattern: str | os.PathLike[str], *, allow_empty: bool = False, hint: str = ""
-) -> list[str]:
-    """Expand a glob (``**`` recursive), a directory (all files below) or one file path.
-
-    Returns the paths sorted, so the listing is the same on every run and rank.
-
-    Args:
-        pattern: The glob, directory or file.
-        allow_empty: Return ``[]`` when a glob or directory matches no file.
-        hint: Appended to the no-match message (how the caller allows it).
-
-    Raises:
-        FileNotFoundError: the path does not exist, or nothing matches (unless
-            ``allow_empty``); the message names the pattern.
-    """
-    import glob as _glob
-
-    text = os.fspath(pattern)
-    if _glob.has_magic(text):
-        paths = _glob_files(text)
-        nothing = f"no files match the glob {text!r}"
-    elif os.path.isdir(text):
-        paths = list(walk_files(text, follow_links=False))
-        nothing = f"no files match {text!r}: the directory holds no files"
-    elif os.path.isfile(text):
-        paths = [text]
-    else:
-        raise FileNotFoundError(f"no such file or directory: {text!r}")
-    if not paths and not allow_empty:
-        raise FileNotFoundError(nothing + hint)
-    paths.sort()
-    return paths
-
-
-def _glob_files(pattern: str) -> list[str]:
-    """The regular files ``pattern`` matches, as ``glob.glob(recursive=True)``.
-
-    ``**`` is matched against a walk that enters each folder once, where the
-    standard glob follows a ``self -> .`` link until the path is too long
-    (and two such links make it run for ever).  Names starting with a dot
-    match only a part that starts with one, as with glob.
-    """
-    import glob as _glob
-
-    if "**" not in pattern:
-        return [p for p in _glob.glob(pattern) if os.path.isfile(p)]
-    parts = pattern.split(os.sep)
-    fixed = 0
-    while fixed < len(parts) and not _glob.has_magic(parts[fixed]):
-        fixed += 1
-    root = os.sep.join(parts[:fixed]) if fixed else ""
-    if fixed == 1 and parts[0] == "":
-        root = os.sep
-    rest = parts[fixed:]
-    out = []
-    for path in walk_files(root or os.curdir, follow_links=True):
-        rel = os.path.relpath(path, root or os.curdir).split(os.sep)
-        if _match_parts(rest, rel):
-            out.append(path if root else os.path.join(*rel))
-    return out
-
-
-def _match_parts(pattern: list[str], names: list[str]) -> bool:
-    if not pattern:
-        return not names
-    head = pattern[0]
-    if head == "**":
-        for taken in range(len(names) + 1):
-            if taken and names[taken - 1].startswith("."):
-                return False  # ** does not enter hidden folders
-            if _match_parts(pattern[1:], names[taken:]):
-                return True
-        return False
-    if not names or (names[0].startswith(".") and not head.startswith(".")):
-        return False
-    return fnmatch.fnmatchcase(names[0], head) and _match_parts(pattern[1:], names[1:])

@@ -23,7 +23,6 @@ per-job overhead) and read no faster (docs/llm.md).
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import os
 import sys
@@ -34,15 +33,15 @@ import numpy as np
 import torch
 
 from ..io.files import open_sized
+from ..io.reads import RWF_NOWAIT, read_cached, read_exact
 from ..runtime.channels import BatchKey, Group
 from ..runtime.threads import WorkerPool
-from ..stages.base import ItemFailure, OutQueue, drain, pump, timed
+from ..stages.base import ItemFailure, OutQueue, timed
 from ..stages.batch import Batcher
-from ..stages.reader import read_exact
+from ..stages.pump import drain, pump
 
 __all__ = ["Recycler", "TokenBatcher", "WindowRanges", "plan_reads", "read_group"]
 
-_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 #: A merged read never spans more than this many bytes.
 MAX_MERGED_BYTES = 4 << 20
 
@@ -135,9 +134,11 @@ def _read(shard: int, start: int, end: int, rows: list[int], rels: list[int]) ->
     return (shard, start, end, rows, rels if len(rows) > 1 else None)
 
 
-_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 _WILLNEED: int = getattr(os, "POSIX_FADV_WILLNEED", 0)
-_NO_NOWAIT_ERRNOS = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+
+#: A read of the first pass not served whole by the page cache:
+#: ``(read, descriptor, destination, bytes the cache gave)``.
+_Pending = tuple[Read, int, np.ndarray[Any, np.dtype[np.uint8]], int]
 
 
 def read_group(
@@ -169,33 +170,71 @@ def read_group(
     """
     rawb = raw.view(np.uint8)  # (rows, row bytes)
     fds: dict[int, int] = {}
-    pending: list[tuple[Read, int, np.ndarray[Any, Any], int]] = []
+    try:
+        try:
+            reads = plan_reads(ranges, merge_gap_bytes)
+        except Exception as exc:
+            raise _failure(None, exc) from None
+        pending, done, nowait = _read_cached(reads, ranges.paths, rawb, fds, nowait)
+        _read_missing(pending, ranges.paths, rawb)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    np.copyto(x, raw[:, :-1], casting="safe")
+    np.copyto(y, raw[:, 1:], casting="safe")
+    return done, len(pending), nowait
+
+
+def _failure(read: Read | None, exc: Exception) -> ItemFailure:
+    """The failure of ``read``, at the first row it feeds (row 0 before any read)."""
+    return ItemFailure(read[3][0] if read is not None else 0, exc)
+
+
+def _read_cached(
+    reads: list[Read],
+    paths: list[str],
+    rawb: np.ndarray[Any, Any],
+    fds: dict[int, int],
+    nowait: bool,
+) -> tuple[list[_Pending], int, bool]:
+    """Pass 1 of :func:`read_group`: open each shard once (into ``fds``), copy what is cached.
+
+    Returns the reads the page cache did not serve whole, the bytes of all reads
+    and whether ``RWF_NOWAIT`` is still usable.
+    """
+    pending: list[_Pending] = []
     done = 0
     read: Read | None = None
     try:
-        for read in plan_reads(ranges, merge_gap_bytes):
+        for read in reads:
             shard, start, end, rows, rels = read
             fd = fds.get(shard)
             if fd is None:
-                fd = fds[shard] = open_sized(ranges.paths[shard], _O_FLAGS)[0]
+                fd = fds[shard] = open_sized(paths[shard])[0]
             dest: np.ndarray[Any, np.dtype[np.uint8]] = (
                 rawb[rows[0]] if rels is None else np.empty(end - start, np.uint8)
             )
             got = 0
             if nowait:
-                try:
-                    got = os.preadv(fd, [dest], start, _NOWAIT)  # type: ignore[list-item]
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    if exc.errno not in _NO_NOWAIT_ERRNOS:
-                        raise
+                cached = read_cached(fd, dest, start)
+                if cached is None:
                     nowait = False  # this file system does not do RWF_NOWAIT
+                else:
+                    got = cached
             if got < end - start:
                 pending.append((read, fd, dest, got))
             elif rels is not None:
                 _scatter(rows, rels, dest, rawb)
             done += end - start
+    except Exception as exc:
+        raise _failure(read, exc) from None
+    return pending, done, nowait
+
+
+def _read_missing(pending: list[_Pending], paths: list[str], rawb: np.ndarray[Any, Any]) -> None:
+    """Passes 2 and 3 of :func:`read_group`: announce every missing read, then read them."""
+    read: Read | None = None
+    try:
         if _WILLNEED:  # not on macOS: there the missing reads just run one by one
             for read, fd, _, got in pending:
                 os.posix_fadvise(fd, read[1] + got, read[2] - read[1] - got, _WILLNEED)
@@ -203,17 +242,11 @@ def read_group(
             shard, start, _, rows, rels = read
             # The whole range again (what was cached costs a copy): errors then
             # describe the window, not its missing tail.
-            read_exact(fd, dest, start, ranges.paths[shard])
+            read_exact(fd, dest, start, paths[shard])
             if rels is not None:
                 _scatter(rows, rels, dest, rawb)
     except Exception as exc:
-        raise ItemFailure(read[3][0] if read is not None else 0, exc) from None
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    np.copyto(x, raw[:, :-1], casting="safe")
-    np.copyto(y, raw[:, 1:], casting="safe")
-    return done, len(pending), nowait
+        raise _failure(read, exc) from None
 
 
 def _scatter(
@@ -315,7 +348,7 @@ class TokenBatcher(Batcher):
         self.counters.concurrency = self.concurrency
         self._recycler: Recycler | None = None
         self._raw: list[np.ndarray[Any, Any]] = []  # free raw buffers
-        self._nowait = _NOWAIT != 0
+        self._nowait = RWF_NOWAIT != 0
 
     def config(self) -> dict[str, Any]:
         return {
@@ -330,8 +363,12 @@ class TokenBatcher(Batcher):
     def fresh(self) -> TokenBatcher:
         clone = super().fresh()
         assert isinstance(clone, TokenBatcher)
-        clone._recycler, clone._raw = None, []
+        clone.drop_buffers()
         return clone
+
+    def drop_buffers(self) -> None:
+        """Forget the output arrays and the free raw buffers (a clone shares none)."""
+        self._recycler, self._raw = None, []
 
     def open(self, unit: int) -> None:
         self.unit = unit
@@ -341,7 +378,7 @@ class TokenBatcher(Batcher):
 
     def close(self, timeout: float) -> None:
         super().close(timeout)
-        self._recycler, self._raw = None, []
+        self.drop_buffers()
 
     def window(self) -> int:
         """Groups in process: enough to hold ``prefetch`` batches (at least two groups)."""
@@ -369,13 +406,13 @@ class TokenBatcher(Batcher):
             if not isinstance(items, WindowRanges):
                 raise TypeError(f"{self.name} reads WindowRanges, got {type(items).__name__}")
             if not held and len(items) <= size and len(items) % self.batch_size == 0:
-                yield Group(items, items)  # type: ignore[arg-type]
+                yield Group(items, items)
                 continue
             parts.append(items)
             held += len(items)
             while held >= size:
                 joined = WindowRanges.concat(parts)
-                yield Group(joined[:size], joined[:size])  # type: ignore[arg-type]
+                yield Group(joined[:size], joined[:size])
                 rest = joined[size:]
                 parts, held = ([rest] if len(rest) else []), len(rest)
         if held:

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io.listing import list_files
 from ..pipeline.builder import Pipeline
 from ..runtime.channels import Group
 from ..stages.base import OutQueue
-from ..stages.source import Source, list_files, resolve_rank
+from ..stages.source import Source, resolve_rank
 from .files import TokenFile, describe_shards
 from .index import MODES, WindowPlan
 from .reader import TokenBatcher, WindowRanges
@@ -104,6 +105,37 @@ def _shard_paths(paths: str | os.PathLike[str] | Iterable[Any]) -> list[str]:
     return out
 
 
+def _check_args(
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    mode: str,
+    windows_per_epoch: int | None,
+    shuffle: bool,
+) -> None:
+    """Refuse bad :class:`TokenShards` arguments, before any file is opened."""
+    _check_int("seq_len", seq_len, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if windows_per_epoch is not None:
+        if mode != "windows":
+            raise ValueError("windows_per_epoch applies to mode='windows' only")
+        _check_int("windows_per_epoch", windows_per_epoch, 1)
+    if not shuffle and mode != "packed":
+        raise ValueError("shuffle=False applies to mode='packed' only (windows are random)")
+
+
+def _one_dtype(files: list[TokenFile]) -> list[TokenFile]:
+    """``files``, if they all hold tokens of one dtype."""
+    kinds = {f.dtype for f in files}
+    if len(kinds) > 1:
+        names = ", ".join(sorted(f"{f.dtype.name} ({f.path})" for f in files))
+        raise ValueError(f"all token shards must share one dtype, got {names:.300}")
+    return files
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -175,23 +207,9 @@ class TokenShards(Pipeline[tuple[torch.Tensor, torch.Tensor]]):
         merge_gap_bytes: int | None = 64 << 10,
         **options: Any,
     ) -> None:
-        _check_int("seq_len", seq_len, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if windows_per_epoch is not None:
-            if mode != "windows":
-                raise ValueError("windows_per_epoch applies to mode='windows' only")
-            _check_int("windows_per_epoch", windows_per_epoch, 1)
-        if not shuffle and mode != "packed":
-            raise ValueError("shuffle=False applies to mode='packed' only (windows are random)")
+        _check_args(seq_len, batch_size, seed, mode, windows_per_epoch, shuffle)
         r, world = resolve_rank(rank, world_size)
-        files = describe_shards(_shard_paths(paths), dtype)
-        kinds = {f.dtype for f in files}
-        if len(kinds) > 1:
-            names = ", ".join(sorted(f"{f.dtype.name} ({f.path})" for f in files))
-            raise ValueError(f"all token shards must share one dtype, got {names:.300}")
+        files = _one_dtype(describe_shards(_shard_paths(paths), dtype))
         plan = WindowPlan(
             [f.n_tokens for f in files],
             seq_len=seq_len,

@@ -322,7 +322,7 @@ def test_iter_threads_are_named_and_early_close_cleans_up(tmp_path: Path) -> Non
     stream = iter_checkpoint(tmp_path / "e.safetensors", chunk_bytes=4096, concurrency=2)
     next(stream)
     names = {t.name for t in threading.enumerate() if t.name.startswith("iopipe-ckpt")}
-    assert names <= {"iopipe-ckpt-0", "iopipe-ckpt-1"}, names
+    assert names <= {"iopipe-ckpt_0", "iopipe-ckpt_1"}, names
     assert names
     assert _fds_under(tmp_path), os.listdir("/proc/self/fd")  # open while streaming
     stream.close()

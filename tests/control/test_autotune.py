@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from iopipe import Pipeline
-from iopipe.control.autotune import AutoTuner, HillClimber, Knob, make_tuner
-from iopipe.stages.base import Limiter
+from iopipe.control.autotune import AutoTuner, make_tuner
+from iopipe.control.climber import HillClimber, Knob
+from iopipe.runtime.limits import CapacityLimiter
 from iopipe.stages.decode import Decoder
 from iopipe.stages.prefetch import Prefetcher
 
@@ -178,15 +179,15 @@ def test_the_tuner_sets_a_stage_limit_to_the_peak_from_delivered_groups() -> Non
     tuner = AutoTuner(
         [stage], group_size=64, cpu_budget=16, memory_budget_bytes=1 << 30, clock=clock
     )
-    assert stage._limit is not None
+    assert stage.limiter is not None
     f = peaked(5)
     for _ in range(400):
-        clock.now += 64 / f(stage._limit.limit)
+        clock.now += 64 / f(stage.limiter.total_tokens)
         tuner.on_group(64)
         if tuner.climber.settled:
             break
     assert tuner.climber.settled
-    assert stage._limit.limit == 5
+    assert stage.limiter.total_tokens == 5
     assert stage.counters.concurrency == 5
     # Every window was measured at one setting, and the tuner saw the peak.
     assert max(tuner.history, key=lambda h: h[1])[0] == {"map": 5}
@@ -200,11 +201,11 @@ def test_the_tuner_keeps_map_jobs_within_the_cpu_budget() -> None:
     ]
     for s in stages:
         s.autotune = True
-        s._limit = Limiter(8)  # as open() would, without starting pools
+        s._limit = CapacityLimiter(8)  # as open() would, without starting pools
     tuner = AutoTuner(stages, group_size=8, cpu_budget=3, memory_budget_bytes=1 << 30)
     # They start low within the budget; a process counts for one CPU, a thread for
     # half of one (it waits for the GIL part of the time); inline jobs for none.
-    assert [s._limit.limit for s in stages] == [1, 2, 2]
+    assert [s.limiter.total_tokens for s in stages if s.limiter] == [1, 2, 2]
     assert tuner.feasible({"map": 2, "map_1": 8, "map_2": 2})
     assert not tuner.feasible({"map": 2, "map_1": 1, "map_2": 3})
 

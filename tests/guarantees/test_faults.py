@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 import torch
-from tests.guarantees.test_lifecycle import finish, run_child, wait_for_line
 from torch.utils.data import Dataset
 
 from iopipe import DataLoader, Pipeline, StageError
 from tests._helpers import check_error_propagation, consume, make_files
+from tests.guarantees.test_lifecycle import finish, run_child, wait_for_line
 
 BAD = 9  # the item (or index) that fails
 

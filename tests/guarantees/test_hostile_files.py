@@ -18,7 +18,7 @@ import pytest
 
 from iopipe import Pipeline, StageError, TokenFileError, TokenShards
 from iopipe.io.files import NotRegularFileError, contained, open_regular, read_small
-from iopipe.stages.source import list_files
+from iopipe.io.listing import list_files
 
 
 def _tree(tmp_path: Path) -> Path:
@@ -68,7 +68,7 @@ def test_a_folder_listing_leaves_out_what_is_not_a_regular_file(tmp_path: Path) 
 
 _LOOPS = """
 import sys
-from iopipe.stages.source import list_files
+from iopipe.io.listing import list_files
 print(len(list_files(sys.argv[1])))
 """
 

@@ -450,9 +450,9 @@ def test_a_job_that_never_returns_is_waited_for_once(monkeypatch: pytest.MonkeyP
 
     (It waited once more per step: a break then close() took 10 s + 10 s, close() alone 20 s.)
     """
-    import iopipe.pipeline.builder as pipeline_module
+    import iopipe.pipeline.epoch as epoch_module
 
-    monkeypatch.setattr(pipeline_module, "_STOP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(epoch_module, "STOP_TIMEOUT_S", 0.2)
     release = threading.Event()
 
     def stuck(x: int) -> int:

@@ -35,7 +35,7 @@ from torch.utils.data import (
 from torch.utils.data import DataLoader as TorchLoader
 
 import iopipe
-import iopipe.loader.workers
+import iopipe.loader.processes
 from iopipe import DataLoader
 
 N = 45  # samples per dataset: batch sizes 7 and 32 leave short last batches
@@ -779,7 +779,7 @@ def test_epoch_end_is_not_taken_for_a_crash(
     def crash_path(self: Any, wait_s: float) -> Any:
         raise AssertionError("the crash path ran at a normal epoch end")
 
-    monkeypatch.setattr(iopipe.loader.workers.TorchWorkers, "crashed", crash_path)
+    monkeypatch.setattr(iopipe.loader.processes.TorchWorkers, "crashed", crash_path)
     with DataLoader(
         Samples(_int),
         batch_size=8,

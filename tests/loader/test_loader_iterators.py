@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-# The differential datasets: one drawing from every global RNG, one plain.
-from tests.loader.test_loader_fidelity import Augmented, Plain
-from tests.loader.test_loader_fidelity import _as_lists as _lists
 from torch.utils.data import DataLoader as TorchLoader
 from torch.utils.data import Dataset
 
 from iopipe import DataLoader
+
+# The differential datasets: one drawing from every global RNG, one plain.
+from tests.loader.test_loader_fidelity import Augmented, Plain
+from tests.loader.test_loader_fidelity import _as_lists as _lists
 
 
 def _reassigning_loop(cls: type, dataset: Dataset[Any], workers: int) -> Any:

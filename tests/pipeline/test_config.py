@@ -11,13 +11,9 @@ from typing import Any
 import pytest
 
 from iopipe import ConfigError, IopipeError, Pipeline
-from iopipe.pipeline.config import (
-    _OPTIONS,
-    format_size,
-    function_name,
-    parse_size,
-    resolve_function,
-)
+from iopipe.pipeline.config import function_name, resolve_function
+from iopipe.pipeline.schema import OPTIONS
+from iopipe.pipeline.sizes import format_size, parse_size
 
 
 def first_byte(buf: Any) -> int:
@@ -331,7 +327,7 @@ ERRORS = [
     (
         "options.colour",
         "red",
-        "options.colour: unknown key; expected one of " + ", ".join(sorted(_OPTIONS)),
+        "options.colour: unknown key; expected one of " + ", ".join(sorted(OPTIONS)),
     ),
     ("version", 2, "version: unknown key; expected one of options, source, stages"),
 ]

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from iopipe.probe.probe import ProbeCell, ProbeReport, list_files, median_pass, probe
+from iopipe.io.listing import sized_files
+from iopipe.probe.probe import probe
+from iopipe.probe.report import ProbeCell, ProbeReport, median_pass
 
 
 def _cell(conc: int, mb_per_s: float, *, chunk: int = 65536) -> ProbeCell:
@@ -55,7 +57,7 @@ def test_a_cell_whose_fastest_pass_reaches_the_best_counts_as_as_good() -> None:
 def test_the_probe_reads_small_folders_again_until_the_minimum_time(tmp_path: Path) -> None:
     for i in range(5):
         (tmp_path / f"{i}.bin").write_bytes(bytes(1000))
-    files = list_files(tmp_path)
+    files = sized_files(tmp_path)
     report = probe(
         str(tmp_path), files, concurrency=[1, 2], chunk_bytes=[4096], repeats=2, min_time=0.2
     )
@@ -74,7 +76,7 @@ def test_bad_repeats_or_minimum_time_are_refused(
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         probe(
             str(tmp_path),
-            list_files(tmp_path),
+            sized_files(tmp_path),
             concurrency=[1],
             chunk_bytes=[4096],
             repeats=repeats,

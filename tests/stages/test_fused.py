@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from iopipe import Pipeline, StageError
+from iopipe.control.governor import RateGovernor, TokenBound
 from iopipe.runtime.channels import BatchKey
-from iopipe.stages import fused as fused_mod
-from iopipe.stages.base import Limiter
+from iopipe.runtime.limits import CapacityLimiter
 from iopipe.stages.batch import Batcher
 from iopipe.stages.cache import Cache
 from iopipe.stages.decode import Decoder
-from iopipe.stages.fused import Fused, RateGovernor, plan
+from iopipe.stages.fused import Fused, plan
 from iopipe.stages.reader import ChunkedReader
 from tests._helpers import assert_same, consume, make_files
 
@@ -247,20 +247,19 @@ def window(gov: RateGovernor, clock: Clock, seconds_per_job: float) -> None:
     feed(gov, clock, (2 * limit if gov._start_high else limit) + 1, seconds_per_job)
 
 
-class Busy(Limiter):
+class Busy(CapacityLimiter):
     """A limiter whose other slots are always taken (a full pipeline): when a job
     finishes, ``limit - 1`` others are still running."""
 
     @property
-    def held(self) -> int:
-        return self.limit - 1
+    def borrowed_tokens(self) -> int:
+        return self.total_tokens - 1
 
 
 def governor(monkeypatch: pytest.MonkeyPatch, start: int, maximum: int, **kw: Any) -> Any:
     clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
     lim = Busy(start)
-    gov = RateGovernor(lim, maximum, **kw)
+    gov = RateGovernor(TokenBound(lim), maximum, clock=clock, **kw)
     gov.started()
     feed(gov, clock, 1, 1.0)  # the first job is a warm-up: slow, and not judged
     return gov, lim, clock
@@ -271,13 +270,13 @@ def test_the_governor_keeps_a_second_job_only_when_it_pays(
 ) -> None:
     gov, lim, clock = governor(monkeypatch, 1, 4)
     window(gov, clock, 0.1)  # 1,000 items/s at one job
-    assert lim.limit == 2  # no job of the old limit was running: measured at once
+    assert lim.total_tokens == 2  # no job of the old limit was running: measured at once
     window(gov, clock, 0.1)  # no faster with two: back to one
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
     feed(gov, clock, 1, 0.001)  # settling: the other job of the two finishes, not judged
     for _ in range(2 * RateGovernor.REPROBE - 1):  # a failed trial doubles the wait
         window(gov, clock, 0.1)
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
 
 
 def test_a_clearly_slower_trial_is_undone_before_its_window_ends(
@@ -286,37 +285,37 @@ def test_a_clearly_slower_trial_is_undone_before_its_window_ends(
     """Short jobs: a window lasts MIN_WINDOW_S, but limit + 1 slow jobs already tell."""
     gov, lim, clock = governor(monkeypatch, 1, 4)
     feed(gov, clock, 5, 0.01)  # 10,000 items/s at one job (a window of 0.05 s)
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     feed(gov, clock, 2, 0.015)  # two-thirds of the rate, but only two jobs: not judged
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     feed(gov, clock, 1, 0.015)  # limit + 1 jobs under 3/4 of the rate: undone at 0.045 s
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
     gov2, lim2, clock2 = governor(monkeypatch, 1, 4)
     feed(gov2, clock2, 5, 0.01)
     feed(gov2, clock2, 3, 0.012)  # a little slower: the whole window decides
-    assert lim2.limit == 2
+    assert lim2.total_tokens == 2
     feed(gov2, clock2, 2, 0.012)
-    assert lim2.limit == 1
+    assert lim2.total_tokens == 1
 
 
 def test_the_governor_climbs_while_each_doubling_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     gov, lim, clock = governor(monkeypatch, 1, 4)
     window(gov, clock, 0.1)
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     window(gov, clock, 0.05)  # twice the rate: keep, try 4
-    assert lim.limit == 4
+    assert lim.total_tokens == 4
     feed(gov, clock, 1, 0.001)  # settling: the other job started under two finishes
     window(gov, clock, 0.04)  # 25% more: keep; at the maximum
-    assert lim.limit == 4
+    assert lim.total_tokens == 4
 
 
 def test_settling_waits_for_the_jobs_of_the_old_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     gov, lim, clock = governor(monkeypatch, 4, 4, start_high=True)
     window(gov, clock, 0.025)  # four jobs: 4,000 items/s
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     feed(gov, clock, 3, 0.001)  # the three others started under four finish: not judged
     window(gov, clock, 0.1)  # were they credited to two, 1,000 items/s would look fine
-    assert lim.limit == 4  # measured alone, two are slower: back to four
+    assert lim.total_tokens == 4  # measured alone, two are slower: back to four
 
 
 def test_the_governor_tries_again_after_settling(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,21 +323,21 @@ def test_the_governor_tries_again_after_settling(monkeypatch: pytest.MonkeyPatch
     gov, lim, clock = governor(monkeypatch, 1, 2)
     window(gov, clock, 0.1)
     window(gov, clock, 0.1)  # the trial looked no better (say, a noisy neighbour)
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
     feed(gov, clock, 1, 0.1)  # settling back at one
     for _ in range(2 * RateGovernor.REPROBE - 1):
         window(gov, clock, 0.1)
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
     window(gov, clock, 0.1)  # ... then a re-probe
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     window(gov, clock, 0.05)  # now two jobs are twice as fast: kept
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     for _ in range(RateGovernor.REPROBE):  # the next re-probe tries fewer
         window(gov, clock, 0.05)
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
     feed(gov, clock, 1, 0.001)  # settling
     window(gov, clock, 0.1)  # slower: back to two
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
 
 
 def test_the_governor_keeps_fewer_jobs_when_they_are_as_fast(
@@ -347,34 +346,34 @@ def test_the_governor_keeps_fewer_jobs_when_they_are_as_fast(
     gov, lim, clock = governor(monkeypatch, 1, 2)
     window(gov, clock, 0.1)
     window(gov, clock, 0.04)  # two jobs pay: kept
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     for _ in range(RateGovernor.REPROBE):  # re-probe down
         window(gov, clock, 0.04)
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
     feed(gov, clock, 1, 0.001)  # settling: the other job of the old limit finishes
     window(gov, clock, 0.039)  # one job is as fast (the consumer is the bottleneck)
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
 
 
 def test_a_governor_with_one_job_never_moves(monkeypatch: pytest.MonkeyPatch) -> None:
     gov, lim, clock = governor(monkeypatch, 1, 1)
     feed(gov, clock, 100, 0.1)
-    assert lim.limit == 1
+    assert lim.total_tokens == 1
 
 
 def test_a_governor_starting_high_first_tries_fewer_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The DataLoader's start: all workers, then half as many if that is as fast."""
     gov, lim, clock = governor(monkeypatch, 4, 4, start_high=True)
     window(gov, clock, 0.025)  # 4,000 items/s with four
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     feed(gov, clock, 3, 0.001)  # settling: the jobs started under four finish fast
     window(gov, clock, 0.024)  # as fast with two: kept
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     gov2, lim2, clock2 = governor(monkeypatch, 4, 4, start_high=True)
     window(gov2, clock2, 0.025)
     feed(gov2, clock2, 3, 0.001)  # settling (would look fast, and is not judged)
     window(gov2, clock2, 0.05)  # half as fast: back to four
-    assert lim2.limit == 4
+    assert lim2.total_tokens == 4
 
 
 def test_governed_slots_bound_running_fetches_as_the_limit_moves() -> None:
@@ -412,9 +411,9 @@ def test_governed_slots_feed_their_governor(monkeypatch: pytest.MonkeyPatch) -> 
     from iopipe.loader.workers import GovernedSlots
 
     clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
     slots = GovernedSlots(2)
     assert slots.governor is not None
+    slots.governor.clock = clock
     for _ in range(6):  # a warm-up fetch, then a window at two (2 * 2 + 1 fetches)
         with slots:
             clock.t += 0.1
@@ -444,17 +443,16 @@ def test_a_step_up_that_contends_for_the_gil_is_undone_at_its_first_job(
 ) -> None:
     """Jobs that report their CPU: twice the CPU per item under two jobs ends the trial."""
     clock = Clock()
-    monkeypatch.setattr(fused_mod.time, "perf_counter", clock)
     lim = Busy(1)
-    gov = RateGovernor(lim, 4)
+    gov = RateGovernor(TokenBound(lim), 4, clock=clock)
     gov.started()
     for _ in range(3):  # warm-up and a measured window: 1 ms of CPU per 100 items
         clock.t += 0.1
         gov.observe(100, 0.001)
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     clock.t += 0.1
     gov.observe(100, 0.0011)  # 10% more CPU: no contention, the trial goes on
-    assert lim.limit == 2
+    assert lim.total_tokens == 2
     clock.t += 0.1
     gov.observe(100, 0.0025)  # 2.5x the CPU per item: contending, back to one at once
-    assert lim.limit == 1
+    assert lim.total_tokens == 1

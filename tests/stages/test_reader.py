@@ -11,7 +11,8 @@ import pytest
 
 from iopipe import Pipeline, StageError
 from iopipe.runtime.channels import Group
-from iopipe.stages.reader import ChunkedReader, normalize_item
+from iopipe.stages.read_jobs import normalize_item
+from iopipe.stages.reader import ChunkedReader
 from tests._helpers import (
     as_bytes,
     check_close_midway,
@@ -285,7 +286,7 @@ def test_a_job_probes_the_page_cache_on_a_sample_of_its_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cold: bool
 ) -> None:
     """One read in eight asks RWF_NOWAIT; the misses are estimated for the whole job."""
-    from iopipe.stages import reader as reader_mod
+    from iopipe.stages.read_jobs import read_job
 
     files = make_files(tmp_path, [100 + i for i in range(20)], seed=3)
     real = os.preadv
@@ -300,7 +301,7 @@ def test_a_job_probes_the_page_cache_on_a_sample_of_its_reads(
 
     monkeypatch.setattr(os, "preadv", preadv)
     entries = [(p, 0, None) for p, _ in files]
-    out, misses = reader_mod._read_job(entries, DEFAULT_CHUNK, 1)
+    out, misses = read_job(entries, DEFAULT_CHUNK, 1)
     assert [bytes(b) for b in out] == [d for _, d in files]
     assert len(probes) == 3  # reads 0, 8 and 16
     assert misses == (20 if cold else 0)

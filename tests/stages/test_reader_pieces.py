@@ -16,7 +16,7 @@ import pytest
 
 from iopipe import Pipeline
 from iopipe.stages import reader
-from iopipe.stages.reader import _piece_bytes
+from iopipe.stages.read_jobs import NeedRoom, piece_bytes, read_job
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,7 @@ from iopipe.stages.reader import _piece_bytes
 def test_a_job_reads_whole_chunks_enough_for_every_worker(
     size: int, chunk: int, workers: int, want: int
 ) -> None:
-    got = _piece_bytes(size, chunk, workers)
+    got = piece_bytes(size, chunk, workers)
     assert got == want
     assert got % chunk == 0
     jobs = -(-size // got)
@@ -54,13 +54,13 @@ def test_a_large_item_with_tiny_chunks_is_read_exactly_in_few_jobs(
 ) -> None:
     # 4 MiB in 16-byte chunks was 262,144 jobs, each an asyncio task made up front.
     path, data = _file(tmp_path, (4 << 20) + 5)
-    real, pieces = reader._read_piece, []
+    real, pieces = reader.read_piece, []
 
     def piece(large: Any, start: int, stop: int, *args: Any) -> Any:
         pieces.append((start, stop))
         return real(large, start, stop, *args)
 
-    monkeypatch.setattr(reader, "_read_piece", piece)
+    monkeypatch.setattr(reader, "read_piece", piece)
     with Pipeline.from_files([path]).read(chunk_bytes=16, concurrency=4) as pipe:
         (buf,) = list(pipe)
     assert bytes(buf) == data
@@ -111,7 +111,7 @@ def test_a_stall_on_a_large_item_names_the_reader_the_item_and_its_age(
     tmp_path: Path, warnings: _Warnings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, data = _file(tmp_path, 4 << 20)
-    real = reader._read_piece
+    real = reader.read_piece
     second_started, release = threading.Event(), threading.Event()
     calls: list[int] = []
 
@@ -133,7 +133,7 @@ def test_a_stall_on_a_large_item_names_the_reader_the_item_and_its_age(
         release.set()
 
     marks: list[int] = []
-    monkeypatch.setattr(reader, "_read_piece", piece)
+    monkeypatch.setattr(reader, "read_piece", piece)
     t = threading.Thread(target=releaser, name="test-releaser")
     t.start()
     pipe = Pipeline.from_files([path], stall_warning=0.05).read(chunk_bytes=64 << 10, concurrency=1)
@@ -154,9 +154,9 @@ def test_a_stall_on_a_large_item_names_the_reader_the_item_and_its_age(
 def test_a_job_stopped_for_room_reports_no_cache_observation(tmp_path: Path) -> None:
     # A job that read nothing must not tell the read governor "all cached".
     path, _ = _file(tmp_path, 1 << 16)
-    out, misses = reader._read_job(
+    out, misses = read_job(
         [(path, 0, None)] * 4, 1 << 22, getattr(os, "RWF_NOWAIT", 0), reserve=lambda n: False
     )
     assert len(out) == 1
-    assert type(out[0]).__name__ == "_NeedRoom"
+    assert isinstance(out[0], NeedRoom)
     assert misses == -1

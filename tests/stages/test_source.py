@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from iopipe import Pipeline, StageError
-from iopipe.stages.source import Source, list_files, resolve_rank
+from iopipe.io.listing import list_files
+from iopipe.stages.source import Source, resolve_rank
 from tests._helpers import CountingSequence, items_of, keys_of, run_source
 
 SIZES = [0, 1, 2, 3, 5, 7, 8, 13]

@@ -1,0 +1,275 @@
+"""The runtime a pipeline starts on its first ``iter()``: the loop thread and the opened stages.
+
+:func:`build_runtime` opens fresh copies of a builder chain's source and stages;
+:meth:`Runtime.start_epoch` starts one pass over them, whose coroutine
+(:meth:`Runtime.run_epoch`) wires the queues and runs every stage on the loop
+thread until END reaches the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..control.autotune import AutoTuner, make_tuner
+from ..runtime.channels import END, GroupQueue, Handoff
+from ..runtime.errors import StageError
+from ..runtime.loop import LoopThread
+from ..runtime.policy import FailurePolicy
+from ..runtime.stats import StageCounters
+from ..stages.base import Stage
+from ..stages.batch import Batcher
+from ..stages.cache import Cache
+from ..stages.device import DeviceTransfer
+from ..stages.fused import Fused
+from ..stages.fused import plan as fused_plan
+from ..stages.prefetch import Prefetcher
+from ..stages.pump import leaf_errors
+from ..stages.source import Source
+from .epoch import STOP_TIMEOUT_S, Epoch, budgeted_reader
+from .shape import handoff_groups
+
+__all__ = ["Runtime", "Sink", "build_runtime"]
+
+
+class Sink:
+    """Adapts the hand-off to the ``put`` interface of a stage's output queue."""
+
+    def __init__(self, handoff: Handoff, tap: Callable[[int], None] | None = None) -> None:
+        self.handoff = handoff
+        self.tap = tap  # the autotuner's throughput meter (iopipe/control/autotune.py)
+        self.policy: FailurePolicy | None = None  # on_error="skip": checked at the end
+
+    async def put(self, group: Any) -> None:
+        """Hand ``group`` (or END, or an error's group) to the consumer."""
+        if group is END:
+            if self.policy is not None:  # a fraction's last check, over the whole epoch
+                self.policy.check(final=True)
+            self.handoff.put_end()
+        else:
+            await self.handoff.put(group)
+            if self.tap is not None:
+                self.tap(group.weight)
+
+
+class Runtime:
+    """What a running pipeline owns: the loop thread and the opened stages."""
+
+    #: The ``max_inflight_bytes`` option: each epoch gets a ByteBudget of it.
+    max_inflight_bytes: int | None = None
+
+    def __init__(
+        self,
+        source: Source,
+        stages: list[Stage],
+        group_size: int,
+        use_uvloop: bool | None,
+        fuse: bool = True,
+    ) -> None:
+        self.source = source
+        self.stages = stages  # as built: stats, errors and state speak of these
+        self.group_size = group_size
+        self.cache = next((s for s in stages if isinstance(s, Cache)), None)
+        self.loop = LoopThread(use_uvloop=use_uvloop)
+        self.closed = False
+        # The process that started the threads: a child made by os.fork() inherits
+        # this object but none of its threads (see shutdown and Pipeline._runtime).
+        self.pid = os.getpid()
+        self.tuner: AutoTuner | None = None  # set by build_runtime when a stage is "auto"
+        self.policy: FailurePolicy | None = None  # set by build_runtime for on_error="skip"
+        self.latest: Epoch | None = None  # the epoch started last (start_epoch)
+        source.open()
+        weight = 1
+        for s in stages:
+            unit = group_size if weight == 1 else 1
+            s.open(unit)
+            if isinstance(s, Prefetcher):
+                s.capacity = s.n * weight
+            if isinstance(s, Batcher):
+                weight *= s.batch_size
+        # What runs: consecutive thread stages fused where they can be (stages/fused.py).
+        self.plan: list[Stage] = fused_plan(stages) if fuse else list(stages)
+        for s in self.plan:
+            if isinstance(s, Fused):
+                s.open(s.members[0].unit)
+
+    def start_epoch(self, epoch: int, skip: int, handoff: int) -> Epoch:
+        """Start epoch ``epoch`` after its first ``skip`` source items (``handoff``: groups)."""
+        ep = Epoch(self, epoch, skip, handoff_groups(self.stages, self.group_size, handoff))
+        self.latest = ep
+        return ep
+
+    def shutdown(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop the loop, then release every stage's workers (idempotent, any thread)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.pid != os.getpid():
+            # Inherited through os.fork(): the loop, the workers and their pipes
+            # belong to the parent (closing them here would stop its pipeline), and
+            # locks may be held by threads that do not exist in this process.
+            return
+        deadline = time.monotonic() + timeout  # one bound for the whole shutdown
+        self.loop.stop(timeout)
+        for s in self.stages:
+            s.close(max(0.0, deadline - time.monotonic()))
+        for s in self.plan:
+            if isinstance(s, Fused):
+                s.close(timeout)
+        self.source.close(max(0.0, deadline - time.monotonic()))
+
+    async def run_epoch(self, ep: Epoch) -> None:
+        """Run the source and every stage until END reaches the consumer (loop thread)."""
+        ep.task = asyncio.current_task()
+        self._reset(ep)
+        sink: Any = Sink(ep.handoff, self.tuner.on_group if self.tuner is not None else None)
+        sink.policy = self.policy
+        ins, outs = self._wire(ep, sink)
+        if self.tuner is not None:
+            self.tuner.start_epoch(self.stages, ep.queues)
+        first = ins[0] if self.stages else sink
+        try:
+            await self._run_tasks(ep, first, ins, outs)
+        except BaseExceptionGroup as eg:
+            error = epoch_failure(eg)
+            if error is not None:
+                ep.handoff.put_error(error)
+        finally:
+            ep.ended = time.perf_counter()
+
+    def _reset(self, ep: Epoch) -> None:
+        """Zero the counters and give the epoch's byte budget to the reader it gates."""
+        self.source.counters.__init__("source", 1)  # type: ignore[misc]
+        for s in self.stages:
+            s.reset_counters()
+        reader = budgeted_reader(self.stages)
+        if reader is not None:
+            reader.budget = ep.budget
+        if self.policy is not None:
+            self.policy.reset()
+
+    def _wire(self, ep: Epoch, sink: Any) -> tuple[list[Any], list[Any]]:
+        """The input and output queue of each unit of the plan; sets ``ep.queues``."""
+        plan = self.plan
+        queues: list[Any] = [GroupQueue(self._capacity(s)) for s in plan[:-1]]
+        ins: list[Any] = [GroupQueue(2 * self.group_size), *queues] if plan else []
+        outs: list[Any] = [*queues, ep.handoff] if plan else []
+        # The output queue of the source and of each stage (None inside a fused run).
+        out_of: dict[int, Any] = {}
+        for unit, q in zip(plan, outs, strict=True):
+            members = unit.members if isinstance(unit, Fused) else [unit]
+            for m in members:
+                out_of[id(m)] = None
+            out_of[id(members[-1])] = q
+        ep.queues = [ins[0] if plan else ep.handoff, *(out_of[id(s)] for s in self.stages)]
+        return ins, ([*queues, sink] if plan else [])
+
+    async def _run_tasks(self, ep: Epoch, first: Any, ins: list[Any], outs: list[Any]) -> None:
+        """The source's task and one per unit of the plan, until all end (or one fails)."""
+        async with asyncio.TaskGroup() as tg:
+            src = tg.create_task(
+                self.source.produce(
+                    first,
+                    epoch=ep.epoch,
+                    skip=ep.skip,
+                    group_size=self.group_size,
+                    cache=self.cache,
+                ),
+                name="source",
+            )
+            for stage, inq, outq in zip(self.plan, ins, outs, strict=True):
+                task = tg.create_task(stage.run(inq, outq), name=stage.name)
+                task.add_done_callback(ep.stage_done)
+            src.add_done_callback(ep.stage_done)
+
+    def _capacity(self, stage: Stage) -> int:
+        return stage.capacity if stage.capacity is not None else 2 * self.group_size
+
+
+def epoch_failure(eg: BaseExceptionGroup[Any]) -> BaseException | None:
+    """What the consumer gets for an epoch's failed tasks (None: all were cancelled)."""
+    errors = [
+        as_stage_error(e)
+        # One exception can be raised by two tasks (a job and the emitter
+        # awaiting it): count each once.
+        for e in {id(e): e for e in leaf_errors(eg)}.values()
+        if not isinstance(e, asyncio.CancelledError)
+    ]
+    # Several groups of one stage can fail at once (a broken process pool fails
+    # every job in flight; two batches fail to collate): the consumer gets that
+    # stage's first failure, and a group only when several stages failed.
+    by_stage: dict[Any, BaseException] = {}
+    for e in errors:
+        by_stage.setdefault(getattr(e, "stage", id(e)), e)
+    errors = list(by_stage.values())
+    if not errors:
+        return None
+    if len(errors) == 1:
+        return errors[0]
+    return BaseExceptionGroup("several iopipe stages failed", errors)
+
+
+def as_stage_error(exc: BaseException) -> BaseException:
+    """``exc`` as a StageError (one raised outside any stage names the pipeline)."""
+    if isinstance(exc, StageError):
+        return exc
+    return StageError("pipeline", None, exc)
+
+
+def build_runtime(
+    source: Source, stages: Sequence[Stage], options: Mapping[str, Any], group_size: int
+) -> Runtime:
+    """Open fresh copies of a builder chain's ``source`` and ``stages`` under its ``options``."""
+    fresh = [s.fresh() for s in stages]
+    fresh = [s for s in fresh if not (isinstance(s, DeviceTransfer) and not s.active)]
+    if options["max_inflight_bytes"] is not None:
+        reader = budgeted_reader(fresh)
+        if reader is not None:
+            reader.byte_bound = options["max_inflight_bytes"]  # never fused
+    src = fresh_source(source)
+    policy = failure_policy(options, src, fresh)
+    rt = Runtime(
+        src,
+        fresh,
+        group_size,
+        options["use_uvloop"],
+        # Skipping failed items (on_error="skip") happens stage by stage.
+        fuse=options["fuse"] and options.get("on_error", "raise") == "raise",
+    )
+    rt.max_inflight_bytes = options["max_inflight_bytes"]
+    rt.tuner = make_tuner(
+        fresh,
+        group_size=group_size,
+        cpu_budget=options["cpu_budget"],
+        memory_budget_bytes=options["memory_budget_bytes"],
+    )
+    rt.policy = policy
+    return rt
+
+
+def failure_policy(
+    options: Mapping[str, Any], source: Source, stages: list[Stage]
+) -> FailurePolicy | None:
+    """The policy of ``on_error="skip"``, given to every stage (None for ``"raise"``).
+
+    Set before the stages are planned: a stage with a policy is not fused.
+    """
+    if options["on_error"] != "skip":
+        return None
+    counters = source.counters
+    policy = FailurePolicy(options["max_failures"], lambda: counters.items)
+    for s in stages:
+        s.policy = policy
+    return policy
+
+
+def fresh_source(src: Source) -> Source:
+    """An unopened copy of ``src`` with counters of its own."""
+    clone = copy.copy(src)
+    clone.counters = StageCounters("source", 1)
+    clone._pool = None
+    return clone
