@@ -25,9 +25,11 @@ import inspect
 import os
 import time
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ..runtime.channels import GroupQueue
+from ..runtime.stats import AutoTuneState
 from .climber import HillClimber, Knob
 
 __all__ = [
@@ -149,6 +151,10 @@ class AutoTuner:
         self.history: list[tuple[dict[str, int], float]] = []  # (setting, rate) per window
         self.apply(self.climber.setting)
 
+    def state(self) -> AutoTuneState:
+        """Where the search stands (any thread: a copy, read without the loop)."""
+        return AutoTuneState(self.climber.phase, MappingProxyType(self.climber.best))
+
     def _knobs(self, stages: list[Any], group_size: int) -> list[Knob]:
         """One knob per autotuned stage, by the ``knob`` it declares."""
         # Map knobs first: decoding is the usual bottleneck, and the first knobs
@@ -252,11 +258,9 @@ class AutoTuner:
         if q is None:
             return
         if isinstance(q, GroupQueue):  # capacity in source items
-            q.capacity = q.counters.capacity = groups * unit
-            q._wake(q._putters)  # a blocked producer may fit now
+            q.resize(groups * unit)
         else:  # the Handoff (a trailing prefetch): capacity in groups
-            q.capacity = q.counters.capacity = max(groups, 1)
-            q._notify_space()
+            q.resize(groups)
 
 
 def _job_cpus(stage: Any) -> float | None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..runtime.errors import StageError, item_label, released
+from ..runtime.policy import FailurePolicy
 from ..runtime.watchdog import Stall
 from .skip import Fetched
 from .state import EpochPlan
@@ -33,15 +34,36 @@ class LoaderIter:
     a timeout raises torch's ``RuntimeError``, naming the stage where items wait.
     """
 
-    def __init__(self, loader: DataLoader[Any], batches: Iterator[Any], plan: EpochPlan) -> None:
+    plan: EpochPlan  # the epoch, shared with the loader (its position for state_dict)
+    over: bool  # ended early (on_error="skip" past max_failures)
+    stop_box: list[threading.Event | None]  # the worker source's stop
+
+    def __init__(
+        self,
+        loader: DataLoader[Any],
+        batches: Iterator[Any],
+        plan: EpochPlan,
+        *,
+        len_called: int | None,
+        stop: Callable[[], None],
+        policy: FailurePolicy | None = None,
+        stage: str = "",
+    ) -> None:
+        """Iterate ``batches`` of ``plan`` for ``loader``.
+
+        ``len_called``: the ``len(loader)`` an iterable dataset reported (torch
+        warns past it), else None; ``stop`` ends the epoch's prefetching;
+        ``policy`` and ``stage``: ``on_error="skip"``'s count and where it counts.
+        """
         self._loader = loader
         self._batches = batches
-        self._plan = plan
-        self._over = False  # ended early (on_error="skip" past max_failures)
-        if not hasattr(self, "_stop_box"):  # kept when persistent workers reuse the iterator
-            self._stop_box: list[threading.Event | None] = [None]  # the worker source's stop
-        # torch warns when an iterable dataset yields more than len(loader) said.
-        self._len_called = loader._IterableDataset_len_called if loader._iterable else None
+        self.plan = plan
+        self.over = False
+        if not hasattr(self, "stop_box"):  # kept when persistent workers reuse the iterator
+            self.stop_box = [None]
+        self._len_called = len_called
+        self._stop_epoch = stop
+        del policy, stage  # a SkippingLoaderIter's
 
     def __iter__(self) -> LoaderIter:
         return self
@@ -50,7 +72,7 @@ class LoaderIter:
         return len(self._loader)
 
     def __next__(self) -> Any:
-        plan = self._plan
+        plan = self.plan
         if plan.finished:
             raise StopIteration
         if plan.superseded:
@@ -86,10 +108,10 @@ class LoaderIter:
         try:
             return next(self._batches)
         except StopIteration:
-            self._plan.finished = True
+            self.plan.finished = True
             raise
         except (StageError, TimeoutError) as exc:
-            if self._loader._mode == "main":  # the user's own exception, raised here
+            if self._loader.worker_mode == "main":  # the user's own exception, raised here
                 raise
             err = exc
         _reraise(err, self._loader)
@@ -110,15 +132,26 @@ class SkippingLoaderIter(LoaderIter):
     the epoch ends (later ``next()`` calls raise StopIteration).
     """
 
-    def __init__(self, loader: DataLoader[Any], batches: Iterator[Any], plan: EpochPlan) -> None:
-        super().__init__(loader, batches, plan)
-        assert loader._policy is not None
-        self._policy = loader._policy
+    def __init__(
+        self,
+        loader: DataLoader[Any],
+        batches: Iterator[Any],
+        plan: EpochPlan,
+        *,
+        len_called: int | None,
+        stop: Callable[[], None],
+        policy: FailurePolicy | None = None,
+        stage: str = "",
+    ) -> None:
+        super().__init__(loader, batches, plan, len_called=len_called, stop=stop)
+        assert policy is not None
+        self._policy = policy
+        self._stage = stage
 
     def __next__(self) -> Any:
-        if self._over:
+        if self.over:
             raise StopIteration
-        plan = self._plan
+        plan = self.plan
         if plan.superseded:
             return super().__next__()  # raises
         while True:
@@ -137,9 +170,8 @@ class SkippingLoaderIter(LoaderIter):
                 return batch.batch
 
     def _account(self, fetched: Fetched) -> None:
-        loader = self._loader
         self._policy.items_seen += fetched.n
-        stage = loader._policy_stage
+        stage = self._stage
         try:
             for what, exc, lost in fetched.failures:
                 index = not (isinstance(what, str) and what.startswith("batch "))
@@ -157,10 +189,8 @@ class SkippingLoaderIter(LoaderIter):
             raise
 
     def _stop(self) -> None:
-        self._over = True  # the plan keeps its position: state_dict() resumes here
-        pipe = self._loader._pipe
-        if pipe is not None:
-            pipe.stop_epoch()
+        self.over = True  # the plan keeps its position: state_dict() resumes here
+        self._stop_epoch()
 
 
 def _timeout_detail(err: TimeoutError) -> str:
@@ -190,7 +220,7 @@ def _reraise(err: BaseException, loader: DataLoader[Any]) -> NoReturn:
     """Raise what the consumer should see for a pipeline error (outside any except block)."""
     if isinstance(err, TimeoutError):
         detail = _timeout_detail(err)
-        if loader._mode == "process":
+        if loader.worker_mode == "process":
             detail += " (the torch worker processes)"
         raise RuntimeError(
             f"DataLoader timed out after {loader.timeout} seconds: {detail}"

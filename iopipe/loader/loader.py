@@ -177,8 +177,8 @@ class DataLoader(EpochRunner[_T_co]):
 
     def _done(self, it: LoaderIter) -> bool:
         """Whether ``it`` has nothing left to hand out (ended, or every batch taken)."""
-        plan = it._plan
-        if plan.finished or plan.superseded or it._over:
+        plan = it.plan
+        if plan.finished or plan.superseded or it.over:
             return True
         return self._taken_all(plan)
 
@@ -294,16 +294,22 @@ class DataLoader(EpochRunner[_T_co]):
         if self._policy is not None:
             self._policy.reset()
         iter_cls = LoaderIter if self._policy is None else SkippingLoaderIter
+        parts: dict[str, Any] = {
+            "len_called": self._IterableDataset_len_called if self._iterable else None,
+            "stop": self._stop_prefetch,
+            "policy": self._policy,
+            "stage": self._policy_stage,
+        }
         if reuse is None:
-            it = iter_cls(self, batches, plan)
+            it = iter_cls(self, batches, plan, **parts)
             # A dropped iterator releases the source thread of its latest epoch.
-            weakref.finalize(it, set_event, it._stop_box)
+            weakref.finalize(it, set_event, it.stop_box)
             if not (self.persistent_workers and self.num_workers > 0):
                 weakref.finalize(it, _dropped, weakref.ref(self), plan, threading.get_ident())
         else:
             it = reuse
-            it.__init__(self, batches, plan)  # type: ignore[misc]
-        it._stop_box[0] = self._procs.stop_event
+            it.__init__(self, batches, plan, **parts)  # type: ignore[misc]
+        it.stop_box[0] = self._procs.stop_event
         self._current = weakref.ref(it)
         return it
 

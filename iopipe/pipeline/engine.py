@@ -9,7 +9,6 @@ thread until END reaches the consumer.
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,6 @@ from ..runtime.channels import END, GroupQueue, Handoff
 from ..runtime.errors import StageError
 from ..runtime.loop import LoopThread
 from ..runtime.policy import FailurePolicy
-from ..runtime.stats import StageCounters
 from ..stages.base import Stage
 from ..stages.batch import Batcher
 from ..stages.cache import Cache
@@ -230,7 +228,7 @@ def build_runtime(
         reader = budgeted_reader(fresh)
         if reader is not None:
             reader.byte_bound = options["max_inflight_bytes"]  # never fused
-    src = fresh_source(source)
+    src = source.unopened_copy()
     policy = failure_policy(options, src, fresh)
     rt = Runtime(
         src,
@@ -265,11 +263,3 @@ def failure_policy(
     for s in stages:
         s.policy = policy
     return policy
-
-
-def fresh_source(src: Source) -> Source:
-    """An unopened copy of ``src`` with counters of its own."""
-    clone = copy.copy(src)
-    clone.counters = StageCounters("source", 1)
-    clone._pool = None
-    return clone

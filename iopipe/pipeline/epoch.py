@@ -195,4 +195,5 @@ class Epoch:
             self.epoch,
             inflight_bytes=budget.held if budget is not None else 0,
             peak_inflight_bytes=budget.peak if budget is not None else 0,
+            autotune=rt.tuner.state() if rt.tuner is not None else None,
         )

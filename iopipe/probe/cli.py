@@ -299,7 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             wall = time.perf_counter() - t0
             stats = pipe.stats()
             verdict = bottleneck(stats)
-            tuner = pipe._rt.tuner if pipe._rt is not None else None
+            tuner = stats.autotune
             epochs.append(_epoch_doc(e, n, wall, stats, verdict, tuner))
             if not args.json:
                 rate = n / wall if wall > 0 else 0.0
@@ -309,8 +309,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
                 print(stats.table())
                 if tuner is not None:
-                    state = "settled" if tuner.climber.settled else tuner.climber.phase
-                    knobs = ", ".join(f"{k}={v}" for k, v in tuner.climber.best.items())
+                    state = tuner.phase
+                    knobs = ", ".join(f"{k}={v}" for k, v in tuner.knobs.items())
                     print(f"autotune ({state}): {knobs}")
                 print(f"verdict: {verdict}")
     if args.json:
@@ -353,9 +353,7 @@ def _epoch_doc(e: int, n: int, wall: float, stats: Any, verdict: Any, tuner: Any
             }
             for s in stats.stages
         ],
-        "autotune": None
-        if tuner is None
-        else {"settled": tuner.climber.settled, **tuner.climber.best},
+        "autotune": None if tuner is None else {"settled": tuner.settled, **tuner.knobs},
         "verdict": {"kind": verdict.kind, "stage": verdict.stage, "message": str(verdict)},
     }
 

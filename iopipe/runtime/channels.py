@@ -185,6 +185,11 @@ class GroupQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def resize(self, capacity: int) -> None:
+        """Set the capacity in items (loop thread); a blocked producer that fits now wakes."""
+        self.capacity = self.counters.capacity = max(capacity, 1)
+        self._wake(self._putters)
+
     @staticmethod
     def _wake(waiters: deque[asyncio.Future[None]]) -> None:
         while waiters:
@@ -289,6 +294,11 @@ class Handoff:
     def put_error(self, exc: BaseException) -> None:
         """Deliver ``exc`` to the consumer ahead of nothing else (never blocks)."""
         self._push(_Failure(exc))
+
+    def resize(self, capacity: int) -> None:
+        """Set the capacity in groups (loop thread); a blocked producer that fits now wakes."""
+        self.capacity = self.counters.capacity = max(capacity, 1)
+        self._notify_space()
 
     def _notify_space(self) -> None:  # runs on the loop thread
         while self._space:

@@ -126,6 +126,24 @@ class StageStats:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoTuneState:
+    """Where the autotuner of a pipeline with ``"auto"`` settings stands (docs/tuning.md).
+
+    Attributes:
+        phase: ``"grow"``, ``"trim"`` or ``"settled"``.
+        knobs: The accepted setting, e.g. ``{"read": 8, "map": 4}``.
+    """
+
+    phase: str
+    knobs: Mapping[str, int]
+
+    @property
+    def settled(self) -> bool:
+        """Whether the search has settled (it searches again if the rate moves)."""
+        return self.phase == "settled"
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineStats:
     """A snapshot of a pipeline; ``print(pipe.stats())`` renders it as a table.
 
@@ -138,6 +156,8 @@ class PipelineStats:
         inflight_bytes: With ``max_inflight_bytes``: bytes read and not yet taken
             by the consumer, now (0 without the option; iopipe/runtime/budget.py).
         peak_inflight_bytes: The most such bytes at any moment of the epoch.
+        autotune: With ``"auto"`` settings: where the tuner stands (phase and the
+            accepted knobs); None without them.
     """
 
     stages: tuple[StageStats, ...]
@@ -147,6 +167,7 @@ class PipelineStats:
     epoch: int
     inflight_bytes: int = 0
     peak_inflight_bytes: int = 0
+    autotune: AutoTuneState | None = None
 
     @property
     def failures(self) -> int:

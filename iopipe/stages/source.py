@@ -10,6 +10,7 @@ thread a group at a time so a slow generator never blocks the loop.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import PurePath
@@ -228,6 +229,13 @@ class Source:
                 idx = idx[: n - n % world]
             idx = idx[rank::world]
         return idx
+
+    def unopened_copy(self) -> Source:
+        """A copy of this source with counters of its own and no worker thread yet."""
+        clone = copy.copy(self)
+        clone.counters = StageCounters("source", 1)
+        clone._pool = None
+        return clone
 
     def open(self) -> None:
         if not self.sized and not self.is_async:
