@@ -318,3 +318,20 @@ def test_an_auto_prefetch_after_batch_counts_batches_and_resizes_its_live_queue(
     # 3 groups of one batch of 4 items: n counts batches, capacities count source items.
     assert (pre.n, pre.capacity, queues[2].capacity, queues[2].counters.capacity) == (3, 12, 12, 12)
     assert queues[1].capacity == 8  # other queues untouched
+
+
+def test_stats_report_where_the_tuner_stands_and_none_without_auto() -> None:
+    auto = Pipeline.from_iterable(range(2000)).map(int, concurrency="auto").batch(10)
+    plain = Pipeline.from_iterable(range(200)).map(int).batch(10)
+    with auto, plain:
+        assert sum(len(b) for b in auto) == 2000
+        state = auto.stats().autotune
+        assert state is not None
+        assert state.phase in ("grow", "trim", "settled")
+        assert state.settled == (state.phase == "settled")
+        assert set(state.knobs) == {"map"}
+        assert state.knobs["map"] >= 1
+        with pytest.raises(TypeError):
+            state.knobs["map"] = 3  # type: ignore[index]  # a snapshot, read-only
+        assert sum(len(b) for b in plain) == 200
+        assert plain.stats().autotune is None
