@@ -63,7 +63,8 @@ class LoaderIter:
             self.stop_box = [None]
         self._len_called = len_called
         self._stop_epoch = stop
-        del policy, stage  # a SkippingLoaderIter's
+        self._policy = policy  # read by SkippingLoaderIter only
+        self._stage = stage
 
     def __iter__(self) -> LoaderIter:
         return self
@@ -132,22 +133,6 @@ class SkippingLoaderIter(LoaderIter):
     the epoch ends (later ``next()`` calls raise StopIteration).
     """
 
-    def __init__(
-        self,
-        loader: DataLoader[Any],
-        batches: Iterator[Any],
-        plan: EpochPlan,
-        *,
-        len_called: int | None,
-        stop: Callable[[], None],
-        policy: FailurePolicy | None = None,
-        stage: str = "",
-    ) -> None:
-        super().__init__(loader, batches, plan, len_called=len_called, stop=stop)
-        assert policy is not None
-        self._policy = policy
-        self._stage = stage
-
     def __next__(self) -> Any:
         if self.over:
             raise StopIteration
@@ -170,18 +155,21 @@ class SkippingLoaderIter(LoaderIter):
                 return batch.batch
 
     def _account(self, fetched: Fetched) -> None:
-        self._policy.items_seen += fetched.n
+        policy = self._policy
+        assert policy is not None
+        policy.items_seen += fetched.n
         stage = self._stage
         try:
             for what, exc, lost in fetched.failures:
                 index = not (isinstance(what, str) and what.startswith("batch "))
-                self._policy.record(stage, None, what, exc, lost, what="index" if index else "")
+                policy.record(stage, None, what, exc, lost, what="index" if index else "")
         except BaseException:
             self._stop()
             raise
         self._end_if_over(final=False)
 
     def _end_if_over(self, *, final: bool) -> None:
+        assert self._policy is not None
         try:
             self._policy.check(final=final)
         except BaseException:

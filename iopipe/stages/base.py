@@ -279,6 +279,29 @@ def timed_cpu(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
     return out, time.perf_counter() - t0, time.thread_time() - c0
 
 
+class PooledStage(Stage):
+    """A stage whose jobs run in a pool of its own, bounded by its limiter.
+
+    Subclasses create ``_pool`` and ``_limit`` in ``open()``; this base closes
+    the pool and sizes the window so the pool's workers stay busy.
+    """
+
+    _pool: concurrent.futures.Executor | None
+    _limit: CapacityLimiter | None
+
+    def close(self, timeout: float) -> None:
+        shutdown_executor(self._pool, timeout)
+        self._pool = None
+
+    def window(self) -> int:
+        # Small groups (one item each, say) need several in process to fill the workers.
+        return max(2, -(-2 * self.concurrency // max(1, self.unit)))
+
+    @property
+    def limiter(self) -> CapacityLimiter | None:
+        return self._limit
+
+
 def shutdown_executor(ex: concurrent.futures.Executor | None, timeout: float) -> None:
     """Shut ``ex`` down, cancelling queued jobs and joining workers within ``timeout``."""
     if ex is None:

@@ -24,7 +24,7 @@ from ..runtime.channels import Group
 from ..runtime.errors import Interrupted
 from ..runtime.limits import CapacityLimiter
 from ..runtime.threads import WorkerPool
-from .base import ItemFailure, OutQueue, Stage, shutdown_executor, skippable, timed
+from .base import ItemFailure, OutQueue, PooledStage, shutdown_executor, skippable, timed
 from .pump import SpanFailure, drain, gather_spans, pump
 
 __all__ = ["EXECUTORS", "Decoder", "map_items", "map_items_skipping"]
@@ -182,7 +182,7 @@ def _check_picklable(fn: Callable[[Any], Any]) -> None:
         ) from exc
 
 
-class Decoder(Stage):
+class Decoder(PooledStage):
     """Apply ``fn`` to each item with up to ``concurrency`` jobs in flight.
 
     Output is in input order unless ``ordered=False`` (then groups are emitted in
@@ -251,17 +251,6 @@ class Decoder(Stage):
                 initializer=_process_init,
                 initargs=(os.getpid(),),
             )
-
-    def close(self, timeout: float) -> None:
-        shutdown_executor(self._pool, timeout)
-        self._pool = None
-
-    def window(self) -> int:
-        return max(2, -(-2 * self.concurrency // max(1, self.unit)))
-
-    @property
-    def limiter(self) -> CapacityLimiter | None:
-        return self._limit
 
     def set_knob(self, value: int) -> None:
         """Run up to ``value`` jobs at once (the autotuner's setting; within the pool)."""

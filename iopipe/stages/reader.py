@@ -24,8 +24,7 @@ from .base import (
     CURRENT_SPAN,
     ItemFailure,
     OutQueue,
-    Stage,
-    shutdown_executor,
+    PooledStage,
     skippable,
     timed_cpu,
 )
@@ -43,7 +42,7 @@ from .read_jobs import (
 __all__ = ["ChunkedReader"]
 
 
-class ChunkedReader(Stage):
+class ChunkedReader(PooledStage):
     """Read items (paths or ``(path, offset, length)`` ranges) into buffers.
 
     Each item becomes one ``numpy.ndarray`` of ``uint8`` (``len()`` and the buffer
@@ -97,18 +96,6 @@ class ChunkedReader(Stage):
         self._pool = WorkerPool(self.concurrency, f"iopipe-{self.name}")
         self._limit = CapacityLimiter(1)
         self._gov = IoGovernor(self._limit, self.concurrency, RWF_NOWAIT)
-
-    def close(self, timeout: float) -> None:
-        shutdown_executor(self._pool, timeout)
-        self._pool = None
-
-    def window(self) -> int:
-        # Small groups (one item each, say) need several in process to fill the workers.
-        return max(2, -(-2 * self.concurrency // max(1, self.unit)))
-
-    @property
-    def limiter(self) -> CapacityLimiter | None:
-        return self._limit
 
     @property
     def probe_flags(self) -> int:
