@@ -11,12 +11,14 @@ over the small files, ``num_workers=2``), ``tokens`` (one epoch of ``TokenShards
 ``checkpoint`` (``load_checkpoint`` of ``bench/bench_checkpoint.py``'s model).  Modes
 (``MODE``: ``warm``, ``cold`` or both): warm reads the data once before timing; cold evicts
 it from the page cache (``posix_fadvise(DONTNEED)`` after ``sync``) before each case.
+Every case starts timing on a collected heap (``gc.collect()`` after the imports).
 Prints, per workload and mode, the median rate (min-max) of each tree, CPU microseconds
 per unit, and each tree's median ratio to the first tree.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -121,6 +123,10 @@ def case(workload: str, mode: str, tree: str) -> None:
     if not iopipe.__file__ or not iopipe.__file__.startswith(tree):
         raise SystemExit(f"iopipe came from {iopipe.__file__}, not from {tree}")
 
+    # A full collection pending from the imports (~80 ms with torch loaded) would
+    # otherwise land in the timed epoch of one tree and not another, by chance of
+    # how many objects each tree's modules allocate (bench/case.py does the same).
+    gc.collect()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0, t0 = time.process_time(), time.perf_counter()
     n = _run(workload)
