@@ -342,7 +342,7 @@ class Pipeline(Generic[T]):
         """
         if any(not s.one_to_one for s in self._stages):
             raise ValueError("cache() must come before batch(): it keys outputs by source item")
-        if any(isinstance(s, Cache) for s in self._stages):
+        if any(s.serves_source for s in self._stages):
             raise ValueError("a pipeline can have only one cache()")
         return self._then(Cache(max_bytes=max_bytes))
 

@@ -20,12 +20,7 @@ from ..runtime.errors import StageError
 from ..runtime.loop import LoopThread
 from ..runtime.policy import FailurePolicy
 from ..stages.base import Stage
-from ..stages.batch import Batcher
-from ..stages.cache import Cache
-from ..stages.device import DeviceTransfer
-from ..stages.fused import Fused
 from ..stages.fused import plan as fused_plan
-from ..stages.prefetch import Prefetcher
 from ..stages.pump import leaf_errors
 from ..stages.source import Source
 from .epoch import STOP_TIMEOUT_S, Epoch, budgeted_reader
@@ -71,7 +66,7 @@ class Runtime:
         self.source = source
         self.stages = stages  # as built: stats, errors and state speak of these
         self.group_size = group_size
-        self.cache = next((s for s in stages if isinstance(s, Cache)), None)
+        self.cache = next((s for s in stages if s.serves_source), None)
         self.loop = LoopThread(use_uvloop=use_uvloop)
         self.closed = False
         # The process that started the threads: a child made by os.fork() inherits
@@ -83,17 +78,18 @@ class Runtime:
         source.open()
         weight = 1
         for s in stages:
-            unit = group_size if weight == 1 else 1
-            s.open(unit)
-            if isinstance(s, Prefetcher):
-                s.capacity = s.n * weight
-            if isinstance(s, Batcher):
+            s.open(group_size if weight == 1 else 1)
+            depth = s.ready_depth(weight)
+            if depth is not None:
+                s.capacity = depth
+            if s.batch_size is not None:
                 weight *= s.batch_size
-        # What runs: consecutive thread stages fused where they can be (stages/fused.py).
+        # What runs: consecutive thread stages fused where they can be (stages/fused.py);
+        # a unit of the plan that is not a stage of the chain is opened over its parts.
         self.plan: list[Stage] = fused_plan(stages) if fuse else list(stages)
         for s in self.plan:
-            if isinstance(s, Fused):
-                s.open(s.members[0].unit)
+            if s.parts():
+                s.open(s.parts()[0].unit)
 
     def start_epoch(self, epoch: int, skip: int, handoff: int) -> Epoch:
         """Start epoch ``epoch`` after its first ``skip`` source items (``handoff``: groups)."""
@@ -116,7 +112,7 @@ class Runtime:
         for s in self.stages:
             s.close(max(0.0, deadline - time.monotonic()))
         for s in self.plan:
-            if isinstance(s, Fused):
+            if s.parts():
                 s.close(timeout)
         self.source.close(max(0.0, deadline - time.monotonic()))
 
@@ -159,7 +155,7 @@ class Runtime:
         # The output queue of the source and of each stage (None inside a fused run).
         out_of: dict[int, Any] = {}
         for unit, q in zip(plan, outs, strict=True):
-            members = unit.members if isinstance(unit, Fused) else [unit]
+            members = unit.parts() or [unit]
             for m in members:
                 out_of[id(m)] = None
             out_of[id(members[-1])] = q
@@ -223,7 +219,7 @@ def build_runtime(
 ) -> Runtime:
     """Open fresh copies of a builder chain's ``source`` and ``stages`` under its ``options``."""
     fresh = [s.fresh() for s in stages]
-    fresh = [s for s in fresh if not (isinstance(s, DeviceTransfer) and not s.active)]
+    fresh = [s for s in fresh if s.active]
     if options["max_inflight_bytes"] is not None:
         reader = budgeted_reader(fresh)
         if reader is not None:

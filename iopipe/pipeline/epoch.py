@@ -20,8 +20,6 @@ from ..runtime.channels import Handoff
 from ..runtime.stats import PipelineStats, snapshot
 from ..runtime.watchdog import Stall, abandon_stuck, find_stall
 from ..stages.base import Stage
-from ..stages.fused import Fused
-from ..stages.reader import ChunkedReader
 
 if TYPE_CHECKING:
     from .engine import Runtime
@@ -32,9 +30,9 @@ __all__ = ["STOP_TIMEOUT_S", "Epoch", "budgeted_reader"]
 STOP_TIMEOUT_S = 10.0
 
 
-def budgeted_reader(stages: list[Stage]) -> ChunkedReader | None:
-    """The reader that ``max_inflight_bytes`` gates: the first one."""
-    return next((s for s in stages if isinstance(s, ChunkedReader)), None)
+def budgeted_reader(stages: list[Stage]) -> Stage | None:
+    """The stage that ``max_inflight_bytes`` gates: the first that declares it can be."""
+    return next((s for s in stages if s.gates_bytes), None)
 
 
 class Epoch:
@@ -152,7 +150,7 @@ class Epoch:
         """Name the stage nearest the consumer that still holds work (for timeouts)."""
         names = [self.rt.source.name] + [s.name for s in self.rt.stages]
         for unit in reversed(self.rt.plan):
-            member = unit.busy_member() if isinstance(unit, Fused) else None
+            member = unit.busy_member()
             if member is not None:
                 return member.name
         for i in range(len(self.rt.stages) - 1, -1, -1):

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..stages.base import Stage
-from ..stages.batch import Batcher
-from ..stages.prefetch import Prefetcher
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -18,6 +16,7 @@ __all__ = [
     "group_size_of",
     "handoff_groups",
     "items_in_flight_bound",
+    "weight_of",
 ]
 
 #: Items per group when no batcher fixes the group size.
@@ -29,7 +28,7 @@ def group_size_of(group_size: int | None, stages: Sequence[Stage]) -> int:
     if group_size is not None:
         return group_size
     for s in stages:
-        if isinstance(s, Batcher):
+        if s.batch_size is not None:
             return s.batch_size
     return DEFAULT_GROUP
 
@@ -37,8 +36,7 @@ def group_size_of(group_size: int | None, stages: Sequence[Stage]) -> int:
 def elements_per_epoch(n: int, stages: Sequence[Stage]) -> int:
     """Elements an epoch of ``n`` source items yields: items, or batches after ``batch()``."""
     for s in stages:
-        if isinstance(s, Batcher):
-            n = n // s.batch_size if s.drop_last else -(-n // s.batch_size)
+        n = s.elements(n)
     return n
 
 
@@ -49,15 +47,23 @@ def handoff_groups(stages: Sequence[Stage], group_size: int, handoff: int) -> in
     queue capacity would otherwise never apply.  (``max_items_in_flight`` already
     counts that capacity.)
     """
-    last = stages[-1] if stages else None
-    if not isinstance(last, Prefetcher):
+    if not stages:
         return handoff
+    w = weight_of(stages)
+    depth = stages[-1].ready_depth(w)
+    if depth is None:
+        return handoff
+    unit = group_size if w == 1 else w
+    return max(handoff, -(-depth // unit))
+
+
+def weight_of(stages: Sequence[Stage]) -> int:
+    """Source items per element at the end of ``stages`` (the product of batch sizes)."""
     w = 1
     for s in stages:
-        if isinstance(s, Batcher):
+        if s.batch_size is not None:
             w *= s.batch_size
-    unit = group_size if w == 1 else w
-    return max(handoff, -(-last.n * w // unit))
+    return w
 
 
 def items_in_flight_bound(stages: Sequence[Stage], group_size: int, handoff: int) -> int:
@@ -72,11 +78,10 @@ def items_in_flight_bound(stages: Sequence[Stage], group_size: int, handoff: int
     for s in stages:
         unit = g if w == 1 else w
         total += s.window() * unit
-        cap = s.capacity if s.capacity is not None else 2 * g
-        if isinstance(s, Prefetcher):
-            cap = s.n * w
+        depth = s.ready_depth(w)
+        cap = depth if depth is not None else s.capacity if s.capacity is not None else 2 * g
         total += cap + unit
-        if isinstance(s, Batcher):
+        if s.batch_size is not None:
             total += s.batch_size  # items waiting to complete a batch
             w *= s.batch_size
     unit = g if w == 1 else w

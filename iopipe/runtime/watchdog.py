@@ -138,7 +138,7 @@ def find_stall(source: Any, plan: Iterable[Any]) -> Stall | None:
     """
     best: tuple[float, str, list[StuckJob]] | None = None
     for unit in plan:
-        members = getattr(unit, "members", None) or []
+        members = unit.parts()
         for s in [unit, *members]:
             jobs = _jobs(s)
             if not jobs or (best is not None and jobs[0].running_s <= best[0]):

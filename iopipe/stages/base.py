@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, Self
 
+from ..runtime.budget import ByteBudget
 from ..runtime.channels import Group
 from ..runtime.errors import Interrupted, StageError, shielded
 from ..runtime.limits import CapacityLimiter
@@ -109,6 +110,16 @@ class Stage:
     #: The pipeline's failure policy under ``on_error="skip"`` (set on the running
     #: copy by the pipeline); ``None`` under ``"raise"``: fail at the first error.
     policy: FailurePolicy | None = None
+    #: Traits the runtime plans with (it never names a concrete stage):
+    #: source items per output element (a batcher's ``batch_size``); None: one per item.
+    batch_size: int | None = None
+    #: Whether ``max_inflight_bytes`` gates this stage's admissions; the first such
+    #: stage of a chain gets the bound (``byte_bound``) and each epoch's ``budget``.
+    gates_bytes: ClassVar[bool] = False
+    budget: ByteBudget | None = None
+    byte_bound: int | None = None
+    #: Whether the source looks its items up in this stage (the cache) before sending them.
+    serves_source: ClassVar[bool] = False
 
     def __init__(self, *, name: str | None, concurrency: int) -> None:
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
@@ -231,6 +242,30 @@ class Stage:
     def window(self) -> int:
         """Most groups the stage holds at once."""
         return 2
+
+    @property
+    def active(self) -> bool:
+        """Whether the stage does anything (a running pipeline leaves out one that does not)."""
+        return True
+
+    def elements(self, n: int) -> int:
+        """Elements this stage puts out for ``n`` elements in (a batcher: batches)."""
+        return n
+
+    def ready_depth(self, weight: int) -> int | None:
+        """Source items kept ready for the consumer (``prefetch(n)``), ``weight`` per element.
+
+        Sets this stage's output queue capacity; None: the stage keeps none ahead.
+        """
+        return None
+
+    def parts(self) -> list[Stage]:
+        """The stages this unit of a running plan runs in one job; [] for a plain stage."""
+        return []
+
+    def busy_member(self) -> Stage | None:
+        """The part the oldest job is in now (a fused unit); None for a plain stage."""
+        return None
 
     def reset_counters(self) -> None:
         self.counters = StageCounters(self.name, self.concurrency)

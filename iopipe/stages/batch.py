@@ -32,6 +32,7 @@ class Batcher(Stage):
 
     kind = "batch"
     one_to_one = False
+    batch_size: int
 
     def __init__(
         self,
@@ -60,6 +61,9 @@ class Batcher(Stage):
             "drop_last": self.drop_last,
             "collate_fn": self.collate_fn,
         }
+
+    def elements(self, n: int) -> int:
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def reset_runtime(self) -> None:
         super().reset_runtime()

@@ -45,6 +45,7 @@ class Cache(Stage):
     """
 
     kind = "cache"
+    serves_source = True
 
     def __init__(self, *, max_bytes: int, name: str | None = None) -> None:
         super().__init__(name=name, concurrency=1)

@@ -107,7 +107,7 @@ class DeviceTransfer(Stage):
 
     @property
     def active(self) -> bool:
-        """Whether the stage does anything (otherwise the pipeline skips it)."""
+        """Whether the stage does anything: not for a CPU target without pinning."""
         return self.pin_memory or self.device.type != "cpu"
 
     async def _process(self, group: Group) -> Group:

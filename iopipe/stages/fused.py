@@ -205,6 +205,9 @@ class Fused(Stage):
     async def quiesce(self) -> None:
         await asyncio.gather(super().quiesce(), *(m.quiesce() for m in self.members))
 
+    def parts(self) -> list[Stage]:
+        return list(self.members)
+
     def busy_member(self) -> Stage | None:
         """The member the oldest running fused job is in, or None (for stuck-stage reports)."""
         if not self._where:

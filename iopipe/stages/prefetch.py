@@ -33,6 +33,9 @@ class Prefetcher(Stage):
     def window(self) -> int:
         return 1
 
+    def ready_depth(self, weight: int) -> int | None:
+        return self.n * weight
+
     async def run(self, inq: Any, outq: OutQueue) -> None:
         async for group in drain(inq, self.counters):
             self.counters.items += len(group.items)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..control.governor import IoGovernor
 from ..io.reads import RWF_NOWAIT
-from ..runtime.budget import ByteBudget, Ticket
+from ..runtime.budget import Ticket
 from ..runtime.channels import Group
 from ..runtime.limits import CapacityLimiter
 from ..runtime.threads import WorkerPool
@@ -56,10 +56,9 @@ class ChunkedReader(PooledStage):
 
     kind = "read"
     knob = "read"
-    #: The epoch's byte budget (``max_inflight_bytes``), set by the pipeline per epoch.
-    budget: ByteBudget | None = None
-    #: ``max_inflight_bytes`` when this reader is gated by it (a gated reader is never fused).
-    byte_bound: int | None = None
+    #: ``max_inflight_bytes`` gates the reads (``budget``: the epoch's byte budget;
+    #: ``byte_bound``: the bound, set on a gated reader, which is never fused).
+    gates_bytes = True
 
     def __init__(
         self,
