@@ -24,6 +24,7 @@ from ..pipeline.builder import Pipeline
 from ..runtime.errors import item_label
 from ..runtime.policy import FailurePolicy
 from ..stages.source import resolve_rank, shard_iter
+from .fetch import AsyncMapFetcher, Collate, MapFetcher
 from .modes import (
     PROBE_TIMEOUT_S,
     NeedsProcesses,
@@ -35,17 +36,13 @@ from .modes import (
 )
 from .options import LoaderOptions, StartMode
 from .processes import RankShard, WorkerProcesses, inner_loader
-from .skip import SkippingAsyncMapFetcher, SkippingCollate, SkippingMapFetcher
 from .state import EpochPlan, IndexStream, RngState, draw_base_seed, rng_sources
 from .workers import (
     NOTHING,
     AsyncFeed,
-    AsyncMapFetcher,
-    Collate,
     Feed,
     FirstGate,
     GovernedSlots,
-    MapFetcher,
     iterable_batches,
     numbered,
     run_inline,
@@ -320,9 +317,8 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         return self._fetcher()
 
     def _fetcher(self, dataset: Any = None) -> MapFetcher:
-        cls = MapFetcher if self._policy is None else SkippingMapFetcher
         ds = self.dataset if dataset is None else dataset
-        return cls(ds, self.collate_fn, self._auto_collation)
+        return MapFetcher(ds, self.collate_fn, self._auto_collation, skip=self._policy is not None)
 
     def _workers_dataset(self) -> Any:
         """The dataset thread workers fetch from: with ``persistent_workers``, a copy.
@@ -341,13 +337,12 @@ class EpochRunner(_TorchDataLoader[_T_co]):
             return self.dataset
 
     def _async_fetcher(self) -> AsyncMapFetcher:
-        cls = AsyncMapFetcher if self._policy is None else SkippingAsyncMapFetcher
-        return cls(self.dataset, self.collate_fn, self._auto_collation)
+        skip = self._policy is not None
+        return AsyncMapFetcher(self.dataset, self.collate_fn, self._auto_collation, skip=skip)
 
     def _collate(self) -> Collate:
-        if self._policy is None:
-            return Collate(self.collate_fn)
-        return SkippingCollate(self.collate_fn, batched=self.batch_size is not None)
+        batched = self.batch_size is not None
+        return Collate(self.collate_fn, skip=self._policy is not None, batched=batched)
 
     def _pin_now(self) -> bool:
         return bool(self.pin_memory) and torch.cuda.is_available()

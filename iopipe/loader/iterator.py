@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from ..runtime.errors import StageError, item_label, released
 from ..runtime.policy import FailurePolicy
 from ..runtime.watchdog import Stall
-from .skip import Fetched
+from .fetch import Fetched
 from .state import EpochPlan
 from .workers import NOTHING, Failed
 

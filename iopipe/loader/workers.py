@@ -1,11 +1,9 @@
-"""The jobs a DataLoader runs off the training thread (torch's processes: ``processes.py``).
+"""What feeds a DataLoader's jobs and bounds them (the jobs: ``fetch.py``; torch's processes: ``processes.py``).
 
 Each epoch, the loader puts an iterator of jobs in a :class:`Feed` (the source of
-its pipeline).  Thread workers run :class:`MapFetcher` (or :class:`AsyncMapFetcher`)
-on one batch's indices at a time, and :class:`Collate` on the samples an iterable
-dataset yielded; a failure becomes a :class:`Failed` batch with a note naming the
+its pipeline); a failure becomes a :class:`Failed` batch with a note naming the
 batch and the failing index.  :class:`GovernedSlots` bounds the fetches that run
-at once.
+at once; :class:`FirstGate` lets the first batch of an epoch run alone.
 """
 
 from __future__ import annotations
@@ -19,18 +17,15 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
-from ..runtime.errors import Interrupted, item_label
+from ..runtime.errors import item_label
 
 __all__ = [
     "NOTHING",
     "AsyncFeed",
-    "AsyncMapFetcher",
-    "Collate",
     "Failed",
     "Feed",
     "FirstGate",
     "GovernedSlots",
-    "MapFetcher",
     "index_label",
     "iterable_batches",
     "numbered",
@@ -155,20 +150,6 @@ def index_label(index: Any) -> str:
     return item_label(index, 120)
 
 
-def collate(collate_fn: Callable[[Any], Any], n: int, data: Any) -> Any:
-    """Apply ``collate_fn`` to batch ``n``; a failure gets a note naming the batch."""
-    try:
-        return collate_fn(data)
-    except Exception as exc:
-        exc.add_note(f"iopipe.DataLoader: collate_fn failed on batch {n}")
-        raise
-
-
-def getitems_note(index: Any, n: int) -> str:
-    """The note added to an exception of ``dataset.__getitems__`` (batch ``n``)."""
-    return f"iopipe.DataLoader: dataset.__getitems__({index_label(index)}) failed (batch {n})"
-
-
 class GovernedSlots:
     """Bounds the fetches that run at once; the bound moves with measured throughput.
 
@@ -248,132 +229,6 @@ class GovernedSlots:
 
 #: The waiting key of a fetch without a batch number: after every numbered one.
 _UNORDERED = sys.maxsize
-
-
-class MapFetcher:
-    """Fetch and collate one batch of a map-style dataset, as torch's ``_MapDatasetFetcher``.
-
-    Called with ``(n, index)``: the batch number and what the index sampler
-    yielded (a list of indices, or one index when ``batch_size=None``).  Runs in
-    a worker thread; with ``num_workers <= 1`` never two at a time.
-    """
-
-    def __init__(
-        self, dataset: Any, collate_fn: Callable[[Any], Any], auto_collation: bool
-    ) -> None:
-        self.dataset = dataset
-        self.collate_fn = collate_fn
-        self.auto_collation = auto_collation
-        getitems = getattr(dataset, "__getitems__", None)
-        self.getitems = getitems if auto_collation and getitems else None
-        self.gate: FirstGate | None = None
-        self.slots: GovernedSlots | None = None
-
-    def __call__(self, job: tuple[int, Any]) -> Any:
-        n, index = job
-        try:
-            if self.slots is None:
-                return collate(self.collate_fn, n, self.fetch(n, index))
-            self.slots.acquire(n)
-            ok = False
-            try:
-                out = collate(self.collate_fn, n, self.fetch(n, index))
-                ok = True
-            finally:
-                self.slots.release(ok)
-            return out
-        except Exception as exc:
-            return Failed(exc)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: see iopipe/runtime/errors.py
-            return Failed(Interrupted(exc))
-        finally:
-            if self.gate is not None:
-                self.gate.passed(n)
-
-    def fetch(self, n: int, index: Any) -> Any:
-        """Return the samples of batch ``n`` (``dataset[index]`` without auto-collation)."""
-        ds = self.dataset
-        if not self.auto_collation:
-            try:
-                return ds[index]
-            except BaseException as exc:  # named, then raised
-                exc.add_note(f"iopipe.DataLoader: dataset[{index!r}] failed (batch {n})")
-                raise
-        if self.getitems is not None:
-            try:
-                return self.getitems(index)
-            except BaseException as exc:  # named, then raised
-                exc.add_note(getitems_note(index, n))
-                raise
-        out = []
-        for i in index:
-            try:
-                out.append(ds[i])
-            except BaseException as exc:  # named, then raised
-                exc.add_note(
-                    f"iopipe.DataLoader: dataset[{i!r}] failed (batch {n}, indices {index_label(index)})"
-                )
-                raise
-        return out
-
-
-class AsyncMapFetcher(MapFetcher):
-    """Await an ``async def __getitem__`` (or ``__getitems__``) on the loop.
-
-    The samples of one batch are awaited concurrently; returns ``(n, samples)``
-    for a :class:`Collate` stage, so collation runs in a thread, not on the loop.
-    """
-
-    async def __call__(self, job: tuple[int, Any]) -> tuple[int, Any]:
-        n, index = job
-        try:
-            return n, await self._fetch(n, index)
-        except BaseException as exc:  # named, then raised
-            return n, Failed(exc)
-        finally:
-            if self.gate is not None:
-                self.gate.passed(n)
-
-    async def _fetch(self, n: int, index: Any) -> Any:
-        if not self.auto_collation:
-            return await self._one(n, index, None)
-        if self.getitems is not None:
-            try:
-                return await self.getitems(index)
-            except BaseException as exc:  # named, then raised
-                exc.add_note(getitems_note(index, n))
-                raise
-        tasks = [asyncio.ensure_future(self._one(n, i, index)) for i in index]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
-
-    async def _one(self, n: int, i: Any, index: Any) -> Any:
-        try:
-            return await self.dataset[i]
-        except BaseException as exc:  # named, then raised
-            where = f"batch {n}" if index is None else f"batch {n}, indices {index_label(index)}"
-            exc.add_note(f"iopipe.DataLoader: dataset[{i!r}] failed ({where})")
-            raise
-
-
-class Collate:
-    """Collate ``(n, samples)`` into batch ``n`` (runs in a worker thread)."""
-
-    def __init__(self, collate_fn: Callable[[Any], Any]) -> None:
-        self.collate_fn = collate_fn
-
-    def __call__(self, job: tuple[int, Any]) -> Any:
-        n, data = job
-        if isinstance(data, Failed):
-            return data
-        try:
-            return collate(self.collate_fn, n, data)
-        except Exception as exc:
-            return Failed(exc)
 
 
 def iterable_batches(

@@ -129,7 +129,7 @@ class Epoch:
         if any(q is not None and q.counters.used for q in self.queues[at + 1 :]):
             return False
         for unit in self.units():
-            for s in [unit, *(getattr(unit, "members", None) or [])]:
+            for s in [unit, *unit.parts()]:
                 if s is reader:
                     continue
                 limit = s.limiter

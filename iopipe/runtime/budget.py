@@ -117,6 +117,9 @@ class ByteBudget:
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._idle = idle
+        # Bumped by each group let through by idleness: a waiter's earlier sighting
+        # of idleness is stale then (the passed group's read has not started yet).
+        self._idle_passes = 0
         self.waiting = 0  # reservations waiting on the loop now
         self._waiters: set[Ticket] = set()
         self._largest = 0  # the largest item reserved (or asked for) so far
@@ -179,6 +182,7 @@ class ByteBudget:
             BudgetClosedError: the epoch stopped meanwhile.
         """
         idle_seen = False
+        passes = self._idle_passes
         self.waiting += 1
         self._waiters.add(t)
         try:
@@ -193,9 +197,10 @@ class ByteBudget:
                 # only the group the consumer needs next passes (the oldest ticket),
                 # not every group in the reader's window.
                 idle = self._idle is not None and self._idle()
-                if idle and idle_seen and self._first_waiting(t):
+                if idle and idle_seen and passes == self._idle_passes and self._first_waiting(t):
+                    self._idle_passes += 1
                     break
-                idle_seen = idle
+                idle_seen, passes = idle, self._idle_passes
         finally:
             self.waiting -= 1
             self._waiters.discard(t)
