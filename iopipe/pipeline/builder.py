@@ -13,7 +13,6 @@ The execution side lives beside it: :mod:`.engine` (the runtime the first
 
 from __future__ import annotations
 
-import inspect
 import os
 import weakref
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
@@ -38,8 +37,9 @@ from .config import pipeline_from_config, pipeline_to_config
 from .engine import Runtime, build_runtime
 from .epoch import Epoch
 from .iterator import EpochIterator
-from .options import check_options, file_items
-from .shape import elements_per_epoch, group_size_of, items_in_flight_bound
+from .options import file_items
+from .shape import elements_per_epoch, items_in_flight_bound
+from .spec import Options, PipelineSpec
 from .trust import Trust
 
 __all__ = ["Pipeline"]
@@ -108,26 +108,26 @@ class Pipeline(Generic[T]):
         max_inflight_bytes: int | None = None,
         fuse: bool = True,
     ) -> None:
-        # Every keyword option as given, the one place they are kept: chained
-        # pipelines inherit them (see _then), and Pipeline.to_config writes them out.
-        self._options: dict[str, Any] = {
-            "timeout": timeout,
-            "handoff": handoff,
-            "group_size": group_size,
-            "use_uvloop": use_uvloop,
-            "stats_interval": stats_interval,
-            "on_stats": on_stats,
-            "cpu_budget": cpu_budget,
-            "memory_budget_bytes": memory_budget_bytes,
-            "on_error": on_error,
-            "max_failures": max_failures,
-            "stall_warning": stall_warning,
-            "max_inflight_bytes": max_inflight_bytes,
-            "fuse": fuse,
-        }
-        check_options(self._options)
-        self._source = source
-        self._stages = stages
+        options = Options(
+            timeout=timeout,
+            handoff=handoff,
+            group_size=group_size,
+            use_uvloop=use_uvloop,
+            stats_interval=stats_interval,
+            on_stats=on_stats,
+            cpu_budget=cpu_budget,
+            memory_budget_bytes=memory_budget_bytes,
+            on_error=on_error,
+            max_failures=max_failures,
+            stall_warning=stall_warning,
+            max_inflight_bytes=max_inflight_bytes,
+            fuse=fuse,
+        )
+        self._start(PipelineSpec(source, tuple(stages), options))
+
+    def _start(self, spec: PipelineSpec) -> None:
+        """Take ``spec`` (checked) as this pipeline's chain; nothing runs yet."""
+        self._spec = spec
         self._rt: Runtime | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
@@ -237,26 +237,17 @@ class Pipeline(Generic[T]):
         Raises:
             ConfigError: a part has no config form (a lambda, an arbitrary iterable source).
         """
-        defaults = {
-            k: p.default
-            for k, p in inspect.signature(type(self).__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty
-        }
-        return pipeline_to_config(self._source, self._options, defaults, self._stages)
+        return pipeline_to_config(self._spec)
 
     @property
     def source(self) -> Source:
         """The source this chain starts from (each running pipeline reads a fresh copy)."""
-        return self._source
+        return self._spec.source
 
     def _then(self, stage: Stage) -> Pipeline[Any]:
-        names = {s.name for s in self._stages}
-        if stage.name in names:
-            base, n = stage.name, 1
-            while f"{base}_{n}" in names:
-                n += 1
-            stage.name = stage.counters.name = f"{base}_{n}"
-        return Pipeline(self._source, (*self._stages, stage), **self._options)
+        pipe: Pipeline[Any] = Pipeline.__new__(Pipeline)
+        pipe._start(self._spec.then(stage))  # the options were checked with this chain's
+        return pipe
 
     def read(
         self,
@@ -312,7 +303,9 @@ class Pipeline(Generic[T]):
             ordered: Keep input order (default); ``False`` yields in completion order.
             name: Stage name in stats and errors (default ``"map"``).
         """
-        n, auto = auto_value(concurrency, map_pool_size(fn, executor, self._options["cpu_budget"]))
+        n, auto = auto_value(
+            concurrency, map_pool_size(fn, executor, self._spec.options.cpu_budget)
+        )
         stage = Decoder(fn, concurrency=n, executor=executor, ordered=ordered, name=name)
         stage.autotune = auto
         return self._then(stage)
@@ -340,9 +333,9 @@ class Pipeline(Generic[T]):
         Raises:
             ValueError: a batcher precedes the cache, or a cache already exists.
         """
-        if any(not s.one_to_one for s in self._stages):
+        if any(not s.one_to_one for s in self._spec.stages):
             raise ValueError("cache() must come before batch(): it keys outputs by source item")
-        if any(s.serves_source for s in self._stages):
+        if any(s.serves_source for s in self._spec.stages):
             raise ValueError("a pipeline can have only one cache()")
         return self._then(Cache(max_bytes=max_bytes))
 
@@ -359,7 +352,7 @@ class Pipeline(Generic[T]):
     @property
     def group_size(self) -> int:
         """Items per group: as given, else the first batch size, else 64 (docs/design.md)."""
-        return group_size_of(self._options["group_size"], self._stages)
+        return self._spec.group_size
 
     def _runtime(self) -> Runtime:
         if self._closed:
@@ -367,7 +360,7 @@ class Pipeline(Generic[T]):
         if self._rt is not None and self._rt.pid != os.getpid():
             self._forget_inherited()
         if self._rt is None:
-            self._rt = build_runtime(self._source, self._stages, self._options, self.group_size)
+            self._rt = build_runtime(self._spec)
             self._finalizer = weakref.finalize(self, self._rt.shutdown)
         return self._rt
 
@@ -385,19 +378,19 @@ class Pipeline(Generic[T]):
         """Start an epoch and return its iterator (stopping any epoch still running)."""
         rt = self._runtime()
         self.stop_epoch()
-        ep = rt.start_epoch(self._epoch, self._skip, self._options["handoff"])
+        ep = rt.start_epoch(self._epoch, self._skip, self._spec.options.handoff)
         self._epoch += 1
         self._skip = 0
         self._last = self._position = ep
         it: EpochIterator[T] = EpochIterator(
             ep,
-            self._options["timeout"],
-            self._options["stall_warning"],
+            self._spec.options.timeout,
+            self._spec.options.stall_warning,
             closed=self._is_closed,
             current=self._iterator,
         )
         self._current = weakref.ref(it)
-        interval, on_stats = self._options["stats_interval"], self._options["on_stats"]
+        interval, on_stats = self._spec.options.stats_interval, self._spec.options.on_stats
         if interval is not None or on_stats is not None:
             StatsReporter(self, ep, interval, on_stats).start()
         return it
@@ -421,7 +414,7 @@ class Pipeline(Generic[T]):
         Raises:
             TypeError: the source's length is unknown.
         """
-        return elements_per_epoch(len(self._source), self._stages)
+        return elements_per_epoch(len(self._spec.source), self._spec.stages)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the number of the next epoch (it seeds the shuffle)."""
@@ -469,7 +462,7 @@ class Pipeline(Generic[T]):
         The sum of every stage's window and every queue's capacity (each queue
         may take one group beyond it when empty), plus the consumer's group.
         """
-        return items_in_flight_bound(self._stages, self.group_size, self._options["handoff"])
+        return items_in_flight_bound(self._spec.stages, self.group_size, self._spec.options.handoff)
 
     def stats(self) -> PipelineStats:
         """Return a snapshot of every stage's counters (callable during iteration)."""
@@ -496,5 +489,5 @@ class Pipeline(Generic[T]):
         self.close()
 
     def __repr__(self) -> str:
-        chain = " -> ".join(["source", *(s.name for s in self._stages)])
+        chain = " -> ".join(["source", *(s.name for s in self._spec.stages)])
         return f"<iopipe.Pipeline {chain}>"

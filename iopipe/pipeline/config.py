@@ -26,7 +26,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,11 +42,10 @@ from .schema import (
     stage_spec,
     unknown_key,
 )
+from .spec import Options, PipelineSpec
 from .trust import ConfigError, FunctionName, Trust, function_name, resolve_function
 
 if TYPE_CHECKING:
-    from ..stages.base import Stage
-    from ..stages.source import Source
     from .builder import Pipeline
 
 __all__ = [
@@ -235,19 +234,16 @@ _METHOD = {
 _FUNCTIONS = ("fn", "collate_fn", "on_stats")
 
 
-def pipeline_to_config(
-    src: Source, options: Mapping[str, Any], defaults: Mapping[str, Any], stages: Sequence[Stage]
-) -> dict[str, Any]:
-    """Return the config of a pipeline as plain data (see :meth:`Pipeline.to_config`).
+def pipeline_to_config(spec: PipelineSpec) -> dict[str, Any]:
+    """Return the config of a pipeline's ``spec`` as plain data (see :meth:`Pipeline.to_config`).
 
-    Args:
-        src: the pipeline's source; options: its options; defaults: the options'
-            default values (left out of the config); stages: its stages, in order.
+    Options left at their defaults are not written: the config says what was chosen.
 
     Raises:
         ConfigError: a part cannot be written (a lambda as ``fn``, a source built
             from an arbitrary iterable).
     """
+    src, defaults = spec.source, Options.defaults()
     origin = getattr(src, "origin", None)
     if origin is None:
         items = src.items
@@ -263,14 +259,13 @@ def pipeline_to_config(
     if isinstance(source.get("files"), list):  # byte ranges as lists: plain data
         source["files"] = [x if isinstance(x, str) else list(x) for x in source["files"]]
     source.update({k: v for k, v in src.config().items() if v is not None})
-    # Options left at their defaults are not written: the config says what was chosen.
-    chosen = {k: v for k, v in options.items() if not (k in defaults and v == defaults[k])}
+    chosen = {k: v for k, v in spec.options.as_dict().items() if v != defaults[k]}
     out: dict[str, Any] = {
         "source": source,
         "options": _plain_values({k: v for k, v in chosen.items() if v is not None}, "options"),
         "stages": [],
     }
-    for i, stage in enumerate(stages):
+    for i, stage in enumerate(spec.stages):
         if stage.kind not in _METHOD:
             raise ConfigError(f"stages[{i}]", f"a {stage.kind!r} stage has no config form")
         cfg: dict[str, Any] = {"stage": _METHOD[stage.kind], **stage.config()}

@@ -1,6 +1,6 @@
 """The runtime a pipeline starts on its first ``iter()``: the loop thread and the opened stages.
 
-:func:`build_runtime` opens fresh copies of a builder chain's source and stages;
+:func:`build_runtime` opens what the planner (:mod:`.plan`) made of a builder chain;
 :meth:`Runtime.start_epoch` starts one pass over them, whose coroutine
 (:meth:`Runtime.run_epoch`) wires the queues and runs every stage on the loop
 thread until END reaches the consumer.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from ..control.autotune import AutoTuner, make_tuner
@@ -22,9 +22,10 @@ from ..runtime.policy import FailurePolicy
 from ..stages.base import Stage
 from ..stages.fused import plan as fused_plan
 from ..stages.pump import leaf_errors
-from ..stages.source import Source
 from .epoch import STOP_TIMEOUT_S, Epoch, budgeted_reader
+from .plan import Plan, plan
 from .shape import handoff_groups
+from .spec import PipelineSpec
 
 __all__ = ["Runtime", "Sink", "build_runtime"]
 
@@ -50,30 +51,22 @@ class Sink:
 
 
 class Runtime:
-    """What a running pipeline owns: the loop thread and the opened stages."""
+    """What a running pipeline owns: the loop thread and the opened stages of a plan."""
 
-    #: The ``max_inflight_bytes`` option: each epoch gets a ByteBudget of it.
-    max_inflight_bytes: int | None = None
-
-    def __init__(
-        self,
-        source: Source,
-        stages: list[Stage],
-        group_size: int,
-        use_uvloop: bool | None,
-        fuse: bool = True,
-    ) -> None:
+    def __init__(self, plan: Plan) -> None:
+        source, stages, group_size = plan.source, plan.stages, plan.group_size
         self.source = source
-        self.stages = stages  # as built: stats, errors and state speak of these
+        self.stages = stages  # as planned: stats, errors and state speak of these
         self.group_size = group_size
+        #: The ``max_inflight_bytes`` option: each epoch gets a ByteBudget of it.
+        self.max_inflight_bytes = plan.max_inflight_bytes
+        self.policy: FailurePolicy | None = plan.policy  # for on_error="skip"
         self.cache = next((s for s in stages if s.serves_source), None)
-        self.loop = LoopThread(use_uvloop=use_uvloop)
+        self.loop = LoopThread(use_uvloop=plan.use_uvloop)
         self.closed = False
         # The process that started the threads: a child made by os.fork() inherits
         # this object but none of its threads (see shutdown and Pipeline._runtime).
         self.pid = os.getpid()
-        self.tuner: AutoTuner | None = None  # set by build_runtime when a stage is "auto"
-        self.policy: FailurePolicy | None = None  # set by build_runtime for on_error="skip"
         self.latest: Epoch | None = None  # the epoch started last (start_epoch)
         source.open()
         weight = 1
@@ -86,10 +79,17 @@ class Runtime:
                 weight *= s.batch_size
         # What runs: consecutive thread stages fused where they can be (stages/fused.py);
         # a unit of the plan that is not a stage of the chain is opened over its parts.
-        self.plan: list[Stage] = fused_plan(stages) if fuse else list(stages)
+        self.plan: list[Stage] = fused_plan(stages) if plan.fuse else list(stages)
         for s in self.plan:
             if s.parts():
                 s.open(s.parts()[0].unit)
+        # When a stage is "auto"; it sets their knobs, so after they are open.
+        self.tuner: AutoTuner | None = make_tuner(
+            stages,
+            group_size=group_size,
+            cpu_budget=plan.cpu_budget,
+            memory_budget_bytes=plan.memory_budget_bytes,
+        )
 
     def start_epoch(self, epoch: int, skip: int, handoff: int) -> Epoch:
         """Start epoch ``epoch`` after its first ``skip`` source items (``handoff``: groups)."""
@@ -214,48 +214,6 @@ def as_stage_error(exc: BaseException) -> BaseException:
     return StageError("pipeline", None, exc)
 
 
-def build_runtime(
-    source: Source, stages: Sequence[Stage], options: Mapping[str, Any], group_size: int
-) -> Runtime:
-    """Open fresh copies of a builder chain's ``source`` and ``stages`` under its ``options``."""
-    fresh = [s.fresh() for s in stages]
-    fresh = [s for s in fresh if s.active]
-    if options["max_inflight_bytes"] is not None:
-        reader = budgeted_reader(fresh)
-        if reader is not None:
-            reader.byte_bound = options["max_inflight_bytes"]  # never fused
-    src = source.unopened_copy()
-    policy = failure_policy(options, src, fresh)
-    rt = Runtime(
-        src,
-        fresh,
-        group_size,
-        options["use_uvloop"],
-        # Skipping failed items (on_error="skip") happens stage by stage.
-        fuse=options["fuse"] and options.get("on_error", "raise") == "raise",
-    )
-    rt.max_inflight_bytes = options["max_inflight_bytes"]
-    rt.tuner = make_tuner(
-        fresh,
-        group_size=group_size,
-        cpu_budget=options["cpu_budget"],
-        memory_budget_bytes=options["memory_budget_bytes"],
-    )
-    rt.policy = policy
-    return rt
-
-
-def failure_policy(
-    options: Mapping[str, Any], source: Source, stages: list[Stage]
-) -> FailurePolicy | None:
-    """The policy of ``on_error="skip"``, given to every stage (None for ``"raise"``).
-
-    Set before the stages are planned: a stage with a policy is not fused.
-    """
-    if options["on_error"] != "skip":
-        return None
-    counters = source.counters
-    policy = FailurePolicy(options["max_failures"], lambda: counters.items)
-    for s in stages:
-        s.policy = policy
-    return policy
+def build_runtime(spec: PipelineSpec) -> Runtime:
+    """Plan ``spec`` (:func:`~.plan.plan`) and open the runtime that runs it."""
+    return Runtime(plan(spec))

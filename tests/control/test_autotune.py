@@ -258,7 +258,7 @@ def test_auto_pools_are_created_at_the_budget() -> None:
         .map(int, concurrency="auto", executor="process")
         .read(concurrency="auto")
     )
-    assert [(s.concurrency, s.autotune) for s in pipe._stages] == [
+    assert [(s.concurrency, s.autotune) for s in pipe._spec.stages] == [
         (6, True),  # two threads per CPU
         (3, True),  # one process per CPU
         (64, True),

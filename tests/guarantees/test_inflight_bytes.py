@@ -182,7 +182,7 @@ def test_max_inflight_bytes_in_a_config(files: str) -> None:
         "stages": [{"stage": "read"}],
     }
     pipe = Pipeline.from_config(cfg)
-    assert pipe._options["max_inflight_bytes"] == 4 << 20
+    assert pipe._spec.options.max_inflight_bytes == 4 << 20
     assert pipe.to_config()["options"] == {"max_inflight_bytes": 4 << 20}
     with pytest.raises(ConfigError, match=r"options\.max_inflight_bytes: expected a size in bytes"):
         Pipeline.from_config({"source": {"items": [1]}, "options": {"max_inflight_bytes": 0}})
