@@ -123,11 +123,7 @@ class Pipeline(Generic[T]):
             max_inflight_bytes=max_inflight_bytes,
             fuse=fuse,
         )
-        self._start(PipelineSpec(source, tuple(stages), options))
-
-    def _start(self, spec: PipelineSpec) -> None:
-        """Take ``spec`` (checked) as this pipeline's chain; nothing runs yet."""
-        self._spec = spec
+        self._spec = PipelineSpec(source, tuple(stages), options)
         self._rt: Runtime | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
@@ -245,9 +241,8 @@ class Pipeline(Generic[T]):
         return self._spec.source
 
     def _then(self, stage: Stage) -> Pipeline[Any]:
-        pipe: Pipeline[Any] = Pipeline.__new__(Pipeline)
-        pipe._start(self._spec.then(stage))  # the options were checked with this chain's
-        return pipe
+        spec = self._spec.then(stage)
+        return Pipeline(spec.source, spec.stages, **spec.options.as_dict())
 
     def read(
         self,
