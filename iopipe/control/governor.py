@@ -4,8 +4,7 @@ Each is a plain object fed with measurements (seconds, items, cache misses) by
 the stage that owns it; those that read time take a ``clock``, so tests drive
 them without time.  The bound they move is a
 :class:`~iopipe.runtime.limits.CapacityLimiter` (:class:`RateGovernor`: any
-:class:`Adjustable`, e.g. :class:`TokenBound` over a limiter, or the
-DataLoader's ``GovernedSlots``).
+:class:`Adjustable`, e.g. :class:`TokenBound` over a limiter of either face).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from ..runtime.limits import CapacityLimiter
+from ..runtime.limits import BlockingCapacityLimiter, CapacityLimiter
 
 __all__ = ["TARGET_JOB_S", "Adjustable", "IoGovernor", "RateGovernor", "TokenBound", "job_sizer"]
 
@@ -37,11 +36,11 @@ class Adjustable(Protocol):
 
 
 class TokenBound:
-    """A :class:`~iopipe.runtime.limits.CapacityLimiter` seen as an :class:`Adjustable`."""
+    """A capacity limiter (either face, iopipe/runtime/limits.py) seen as an :class:`Adjustable`."""
 
     __slots__ = ("limiter",)
 
-    def __init__(self, limiter: CapacityLimiter) -> None:
+    def __init__(self, limiter: CapacityLimiter | BlockingCapacityLimiter) -> None:
         self.limiter = limiter
 
     @property

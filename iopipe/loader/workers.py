@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import heapq
 import itertools
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from ..runtime.errors import item_label
+from ..runtime.limits import UNORDERED, BlockingCapacityLimiter
 
 __all__ = [
     "NOTHING",
@@ -153,82 +152,55 @@ def index_label(index: Any) -> str:
 class GovernedSlots:
     """Bounds the fetches that run at once; the bound moves with measured throughput.
 
-    Starts at ``limit`` (``num_workers``).  A dataset whose ``__getitem__`` is
-    GIL-bound Python fetches as fast or faster with fewer threads (two threads
-    contending for the GIL on a page-cached read loop were 15% slower than one on
-    the benchmark machine); one that waits on storage or the network needs them
-    all.  A :class:`~iopipe.stages.fused.RateGovernor` started high tries fewer
-    and keeps them only when batches come as fast (docs/dataloader.md).
+    A :class:`~iopipe.runtime.limits.BlockingCapacityLimiter` starting at
+    ``limit`` (``num_workers``), served in batch order, and a
+    :class:`~iopipe.control.governor.RateGovernor` moving it.  A dataset whose
+    ``__getitem__`` is GIL-bound Python fetches as fast or faster with fewer
+    threads (two threads contending for the GIL on a page-cached read loop were
+    15% slower than one on the benchmark machine); one that waits on storage or
+    the network needs them all.  The governor starts high, tries fewer and keeps
+    them only when batches come as fast (docs/dataloader.md).
     """
 
     def __init__(self, limit: int, *, govern: bool = True) -> None:
-        from ..control.governor import RateGovernor
+        from ..control.governor import RateGovernor, TokenBound
 
-        self._cond = threading.Condition()
-        self._limit = max(1, limit)
-        self._held = 0
-        self._waiting: list[int] = []  # a heap of the batch numbers waiting for a slot
+        self.limiter = BlockingCapacityLimiter(limit)
+        self._gov_lock = threading.Lock()  # the governor is fed by every worker thread
         self.governor = (
-            RateGovernor(self, self._limit, start_high=True) if govern and limit > 1 else None
+            RateGovernor(TokenBound(self.limiter), self.limiter.total_tokens, start_high=True)
+            if govern and limit > 1
+            else None
         )
-
-    @property
-    def limit(self) -> int:
-        return self._limit
-
-    @property
-    def held(self) -> int:
-        """Fetches running now."""
-        return self._held
-
-    def set_limit(self, limit: int) -> None:
-        """Change the bound (called by the governor, under this object's lock)."""
-        with self._cond:
-            self._limit = max(1, limit)
-            self._cond.notify_all()
 
     def restart(self) -> None:
         """A new epoch: measurement windows start afresh (idle time is not throughput)."""
-        with self._cond:
-            if self.governor is not None:
+        if self.governor is not None:
+            with self._gov_lock:
                 self.governor.restart()
 
     def acquire(self, n: int = -1) -> None:
         """Wait for a slot; among waiting fetches the lowest batch number ``n`` goes first.
 
-        Slots go in batch order: when the bound drops (the governor's trial) while
-        a later batch is slow, an earlier batch must not queue behind it (the
-        consumer needs the earlier one first).  ``n = -1``: no order.
+        ``n = -1``: no order (after every numbered fetch).
         """
-        key = n if n >= 0 else _UNORDERED
-        with self._cond:
-            heapq.heappush(self._waiting, key)
-            while self._held >= self._limit or self._waiting[0] != key:
-                self._cond.wait(1.0)
-            heapq.heappop(self._waiting)
-            self._held += 1
-            if self.governor is not None:
+        self.limiter.acquire(n if n >= 0 else UNORDERED)
+        if self.governor is not None:
+            with self._gov_lock:
                 self.governor.started()
-            if self._waiting and self._held < self._limit:
-                self._cond.notify_all()  # room for the next lowest too
 
     def release(self, ok: bool = True) -> None:
         """Give the slot back; ``ok``: the fetch succeeded (the governor counts it)."""
-        with self._cond:
-            self._held -= 1
-            if ok and self.governor is not None:
+        self.limiter.release()
+        if ok and self.governor is not None:
+            with self._gov_lock:
                 self.governor.observe(1)
-            self._cond.notify_all()
 
     def __enter__(self) -> None:
         self.acquire()
 
     def __exit__(self, et: object, exc: object, tb: object) -> None:
         self.release(et is None)
-
-
-#: The waiting key of a fetch without a batch number: after every numbered one.
-_UNORDERED = sys.maxsize
 
 
 def iterable_batches(

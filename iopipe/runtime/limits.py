@@ -3,17 +3,26 @@
 On trio's model (``trio.CapacityLimiter``): ``total_tokens`` can be set at any
 time (the autotuner and the governors of iopipe/control/ move it within the
 pool a stage created at open), ``borrowed_tokens`` says how many are held, and
-:meth:`CapacityLimiter.statistics` is a frozen snapshot, so that nobody reads
-the limiter's insides.  Loop thread only.
+``statistics()`` is a frozen snapshot, so that nobody reads the limiter's
+insides.  Two faces of the one model: :class:`CapacityLimiter` for tasks on the
+loop thread (no lock: the stages' hot path), :class:`BlockingCapacityLimiter`
+for worker threads (the DataLoader's fetches), whose waiters may also be served
+by a priority (the batch number) rather than by arrival.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import sys
+import threading
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["CapacityLimiter", "LimiterStatistics"]
+__all__ = ["UNORDERED", "BlockingCapacityLimiter", "CapacityLimiter", "LimiterStatistics"]
+
+#: The priority of a waiter that has none: served after every prioritised one.
+UNORDERED = sys.maxsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,4 +105,71 @@ class CapacityLimiter:
         await self.acquire()
 
     async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+class BlockingCapacityLimiter:
+    """:class:`CapacityLimiter`'s model for threads: ``acquire()`` blocks (any thread).
+
+    Waiters are served lowest ``priority`` first (arrival order among equals
+    comes from the heap, not guaranteed): when the bound drops while a later
+    batch is slow, an earlier batch must not queue behind it.  A waiter re-checks
+    once a second, so a missed wake-up costs a second, never a hang.
+    """
+
+    __slots__ = ("_cond", "_held", "_total", "_waiting")
+
+    def __init__(self, total_tokens: int) -> None:
+        self._cond = threading.Condition()
+        self._total = max(1, total_tokens)
+        self._held = 0
+        self._waiting: list[int] = []  # a heap of the waiters' priorities
+
+    @property
+    def total_tokens(self) -> int:
+        """The bound; setting it wakes waiters that fit now (values under 1 count as 1)."""
+        return self._total
+
+    @total_tokens.setter
+    def total_tokens(self, value: int) -> None:
+        with self._cond:
+            self._total = max(1, value)
+            self._cond.notify_all()
+
+    @property
+    def borrowed_tokens(self) -> int:
+        """Tokens held now."""
+        return self._held
+
+    @property
+    def available_tokens(self) -> int:
+        """Tokens free now (negative while the bound is below what is held)."""
+        return self._total - self._held
+
+    def statistics(self) -> LimiterStatistics:
+        """A frozen snapshot: tokens held, the bound, threads waiting."""
+        with self._cond:
+            return LimiterStatistics(self._held, self._total, len(self._waiting))
+
+    def acquire(self, priority: int = UNORDERED) -> None:
+        """Take a token, waiting while none is free or a lower ``priority`` waits."""
+        with self._cond:
+            heapq.heappush(self._waiting, priority)
+            while self._held >= self._total or self._waiting[0] != priority:
+                self._cond.wait(1.0)
+            heapq.heappop(self._waiting)
+            self._held += 1
+            if self._waiting and self._held < self._total:
+                self._cond.notify_all()  # room for the next lowest too
+
+    def release(self) -> None:
+        """Give a token back."""
+        with self._cond:
+            self._held -= 1
+            self._cond.notify_all()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
         self.release()

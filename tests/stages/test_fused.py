@@ -396,7 +396,7 @@ def test_governed_slots_bound_running_fetches_as_the_limit_moves() -> None:
             with lock:
                 running -= 1
 
-    slots.set_limit(2)
+    slots.limiter.total_tokens = 2
     threads = [threading.Thread(target=fetch) for _ in range(6)]
     for t in threads:
         t.start()
@@ -417,11 +417,11 @@ def test_governed_slots_feed_their_governor(monkeypatch: pytest.MonkeyPatch) -> 
     for _ in range(6):  # a warm-up fetch, then a window at two (2 * 2 + 1 fetches)
         with slots:
             clock.t += 0.1
-    assert slots.limit == 1  # the first trial: one fewer step
+    assert slots.limiter.total_tokens == 1  # the first trial: one fewer step
     slots.restart()
     with pytest.raises(KeyError), slots:  # a failed fetch releases and is not counted
         raise KeyError(1)
-    assert slots.limit == 1
+    assert slots.limiter.total_tokens == 1
     assert GovernedSlots(1).governor is None
 
 
