@@ -34,20 +34,14 @@ class LimiterStatistics:
     tasks_waiting: int
 
 
-class CapacityLimiter:
-    """At most ``total_tokens`` holders at once; the bound may change while it is in use.
+class _Tokens:
+    """What both faces share: the bound, the tokens held and their reading."""
 
-    Lowering the bound takes no token back: holders over the new bound keep
-    theirs, and nobody new gets one until the held tokens are under it.
-    Waiters are served first come, first served.
-    """
-
-    __slots__ = ("_held", "_total", "_waiters")
+    __slots__ = ("_held", "_total")
 
     def __init__(self, total_tokens: int) -> None:
-        self._total = total_tokens
+        self._total = max(1, total_tokens)
         self._held = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def total_tokens(self) -> int:
@@ -56,8 +50,10 @@ class CapacityLimiter:
 
     @total_tokens.setter
     def total_tokens(self, value: int) -> None:
-        self._total = max(1, value)
-        self._wake()
+        self._set_total(max(1, value))
+
+    def _set_total(self, value: int) -> None:
+        raise NotImplementedError
 
     @property
     def borrowed_tokens(self) -> int:
@@ -68,6 +64,25 @@ class CapacityLimiter:
     def available_tokens(self) -> int:
         """Tokens free now (negative while the bound is below what is held)."""
         return self._total - self._held
+
+
+class CapacityLimiter(_Tokens):
+    """At most ``total_tokens`` holders at once; the bound may change while it is in use.
+
+    Lowering the bound takes no token back: holders over the new bound keep
+    theirs, and nobody new gets one until the held tokens are under it.
+    Waiters are served first come, first served.
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self, total_tokens: int) -> None:
+        super().__init__(total_tokens)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def _set_total(self, value: int) -> None:
+        self._total = value
+        self._wake()
 
     def statistics(self) -> LimiterStatistics:
         """A frozen snapshot: tokens held, the bound, tasks waiting."""
@@ -108,7 +123,7 @@ class CapacityLimiter:
         self.release()
 
 
-class BlockingCapacityLimiter:
+class BlockingCapacityLimiter(_Tokens):
     """:class:`CapacityLimiter`'s model for threads: ``acquire()`` blocks (any thread).
 
     Waiters are served lowest ``priority`` first (arrival order among equals
@@ -117,34 +132,17 @@ class BlockingCapacityLimiter:
     once a second, so a missed wake-up costs a second, never a hang.
     """
 
-    __slots__ = ("_cond", "_held", "_total", "_waiting")
+    __slots__ = ("_cond", "_waiting")
 
     def __init__(self, total_tokens: int) -> None:
+        super().__init__(total_tokens)
         self._cond = threading.Condition()
-        self._total = max(1, total_tokens)
-        self._held = 0
         self._waiting: list[int] = []  # a heap of the waiters' priorities
 
-    @property
-    def total_tokens(self) -> int:
-        """The bound; setting it wakes waiters that fit now (values under 1 count as 1)."""
-        return self._total
-
-    @total_tokens.setter
-    def total_tokens(self, value: int) -> None:
+    def _set_total(self, value: int) -> None:
         with self._cond:
-            self._total = max(1, value)
+            self._total = value
             self._cond.notify_all()
-
-    @property
-    def borrowed_tokens(self) -> int:
-        """Tokens held now."""
-        return self._held
-
-    @property
-    def available_tokens(self) -> int:
-        """Tokens free now (negative while the bound is below what is held)."""
-        return self._total - self._held
 
     def statistics(self) -> LimiterStatistics:
         """A frozen snapshot: tokens held, the bound, threads waiting."""
