@@ -5,10 +5,12 @@ Layers, each built only on the ones above it in this list:
 
 - ``io/``        bounded opens of regular files, exact reads, listing (no engine)
 - ``runtime/``   errors, the loop thread, channels and the one thread hand-off,
-                 worker threads, the byte budget, the failure policy, counters, watchdog
-- ``control/``   controllers: concurrency hill-climbing (``concurrency="auto"``)
+                 worker threads, the capacity limiter (loop and thread faces), the byte
+                 budget, the failure policy, counters, watchdog
+- ``control/``   pure controllers with injected clocks: hill-climbing, governors
 - ``stages/``    one operator per module over the runtime's job pump
-- ``pipeline/``  the builder (``Pipeline``), its epoch runner, config files and trust
+- ``pipeline/``  the builder (``Pipeline``), its frozen spec and planner, the runtime
+                 that opens a plan, epochs, config files and trust
 - ``observe/``   the bottleneck verdict and periodic stats reports
 - ``loader/``    ``DataLoader``: torch's signature and semantics on the pipeline
 - ``tokens/``, ``checkpoint/``  LLM workloads: token shards, safetensors checkpoints
