@@ -104,20 +104,16 @@ class EpochRunner(_TorchDataLoader[_T_co]):
             self._use_global = False
         else:
             self._gens, self._use_global = rng_sources(generator, self._index_sampler)
-        self._stream = IndexStream(
-            self._index_sampler, self._gens, self._use_global, record=self._mode == "process"
-        )
         self._epoch = 0
         self._iterators = 0
-        self._plan = None
-        self._pending = None
-        self._pipe = None
-        self._slots = None
-        self._feed = None
-        self._gate = None
-        self._inner = None
+        self._fresh_resources(record=self._mode == "process")
+
+    def _fresh_resources(self, *, record: bool) -> None:
+        """No threads, processes or epochs yet: the state a new (or copied) loader starts from."""
+        self._stream = IndexStream(self._index_sampler, self._gens, self._use_global, record=record)
+        self._pipe = self._slots = self._feed = self._gate = self._inner = None
+        self._primed = self._plan = self._pending = None
         self._procs = WorkerProcesses(self.persistent_workers)
-        self._primed = None
 
     @property
     def worker_mode(self) -> str:

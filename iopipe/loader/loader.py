@@ -28,8 +28,7 @@ from .epochs import EpochRunner
 from .iterator import LoaderIter, SkippingLoaderIter, set_event
 from .modes import NeedsProcesses, RngSnapshot, announce
 from .options import WORKER_TYPES, LoaderOptions
-from .processes import WorkerProcesses
-from .state import STATE_VERSION, EpochPlan, IndexStream, RngState, advance, parse_state
+from .state import STATE_VERSION, EpochPlan, RngState, advance, parse_state
 
 __all__ = ["WORKER_TYPES", "DataLoader"]
 
@@ -245,13 +244,9 @@ class DataLoader(EpochRunner[_T_co]):
 
     def _reset_resources(self) -> None:
         """Forget the threads, processes and epochs of the loader this one was copied from."""
-        self._pipe = self._slots = self._feed = self._gate = self._inner = None
-        self._primed = self._plan = self._pending = self._current = None
+        self._fresh_resources(record=self._stream.record)
+        self._current = None
         self._sides = []
-        self._procs = WorkerProcesses(self.persistent_workers)
-        self._stream = IndexStream(
-            self._index_sampler, self._gens, self._use_global, record=self._stream.record
-        )
         if self._policy is not None:
             self._policy = FailurePolicy(self.max_failures)
 
