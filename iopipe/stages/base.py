@@ -12,7 +12,7 @@ import concurrent.futures
 import contextvars
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Protocol, Self
 
 from ..runtime.budget import ByteBudget
@@ -22,6 +22,7 @@ from ..runtime.limits import CapacityLimiter
 from ..runtime.policy import FailurePolicy
 from ..runtime.stats import StageCounters
 from ..runtime.threads import Job, WorkerPool, interpreter_exiting
+from .steps import FusedStep, StepRun
 
 __all__ = [
     "CURRENT_GROUP",
@@ -267,6 +268,52 @@ class Stage:
         """The part the oldest job is in now (a fused unit); None for a plain stage."""
         return None
 
+    def cut(self, groups: AsyncIterator[Group]) -> AsyncIterator[Group]:
+        """The input as this stage takes it in groups (a batcher: one batch each)."""
+        return groups
+
+    # -- fused runs (stages/fused.py drives members through these only) ----------
+    def fusable(self) -> bool:
+        """Whether this stage, as configured, may join a fused run (stages/steps.py)."""
+        return False
+
+    def fused_step(self, group: Group) -> FusedStep:
+        """This stage's step of a fused job on ``group``."""
+        raise TypeError(f"stage {self.name!r} cannot run in a fused job")
+
+    def fused_width(self) -> int | None:
+        """Fused jobs this stage would run at once (a map's concurrency); None: no say."""
+        return None
+
+    @property
+    def worker_pool(self) -> concurrent.futures.Executor | None:
+        """The pool this stage runs its jobs in while open (a fused run borrows it)."""
+        return None
+
+    def reads_cached(self) -> bool:
+        """Whether this stage's reads are served by the page cache now (no reads: yes)."""
+        return True
+
+    def account_fused(self, run: StepRun, items: int) -> None:
+        """Count this stage's step of a fused job over ``items`` input items (loop thread)."""
+        self.counters.items += items
+
+    async def resume_fused(self, group: Group, items: list[Any]) -> list[Any]:
+        """Finish what this stage's step stopped short of (on the loop), then the job goes on."""
+        raise TypeError(f"stage {self.name!r} never stops a fused job")
+
+    async def staged(self, group: Group, index: int) -> Group:
+        """Process ``group`` alone, as batch number ``index`` where that matters (staged path)."""
+        raise TypeError(f"stage {self.name!r} cannot run in a fused run")
+
+    def fused_output(self, group: Group, items: list[Any], index: int) -> Group:
+        """The group a fused run ending at this stage puts out."""
+        return group.replace_items(items)
+
+    def fused_failure(self, group: Group, exc: BaseException, index: int) -> StageError:
+        """This stage's failure in a fused job on ``group`` (batch number ``index``)."""
+        return self.fail(group, exc)
+
     def reset_counters(self) -> None:
         self.counters = StageCounters(self.name, self.concurrency)
 
@@ -335,6 +382,10 @@ class PooledStage(Stage):
     @property
     def limiter(self) -> CapacityLimiter | None:
         return self._limit
+
+    @property
+    def worker_pool(self) -> concurrent.futures.Executor | None:
+        return self._pool
 
 
 def shutdown_executor(ex: concurrent.futures.Executor | None, timeout: float) -> None:

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from torch.utils.data import default_collate
 
 from ..runtime.channels import BatchKey, Group
-from ..runtime.errors import StageError, shielded
+from ..runtime.errors import StageError
 from ..runtime.threads import WorkerPool
 from .base import OutQueue, Stage, shutdown_executor, skippable, timed
 from .pump import drain, pump
+from .steps import FusedStep, StepRun
 
 __all__ = ["Batcher"]
 
 
 def _collate_job(collate: Callable[[list[Any]], Any], items: list[Any]) -> Any:
     return collate(items)
+
+
+class _CollateStep(FusedStep):
+    """A batcher's step of a fused job: the group's items become one batch."""
+
+    __slots__ = ("collate",)
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def run(self, items: list[Any], out: StepRun) -> tuple[list[Any], bool]:
+        return [self.collate(items)], False
 
 
 class Batcher(Stage):
@@ -135,21 +148,38 @@ class Batcher(Stage):
             [batch], [key], batched=True, counts=[sum(group.counts)], dropped=group.dropped
         )
 
-    async def collate_batch(self, group: Group, index: int) -> Group:
-        """Collate one batch with this stage's pool, as batch number ``index`` (a fused run's)."""
+    # -- in a fused run (stages/fused.py): the last member; batches are cut first --
+    def fusable(self) -> bool:
+        return True
+
+    def fused_step(self, group: Group) -> _CollateStep:
+        return _CollateStep(self.collate_fn or default_collate)
+
+    def account_fused(self, run: StepRun, items: int) -> None:
+        self.counters.items += 1
+
+    @property
+    def worker_pool(self) -> concurrent.futures.Executor | None:
+        return self._pool
+
+    async def staged(self, group: Group, index: int) -> Group:
+        """Collate one batch with this stage's pool, as batch number ``index``."""
         collate = self.collate_fn or default_collate
-        loop = asyncio.get_running_loop()
-        key = BatchKey(index, group.keys[0], group.keys[-1])
         try:
-            batch, dt = await loop.run_in_executor(
-                self._pool, shielded, timed, collate, group.items
-            )
+            batch, dt = await self.submit(self._pool, timed, collate, group.items)
         except Exception as exc:
-            raise StageError(self.name, key, exc)
+            raise self.fused_failure(group, exc, index)
         self.counters.busy_s += dt
         self.counters.items += 1
         self.counters.jobs += 1
-        return Group([batch], [key], batched=True, counts=[len(group.items)])
+        return self.fused_output(group, [batch], index)
+
+    def fused_output(self, group: Group, items: list[Any], index: int) -> Group:
+        key = BatchKey(index, group.keys[0], group.keys[-1])
+        return Group(items, [key], batched=True, counts=[len(group.keys)])
+
+    def fused_failure(self, group: Group, exc: BaseException, index: int) -> StageError:
+        return StageError(self.name, BatchKey(index, group.keys[0], group.keys[-1]), exc)
 
     async def run(self, inq: Any, outq: OutQueue) -> None:
         self._count = 0

@@ -26,6 +26,7 @@ from ..runtime.limits import CapacityLimiter
 from ..runtime.threads import WorkerPool
 from .base import ItemFailure, OutQueue, PooledStage, shutdown_executor, skippable, timed
 from .pump import SpanFailure, drain, gather_spans, pump
+from .steps import FusedStep, StepRun
 
 __all__ = ["EXECUTORS", "Decoder", "map_items", "map_items_skipping"]
 
@@ -43,6 +44,18 @@ def map_items(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: see iopipe/runtime/errors.py
             raise ItemFailure(i, Interrupted(exc)) from None
     return out
+
+
+class _MapStep(FusedStep):
+    """A thread map's step of a fused job: :func:`map_items` of its function."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+    def run(self, items: list[Any], out: StepRun) -> tuple[list[Any], bool]:
+        return map_items(self.fn, items), False
 
 
 def map_items_skipping(
@@ -258,9 +271,22 @@ class Decoder(PooledStage):
         self.counters.concurrency = value
         self._limit.total_tokens = value
 
-    def observe_job(self, seconds: float, items: int) -> None:
-        """Feed the job sizer a job of this stage's function run elsewhere (a fused job)."""
-        self._sizer.observe(seconds, items)
+    # -- in a fused run (stages/fused.py) ---------------------------------------
+    def fusable(self) -> bool:
+        return self.executor == "thread"
+
+    def fused_step(self, group: Group) -> _MapStep:
+        return _MapStep(self.fn)
+
+    def fused_width(self) -> int | None:
+        return self.concurrency
+
+    def account_fused(self, run: StepRun, items: int) -> None:
+        self.counters.items += items
+        self._sizer.observe(run.seconds, items)  # the job sizer sees the fused job's maps
+
+    async def staged(self, group: Group, index: int) -> Group:
+        return await self.process(group)
 
     async def _run_job(self, items: list[Any], job: Callable[..., Any] = _timed_map) -> Any:
         assert self._limit is not None

@@ -25,6 +25,12 @@ its own.  Per group the stage chooses:
 
 Batches are cut before reading (the members are one-to-one), so each fused job
 produces exactly one batch, the same batch the :class:`Batcher` would have made.
+
+How.  Fusion is a rewrite of the opened stages (:func:`plan`), and the driver
+knows no concrete stage: each member declares it can join (``fusable()``), gives
+a :class:`~iopipe.stages.steps.FusedStep` per group, accounts its own step, and
+says how to finish a step that stopped the job, how to process a group staged,
+and what the run puts out or fails with (the ``Stage`` methods of that section).
 """
 
 from __future__ import annotations
@@ -35,36 +41,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..control.governor import RateGovernor, TokenBound
-from ..runtime.channels import BatchKey, Group
-from ..runtime.errors import StageError
+from ..runtime.channels import Group
 from ..runtime.limits import CapacityLimiter
 from ..runtime.stats import StageCounters
-from .base import ItemFailure, OutQueue, Stage
-from .batch import Batcher
-from .decode import Decoder, map_items
+from .base import OutQueue, Stage
 from .pump import drain, pump
-from .read_jobs import Large, normalize_item, read_job
-from .reader import ChunkedReader
+from .steps import FusedStep, StepRun
 
 __all__ = ["Fused", "fusable", "plan"]
 
 
 def fusable(stage: Stage) -> bool:
-    """Whether ``stage`` may join a fused run."""
+    """Whether ``stage`` may join a fused run: it says so, and nothing tunes or skips it."""
     if stage.autotune or stage.policy is not None:  # on_error="skip" runs stages apart
         return False
-    if isinstance(stage, ChunkedReader):
-        return stage.byte_bound is None  # max_inflight_bytes reserves per item: staged reads
-    if isinstance(stage, Decoder):
-        return stage.executor == "thread"
-    return isinstance(stage, Batcher)
+    return stage.fusable()
 
 
 def plan(stages: list[Stage]) -> list[Stage]:
-    """Return the stages to run: maximal fusable runs of two or more become :class:`Fused`.
+    """Rewrite ``stages``: maximal fusable runs of two or more become one :class:`Fused`.
 
-    A batcher ends a run (what follows it handles whole batches), and a run
-    starts at a reader or a thread map.
+    A batcher ends a run (what follows it handles whole batches) and cannot start
+    one; the members stay the pipeline's stages (stats, errors and state name them).
     """
     out: list[Stage] = []
     run: list[Stage] = []
@@ -77,9 +75,10 @@ def plan(stages: list[Stage]) -> list[Stage]:
         run.clear()
 
     for s in stages:
-        if fusable(s) and not (isinstance(s, Batcher) and not run):
+        batches = s.batch_size is not None
+        if fusable(s) and not (batches and not run):
             run.append(s)
-            if isinstance(s, Batcher):
+            if batches:
                 flush()
         else:
             flush()
@@ -100,66 +99,32 @@ class _StepFailure(Exception):
 @dataclass(slots=True)
 class _JobResult:
     items: list[Any]
-    done: int  # steps completed (fewer than all: large items wait for the reader)
-    seconds: list[float]  # wall seconds per completed step
-    read_cpu: float = 0.0
+    runs: list[StepRun]  # per completed step (fewer than all: a step stopped the job)
     cpu: float = 0.0  # thread CPU seconds of the whole job
-    read_bytes: int = 0  # bytes read by this job (large items not included)
-    misses: int = 0
 
 
-def _fused_job(
-    steps: list[tuple[Any, ...]], items: list[Any], flags: int, where: list[int]
-) -> _JobResult:
-    """Run ``steps`` over ``items`` in this worker thread.
+def _fused_job(steps: list[FusedStep], items: list[Any], where: list[int]) -> _JobResult:
+    """Run ``steps`` over ``items`` in this worker thread, until one stops the job.
 
-    Steps: ``("read", chunk_bytes, with_source, sources)``, ``("map", fn)``,
-    ``("collate", fn)``.  Stops after the read when an item is larger than one
-    chunk: the reader reads it in concurrent pieces, then the rest follows.
     ``where[0]`` tells the loop which step runs (to name a stuck stage).
     """
-    res = _JobResult(items, 0, [])
+    res = _JobResult(items, [])
     cpu0 = time.thread_time()
     for k, step in enumerate(steps):
         where[0] = k
+        run = StepRun()
         t0 = time.perf_counter()
-        kind = step[0]
         try:
-            if kind == "read":
-                c0 = time.thread_time()
-                items, res.misses = read_job(_entries(items), step[1], flags)
-                res.read_cpu = time.thread_time() - c0
-                res.read_bytes = sum(len(x) for x in items if not isinstance(x, Large))
-                if any(isinstance(x, Large) for x in items):
-                    res.seconds.append(time.perf_counter() - t0)
-                    res.items, res.done = items, k + 1
-                    res.cpu = time.thread_time() - cpu0
-                    return res
-                if step[2]:
-                    items = list(zip(step[3], items, strict=True))
-            elif kind == "map":
-                items = map_items(step[1], items)
-            else:
-                items = [step[1](items)]
+            items, stop = step.run(items, run)
         except Exception as exc:
             raise _StepFailure(k, exc) from None
-        res.seconds.append(time.perf_counter() - t0)
-    res.items, res.done = items, len(steps)
+        run.seconds = time.perf_counter() - t0
+        res.runs.append(run)
+        if stop:
+            break
+    res.items = items
     res.cpu = time.thread_time() - cpu0
     return res
-
-
-def _entries(items: list[Any]) -> list[tuple[str, int, int | None]]:
-    """``normalize_item`` of each item (paths take a fast path); a bad one is an ItemFailure."""
-    try:
-        return [(x, 0, None) if type(x) is str else normalize_item(x) for x in items]
-    except (TypeError, ValueError):
-        for i, x in enumerate(items):
-            try:
-                normalize_item(x)
-            except (TypeError, ValueError) as exc:
-                raise ItemFailure(i, exc) from None
-        raise
 
 
 class Fused(Stage):
@@ -168,15 +133,12 @@ class Fused(Stage):
     kind = "fused"
 
     def __init__(self, members: list[Stage]) -> None:
-        maps = [m.concurrency for m in members if isinstance(m, Decoder)]
-        reader = members[0] if isinstance(members[0], ChunkedReader) else None
-        top = min(maps) if maps else (reader.concurrency if reader is not None else 1)
+        widths = [w for m in members if (w := m.fused_width()) is not None]
+        top = min(widths) if widths else members[0].concurrency
         super().__init__(name="+".join(m.name for m in members), concurrency=max(1, top))
         self.members = members
-        self.reader = reader
-        self.maps = [m for m in members if isinstance(m, Decoder)]
         last = members[-1]
-        self.batcher = last if isinstance(last, Batcher) else None
+        self.batcher = last if last.batch_size is not None else None
         self._limit: CapacityLimiter | None = None
         self._gov: RateGovernor | None = None
         self._pool: Any = None
@@ -184,9 +146,9 @@ class Fused(Stage):
         self._where: list[tuple[list[int], int]] = []  # running jobs: (step cell, first step)
 
     def open(self, unit: int) -> None:
-        """Take the first member's worker pool (open already); fused jobs run there."""
+        """Borrow the first member's worker pool (open already); fused jobs run there."""
         super().open(unit)
-        self._pool = getattr(self.members[0], "_pool", None)
+        self._pool = self.members[0].worker_pool
         self._limit = CapacityLimiter(1)
         self._gov = RateGovernor(TokenBound(self._limit), self.concurrency)
 
@@ -216,8 +178,8 @@ class Fused(Stage):
         return self.members[min(len(self.members) - 1, start + cell[0])]
 
     def _cached(self) -> bool:
-        """Whether reads are served by the page cache (no reader: always)."""
-        return self.reader is None or self.reader.cached()
+        """Whether the members' reads are served by the page cache (no reads: yes)."""
+        return all(m.reads_cached() for m in self.members)
 
     # -- one group ------------------------------------------------------------
     async def _process(self, group: Group) -> Group:
@@ -230,104 +192,54 @@ class Fused(Stage):
             return await self._fused(group, index)
         return await self._staged(group, index)
 
-    def _steps(self, group: Group) -> list[tuple[Any, ...]]:
-        steps: list[tuple[Any, ...]] = []
-        for m in self.members:
-            if isinstance(m, ChunkedReader):
-                steps.append(("read", m.chunk_bytes, m.with_source, group.items))
-            elif isinstance(m, Decoder):
-                steps.append(("map", m.fn))
-            elif isinstance(m, Batcher):
-                steps.append(("collate", m.collate_fn or _default_collate()))
-        return steps
-
     async def _fused(self, group: Group, index: int) -> Group:
         assert self._limit is not None
         assert self._gov is not None
-        steps = self._steps(group)
+        steps = [m.fused_step(group) for m in self.members]
         items: list[Any] = group.items  # a reader's items are normalized in the job
         start = 0
         cpu = -1.0  # the job's thread CPU, when one job did the whole group
         while start < len(steps):
-            flags = self.reader.probe_flags if self.reader else 0
             async with self._limit:
                 self._gov.started()
                 cell = ([0], start)
                 self._where.append(cell)
                 try:
                     res: _JobResult = await self.submit(
-                        self._pool, _fused_job, steps[start:], items, flags, cell[0]
+                        self._pool, _fused_job, steps[start:], items, cell[0]
                     )
                 except _StepFailure as sf:
-                    raise self._failure(group, start + sf.step, sf.exc, index)
+                    step = start + sf.step
+                    raise self.members[step].fused_failure(group, sf.exc, index)
                 finally:
                     # By identity: two cells can be equal ([0], 0) while their jobs differ.
                     self._where = [c for c in self._where if c is not cell]
             self._account(group, start, res)
+            done = len(res.runs)
+            cpu = res.cpu if start == 0 and done == len(steps) else -1.0
             items = res.items
-            cpu = res.cpu if start == 0 and res.done == len(steps) else -1.0
-            start += res.done
-            if start < len(steps):  # large items: the reader reads them in pieces
-                assert self.reader is not None
-                await self._read_larges(group, items)
-                items = [x.buf if isinstance(x, Large) else x for x in items]
-                if self.reader.with_source:
-                    items = list(zip(group.items, items, strict=True))
+            start += done
+            if start < len(steps):  # the step that stopped finishes on the loop
+                items = await self.members[start - 1].resume_fused(group, items)
         self._gov.observe(len(group.items), cpu)
-        return self._output(group, items, index)
-
-    async def _read_larges(self, group: Group, items: list[Any]) -> None:
-        assert self.reader is not None
-        larges = [(i, x) for i, x in enumerate(items) if isinstance(x, Large)]
-        await self.reader.read_larges(group, larges)
-        self.reader.counters.bytes += sum(len(x.buf) for _, x in larges)
+        return self.members[-1].fused_output(group, items, index)
 
     def _account(self, group: Group, start: int, res: _JobResult) -> None:
         """Credit each member with its share of a fused job (stats, governors)."""
         n = len(group.items)
-        run = sum(res.seconds)
+        run = sum(r.seconds for r in res.runs)
         for m in self.members:
             m.counters.run_busy_s += run
-        for m, dt in zip(self.members[start : start + res.done], res.seconds, strict=True):
-            c = m.counters
-            c.busy_s += dt
-            c.jobs += 1
-            if isinstance(m, ChunkedReader):
-                c.items += n
-                c.bytes += res.read_bytes
-                c.extra["cpu_s"] = c.extra.get("cpu_s", 0.0) + res.read_cpu
-                m.observe_reads(dt, res.read_cpu, n, res.misses)
-            elif isinstance(m, Decoder):
-                c.items += n
-                m.observe_job(dt, n)
-            else:
-                c.items += 1
-
-    def _output(self, group: Group, items: list[Any], index: int) -> Group:
-        if self.batcher is None:
-            return group.replace_items(items)
-        return Group(
-            items,
-            [BatchKey(index, group.keys[0], group.keys[-1])],
-            batched=True,
-            counts=[len(group.keys)],
-        )
-
-    def _failure(self, group: Group, step: int, exc: BaseException, index: int) -> StageError:
-        member = self.members[step]
-        if isinstance(member, Batcher):
-            return StageError(member.name, BatchKey(index, group.keys[0], group.keys[-1]), exc)
-        return member.fail(group, exc)
+        for m, r in zip(self.members[start : start + len(res.runs)], res.runs, strict=True):
+            m.counters.busy_s += r.seconds
+            m.counters.jobs += 1
+            m.account_fused(r, n)
 
     async def _staged(self, group: Group, index: int) -> Group:
         """Run the members one after another on ``group`` (reads fan out)."""
-        g = group
         for m in self.members:
-            if isinstance(m, Batcher):
-                return await m.collate_batch(g, index)
-            assert isinstance(m, ChunkedReader | Decoder)
-            g = await m.process(g)
-        return g
+            group = await m.staged(group, index)
+        return group
 
     # -- the stream -----------------------------------------------------------
     async def run(self, inq: Any, outq: OutQueue) -> None:
@@ -335,9 +247,7 @@ class Fused(Stage):
         if self._gov is not None:
             self._gov.restart()
         every = [m.counters for m in self.members]
-        groups = drain(inq, _SharedWaits(every[0], every))
-        if self.batcher is not None:
-            groups = self.batcher.cut(groups)
+        groups = self.members[-1].cut(drain(inq, _SharedWaits(every[0], every)))
         last = _SharedWaits(every[-1], every)
         await pump(groups, outq, self._process, window=self.window(), ordered=True, counters=last)
 
@@ -378,9 +288,3 @@ class _SharedWaits:
         delta = value - self._primary.wait_output_s
         for c in self._all:
             c.wait_output_s += delta
-
-
-def _default_collate() -> Any:
-    from torch.utils.data import default_collate
-
-    return default_collate

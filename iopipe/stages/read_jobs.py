@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,12 @@ import numpy as np
 from ..io.files import open_regular, open_sized
 from ..io.reads import read_exact, read_probing
 from .base import ItemFailure, skippable
+from .steps import FusedStep, StepRun
 
 __all__ = [
     "Large",
     "NeedRoom",
+    "ReadStep",
     "normalize_item",
     "piece_bytes",
     "read_job",
@@ -237,3 +240,42 @@ def read_piece(large: Large, start: int, stop: int, chunk: int, flags: int) -> t
     finally:
         os.close(fd)
     return stop - start, miss
+
+
+class ReadStep(FusedStep):
+    """A reader's step of a fused job: :func:`read_job` over the group's items.
+
+    Stops the job when an item is larger than one chunk (a :class:`Large`): the
+    reader reads those in concurrent pieces on the loop, then the job goes on.
+    """
+
+    __slots__ = ("chunk_bytes", "flags", "sources")
+
+    def __init__(self, chunk_bytes: int, flags: int, sources: list[Any] | None) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.flags = flags  # the page-cache probe of the reader's governor
+        self.sources = sources  # with_source: the group's items, to pair with the buffers
+
+    def run(self, items: list[Any], out: StepRun) -> tuple[list[Any], bool]:
+        c0 = time.thread_time()
+        bufs, out.misses = read_job(_entries(items), self.chunk_bytes, self.flags)
+        out.cpu = time.thread_time() - c0
+        out.bytes = sum(len(x) for x in bufs if not isinstance(x, Large))
+        if any(isinstance(x, Large) for x in bufs):
+            return bufs, True
+        if self.sources is not None:
+            bufs = list(zip(self.sources, bufs, strict=True))
+        return bufs, False
+
+
+def _entries(items: list[Any]) -> list[tuple[str, int, int | None]]:
+    """``normalize_item`` of each item (paths take a fast path); a bad one is an ItemFailure."""
+    try:
+        return [(x, 0, None) if type(x) is str else normalize_item(x) for x in items]
+    except (TypeError, ValueError):
+        for i, x in enumerate(items):
+            try:
+                normalize_item(x)
+            except (TypeError, ValueError) as exc:
+                raise ItemFailure(i, exc) from None
+        raise

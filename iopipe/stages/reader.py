@@ -32,12 +32,14 @@ from .pump import SpanFailure, drain, gather_spans, pump
 from .read_jobs import (
     Large,
     NeedRoom,
+    ReadStep,
     normalize_item,
     piece_bytes,
     read_job,
     read_job_skipping,
     read_piece,
 )
+from .steps import StepRun
 
 __all__ = ["ChunkedReader"]
 
@@ -114,10 +116,38 @@ class ChunkedReader(PooledStage):
         if self._limit.total_tokens > value:
             self._limit.total_tokens = value
 
-    def observe_reads(self, wall: float, cpu: float, items: int, misses: int) -> None:
-        """Feed the I/O governor a job of reads run elsewhere (a fused job)."""
-        if self._gov is not None:
-            self._gov.observe(wall, cpu, items, misses)
+    # -- in a fused run (stages/fused.py) ---------------------------------------
+    def fusable(self) -> bool:
+        # max_inflight_bytes reserves per item: a gated reader runs its reads staged.
+        return self.byte_bound is None
+
+    def fused_step(self, group: Group) -> ReadStep:
+        return ReadStep(
+            self.chunk_bytes, self.probe_flags, group.items if self.with_source else None
+        )
+
+    def reads_cached(self) -> bool:
+        return self.cached()
+
+    def account_fused(self, run: StepRun, items: int) -> None:
+        c = self.counters
+        c.items += items
+        c.bytes += run.bytes
+        c.extra["cpu_s"] = c.extra.get("cpu_s", 0.0) + run.cpu
+        if self._gov is not None:  # the I/O governor sees the reads a fused job did
+            self._gov.observe(run.seconds, run.cpu, items, run.misses)
+
+    async def resume_fused(self, group: Group, items: list[Any]) -> list[Any]:
+        larges = [(i, x) for i, x in enumerate(items) if isinstance(x, Large)]
+        await self.read_larges(group, larges)
+        self.counters.bytes += sum(len(x.buf) for _, x in larges)
+        bufs = [x.buf if isinstance(x, Large) else x for x in items]
+        if self.with_source:
+            return list(zip(group.items, bufs, strict=True))
+        return bufs
+
+    async def staged(self, group: Group, index: int) -> Group:
+        return await self.process(group)
 
     async def _job(self, fn: Any, items: int, *args: Any) -> Any:
         assert self._limit is not None

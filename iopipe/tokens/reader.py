@@ -350,6 +350,9 @@ class TokenBatcher(Batcher):
         self._raw: list[np.ndarray[Any, Any]] = []  # free raw buffers
         self._nowait = RWF_NOWAIT != 0
 
+    def fusable(self) -> bool:
+        return False  # its "collate" is the read: it runs alone
+
     def config(self) -> dict[str, Any]:
         return {
             **super().config(),
