@@ -66,8 +66,14 @@ class _Jobs:
         self.skip = skip  # on_error="skip": a skippable failure drops the sample
 
     def failed(self, exc: BaseException, note: str, what: Any, failures: list[Failure]) -> None:
-        """The hook around every sample: note ``exc``, then record it (skip) or raise it."""
+        """The hook around every sample: note ``exc``, then record it (skip) or raise it.
+
+        A KeyboardInterrupt or SystemExit leaves as :class:`~iopipe.runtime.errors.Interrupted`
+        (never skipped): raised raw in a task, it would stop the loop thread.
+        """
         exc.add_note(note)
+        if not isinstance(exc, Exception):
+            raise Interrupted(exc) from None
         if not (self.skip and skippable(exc)):
             raise exc
         failures.append((what, exc, 1))
@@ -172,7 +178,8 @@ class MapFetcher(_Jobs):
                 out.append(ds[i])
             except BaseException as exc:
                 self.failed(exc, _sample_note(i, n, index), i, failures)
-        return (NOTHING if failures and not out else out), attempted, failures
+        # Under "skip" a batch with no sample left (or none asked for) is not collated.
+        return (NOTHING if self.skip and not out else out), attempted, failures
 
 
 class AsyncMapFetcher(MapFetcher):
@@ -188,6 +195,8 @@ class AsyncMapFetcher(MapFetcher):
         try:
             samples, attempted, failures = await self._fetch(n, index)
             return n, (Fetched(samples, attempted, failures) if self.skip else samples)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # named, then raised by the consumer
             return n, Failed(exc)
         finally:
@@ -218,14 +227,14 @@ class AsyncMapFetcher(MapFetcher):
         for i, x in zip(indices, outcomes, strict=True):
             if isinstance(x, _Miss):
                 failures.append((i, x.exc, 1))
-        if not failures:
-            return list(outcomes), len(indices), failures
-        samples = [x for x in outcomes if not isinstance(x, _Miss)]
-        return (samples if samples else NOTHING), len(indices), failures
+        samples = [x for x in outcomes if not isinstance(x, _Miss)] if failures else list(outcomes)
+        return (NOTHING if self.skip and not samples else samples), len(indices), failures
 
     async def _one(self, n: int, i: Any, index: Any, failures: list[Failure]) -> Any:
         try:
             return await self.dataset[i]
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:
             self.failed(exc, _sample_note(i, n, index), i, failures)
             return _Miss(exc)

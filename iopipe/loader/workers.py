@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
@@ -166,7 +165,9 @@ class GovernedSlots:
         from ..control.governor import RateGovernor, TokenBound
 
         self.limiter = BlockingCapacityLimiter(limit)
-        self._gov_lock = threading.Lock()  # the governor is fed by every worker thread
+        # The governor is fed by every worker thread; under the limiter's own lock
+        # it reads the tokens held and moves the bound with nobody taking one meanwhile.
+        self._gov_lock = self.limiter.holding()
         self.governor = (
             RateGovernor(TokenBound(self.limiter), self.limiter.total_tokens, start_high=True)
             if govern and limit > 1

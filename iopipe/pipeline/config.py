@@ -260,6 +260,8 @@ def pipeline_to_config(spec: PipelineSpec) -> dict[str, Any]:
         source["files"] = [x if isinstance(x, str) else list(x) for x in source["files"]]
     source.update({k: v for k, v in src.config().items() if v is not None})
     chosen = {k: v for k, v in spec.options.as_dict().items() if v != defaults[k]}
+    # An option switched off (None) where its default is on is written as false.
+    chosen.update({k: False for k, v in chosen.items() if v is None and defaults[k] is not None})
     out: dict[str, Any] = {
         "source": source,
         "options": _plain_values({k: v for k, v in chosen.items() if v is not None}, "options"),

@@ -67,6 +67,15 @@ def _number(v: Any, path: str) -> float:
     raise ConfigError(path, f"expected a number > 0, got {show(v)}")
 
 
+def _number_or_off(v: Any, path: str) -> float | None:
+    """A number > 0, or ``false``: off (the option's None, which config files cannot write)."""
+    if v is False:
+        return None
+    if isinstance(v, int | float) and not isinstance(v, bool) and v > 0:
+        return v
+    raise ConfigError(path, f"expected a number > 0 or false (off), got {show(v)}")
+
+
 def _str(v: Any, path: str) -> str:
     if isinstance(v, str) and v:
         return v
@@ -147,7 +156,7 @@ OPTIONS: Spec = {
     "memory_budget_bytes": (_size, False),
     "on_error": (_choice("raise", "skip"), False),
     "max_failures": (_max_failures, False),
-    "stall_warning": (_number, False),
+    "stall_warning": (_number_or_off, False),
     "max_inflight_bytes": (_size, False),
     "fuse": (_bool, False),
 }

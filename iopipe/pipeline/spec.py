@@ -26,6 +26,10 @@ __all__ = ["Options", "PipelineSpec"]
 class Options:
     """The keyword options of :class:`~iopipe.Pipeline` (documented there), checked on creation.
 
+    The fields repeat the constructor's keywords and defaults (the public signature
+    spells them out); tests/pipeline/test_spec.py holds the two, and the config
+    table's keys, to the same names and values.
+
     Raises:
         ValueError, TypeError: an option is invalid (the message names it).
     """

@@ -153,8 +153,14 @@ class BlockingCapacityLimiter(_Tokens):
         """Take a token, waiting while none is free or a lower ``priority`` waits."""
         with self._cond:
             heapq.heappush(self._waiting, priority)
-            while self._held >= self._total or self._waiting[0] != priority:
-                self._cond.wait(1.0)
+            try:
+                while self._held >= self._total or self._waiting[0] != priority:
+                    self._cond.wait(1.0)
+            except BaseException:  # interrupted while waiting: leave the queue, or it stalls
+                self._waiting.remove(priority)
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()
+                raise
             heapq.heappop(self._waiting)
             self._held += 1
             if self._waiting and self._held < self._total:
@@ -165,6 +171,10 @@ class BlockingCapacityLimiter(_Tokens):
         with self._cond:
             self._held -= 1
             self._cond.notify_all()
+
+    def holding(self) -> threading.Condition:
+        """The limiter's (reentrant) lock: what runs under it sees the count hold still."""
+        return self._cond
 
     def __enter__(self) -> None:
         self.acquire()

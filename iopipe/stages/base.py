@@ -298,8 +298,11 @@ class Stage:
         """Count this stage's step of a fused job over ``items`` input items (loop thread)."""
         self.counters.items += items
 
-    async def resume_fused(self, group: Group, items: list[Any]) -> list[Any]:
-        """Finish what this stage's step stopped short of (on the loop), then the job goes on."""
+    async def resume_fused(self, group: Group, inputs: list[Any], items: list[Any]) -> list[Any]:
+        """Finish on the loop what this stage's step stopped short of; the job then goes on.
+
+        ``inputs`` are what the step was given, ``items`` what it returned when it stopped.
+        """
         raise TypeError(f"stage {self.name!r} never stops a fused job")
 
     async def staged(self, group: Group, index: int) -> Group:

@@ -100,6 +100,7 @@ class _StepFailure(Exception):
 class _JobResult:
     items: list[Any]
     runs: list[StepRun]  # per completed step (fewer than all: a step stopped the job)
+    inputs: list[Any] | None = None  # what the last step run was given
     cpu: float = 0.0  # thread CPU seconds of the whole job
 
 
@@ -114,6 +115,7 @@ def _fused_job(steps: list[FusedStep], items: list[Any], where: list[int]) -> _J
         where[0] = k
         run = StepRun()
         t0 = time.perf_counter()
+        res.inputs = items
         try:
             items, stop = step.run(items, run)
         except Exception as exc:
@@ -220,7 +222,8 @@ class Fused(Stage):
             items = res.items
             start += done
             if start < len(steps):  # the step that stopped finishes on the loop
-                items = await self.members[start - 1].resume_fused(group, items)
+                assert res.inputs is not None
+                items = await self.members[start - 1].resume_fused(group, res.inputs, items)
         self._gov.observe(len(group.items), cpu)
         return self.members[-1].fused_output(group, items, index)
 

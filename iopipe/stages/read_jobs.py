@@ -249,12 +249,12 @@ class ReadStep(FusedStep):
     reader reads those in concurrent pieces on the loop, then the job goes on.
     """
 
-    __slots__ = ("chunk_bytes", "flags", "sources")
+    __slots__ = ("chunk_bytes", "flags", "with_source")
 
-    def __init__(self, chunk_bytes: int, flags: int, sources: list[Any] | None) -> None:
+    def __init__(self, chunk_bytes: int, flags: int, with_source: bool) -> None:
         self.chunk_bytes = chunk_bytes
         self.flags = flags  # the page-cache probe of the reader's governor
-        self.sources = sources  # with_source: the group's items, to pair with the buffers
+        self.with_source = with_source  # pair each buffer with the item it was read for
 
     def run(self, items: list[Any], out: StepRun) -> tuple[list[Any], bool]:
         c0 = time.thread_time()
@@ -263,8 +263,8 @@ class ReadStep(FusedStep):
         out.bytes = sum(len(x) for x in bufs if not isinstance(x, Large))
         if any(isinstance(x, Large) for x in bufs):
             return bufs, True
-        if self.sources is not None:
-            bufs = list(zip(self.sources, bufs, strict=True))
+        if self.with_source:  # this step's input: after a map, the mapped items
+            bufs = list(zip(items, bufs, strict=True))
         return bufs, False
 
 

@@ -122,9 +122,7 @@ class ChunkedReader(PooledStage):
         return self.byte_bound is None
 
     def fused_step(self, group: Group) -> ReadStep:
-        return ReadStep(
-            self.chunk_bytes, self.probe_flags, group.items if self.with_source else None
-        )
+        return ReadStep(self.chunk_bytes, self.probe_flags, self.with_source)
 
     def reads_cached(self) -> bool:
         return self.cached()
@@ -137,13 +135,13 @@ class ChunkedReader(PooledStage):
         if self._gov is not None:  # the I/O governor sees the reads a fused job did
             self._gov.observe(run.seconds, run.cpu, items, run.misses)
 
-    async def resume_fused(self, group: Group, items: list[Any]) -> list[Any]:
+    async def resume_fused(self, group: Group, inputs: list[Any], items: list[Any]) -> list[Any]:
         larges = [(i, x) for i, x in enumerate(items) if isinstance(x, Large)]
         await self.read_larges(group, larges)
         self.counters.bytes += sum(len(x.buf) for _, x in larges)
         bufs = [x.buf if isinstance(x, Large) else x for x in items]
         if self.with_source:
-            return list(zip(group.items, bufs, strict=True))
+            return list(zip(inputs, bufs, strict=True))
         return bufs
 
     async def staged(self, group: Group, index: int) -> Group:

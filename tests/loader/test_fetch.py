@@ -141,3 +141,24 @@ def test_collate_of_an_iterable_datasets_samples() -> None:
     assert out.batch == 6
     assert out.n == 3
     assert not out.failures
+
+
+def test_a_system_exit_in_an_async_sample_travels_as_interrupted() -> None:
+    from iopipe.runtime.errors import Interrupted
+
+    class Exits:
+        async def __getitem__(self, i: int) -> int:
+            raise SystemExit(3)
+
+    for skip in (False, True):
+        _, data = asyncio.run(AsyncMapFetcher(Exits(), list, True, skip=skip)((1, [0, 1])))
+        assert isinstance(data, Failed)
+        assert isinstance(data.exc, Interrupted)
+        assert isinstance(data.exc.exc, SystemExit)
+
+
+def test_skip_mode_an_empty_index_is_nothing_not_collated() -> None:
+    out = MapFetcher(Flaky(set()), list, True, skip=True)((0, []))
+    assert isinstance(out, Fetched)
+    assert out.batch is NOTHING
+    assert MapFetcher(Flaky(set()), list, True)((0, [])) == []

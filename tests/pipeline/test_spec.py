@@ -72,3 +72,12 @@ def test_the_planner_opens_nothing_and_copies_the_chain() -> None:
     assert p.fuse is False  # skipping happens stage by stage
     assert p.max_inflight_bytes == 1 << 20
     assert plan(Pipeline.from_iterable(range(3)).map(lambda x: x)._spec).fuse is True
+
+
+def test_an_option_switched_off_round_trips_through_a_config() -> None:
+    pipe = Pipeline.from_iterable([1, 2, 3], stall_warning=None)
+    config = pipe.to_config()
+    assert config["options"] == {"stall_warning": False}
+    again = Pipeline.from_config(config)
+    assert again._spec.options.stall_warning is None
+    assert Pipeline.from_config(pipe.to_config())._spec.options == pipe._spec.options

@@ -92,3 +92,24 @@ def test_statistics_are_a_frozen_snapshot() -> None:
         stats.total_tokens = 5  # type: ignore[misc]
     assert stats.total_tokens == 3
     assert BlockingCapacityLimiter(0).total_tokens == 1  # under 1 counts as 1
+
+
+def test_a_waiter_interrupted_while_waiting_leaves_the_queue() -> None:
+    lim = BlockingCapacityLimiter(1)
+    lim.acquire()
+    cond = lim.holding()
+
+    def interrupted(timeout: float | None = None) -> bool:
+        raise KeyboardInterrupt
+
+    cond.wait = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        lim.acquire(0)
+    del cond.wait  # the real wait again
+    assert lim.statistics().tasks_waiting == 0
+    got = threading.Event()
+    t = threading.Thread(target=lambda: (lim.acquire(5), got.set(), lim.release()))
+    t.start()
+    lim.release()
+    assert got.wait(10)  # not stuck behind the interrupted waiter's priority
+    t.join(10)

@@ -119,6 +119,29 @@ def test_items_larger_than_a_chunk_are_read_in_pieces_then_mapped(files: list[st
     assert_same(a, b)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 1000])  # whole reads; pieces (resumed)
+def test_a_read_after_a_map_pairs_buffers_with_the_mapped_items(
+    files: list[str], chunk_bytes: int
+) -> None:
+    def make(fuse: bool) -> Pipeline[Any]:
+        return (
+            Pipeline.from_iterable([Path(f).name for f in files], fuse=fuse)
+            .map(lambda name: str(Path(files[0]).parent / name))
+            .read(chunk_bytes=chunk_bytes, with_source=True)
+            .batch(4, collate_fn=list)
+        )
+
+    with make(True) as a, make(False) as b:
+        got, want = list(a), list(b)
+        assert a._rt is not None
+        assert kinds(a._rt.plan) == ["map+read+batch"]
+    assert [[(p, bytes(buf)) for p, buf in batch] for batch in got] == [
+        [(p, bytes(buf)) for p, buf in batch] for batch in want
+    ]
+    assert got[0][0][0] == files[0]  # the mapped item (a path), not the source's name
+    assert bytes(got[0][0][1]) == Path(files[0]).read_bytes()
+
+
 def test_with_source_and_several_maps(files: list[str]) -> None:
     def make(fuse: bool) -> Pipeline[Any]:
         return (
