@@ -366,7 +366,9 @@ def test_stall_warning_in_a_config() -> None:
     pipe = Pipeline.from_config(cfg)
     assert pipe._spec.options.stall_warning == 5
     assert pipe.to_config()["options"] == {"stall_warning": 5}
-    with pytest.raises(ConfigError, match=r"options\.stall_warning: expected a number > 0 or false \(off\), got 0"):
+    with pytest.raises(
+        ConfigError, match=r"options\.stall_warning: expected a number > 0 or false \(off\), got 0"
+    ):
         Pipeline.from_config({"source": {"items": [1]}, "options": {"stall_warning": 0}})
 
 
