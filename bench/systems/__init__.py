@@ -26,6 +26,7 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "torchdata": ("torchdata_nodes", {}),
     "iopipe": ("iopipe_pipeline", {}),
     "iopipe-dl": ("iopipe_loader", {"num_workers": 2}),
+    "iopipe-dl-w0": ("iopipe_loader", {"num_workers": 0}),
 }
 BASELINES = ("plain", "torch-w0", "torch-w2", "spdl", "torchdata")
 

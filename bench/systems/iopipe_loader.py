@@ -1,4 +1,4 @@
-"""iopipe.DataLoader (issue 3): a drop-in for torch's, called exactly as torch-w2 is.
+"""iopipe.DataLoader (issue 3): a drop-in for torch's, called exactly as torch-w0 and torch-w2 are.
 
 The same map-style dataset and the same arguments as ``bench/systems/torch_loader.py``; the
 case reports "unavailable" until ``iopipe.DataLoader`` exists.
