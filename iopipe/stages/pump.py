@@ -70,7 +70,7 @@ async def pump(
     never holds more than ``window`` groups.  Ends by putting END.
     """
     slots = asyncio.Semaphore(window)
-    pending: deque[asyncio.Task[Group]] = deque()
+    pending: deque[asyncio.Task[Group | _Failed]] = deque()
     ready = asyncio.Event()  # for the ordered emitter: something was appended / ended
     finished = False
 
@@ -84,6 +84,8 @@ async def pump(
             task = pending[0]
             out = await task
             pending.popleft()
+            if isinstance(out, _Failed):
+                raise out.exc  # in input order: the first failure is the earliest item's
             await _put(outq, out, counters)
             slots.release()
 
@@ -107,13 +109,38 @@ async def pump(
                 break
             CURRENT_GROUP.set(group)  # the task's context copies it
             if ordered:
-                pending.append(tg.create_task(process(group)))
+                pending.append(tg.create_task(_settled(process, group)))
                 ready.set()
             else:
                 tg.create_task(one_unordered(group))
         finished = True
         ready.set()
     await outq.put(END)
+
+
+class _Failed:
+    """A group's failure, held until the ordered emitter reaches the group."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+async def _settled(
+    process: Callable[[Group], Coroutine[Any, Any, Group]], group: Group
+) -> Group | _Failed:
+    """``await process(group)``, returning its failure instead of raising it.
+
+    Under ``ordered=True`` a later group can fail before an earlier one ends
+    (they run concurrently); raising at once would report whichever job lost
+    the race.  Holding the failure until the emitter reaches it makes the error
+    the consumer sees the earliest failing item's, every run.
+    """
+    try:
+        return await process(group)
+    except Exception as exc:  # re-raised by the emitter, in order
+        return _Failed(exc)
 
 
 def leaf_errors(exc: BaseException) -> list[BaseException]:
@@ -160,19 +187,40 @@ class SpanFailure(Exception):
 
 
 async def gather_spans(coros: list[Any], offsets: list[int]) -> list[Any]:
-    """Gather job coroutines; an ItemFailure is re-raised with its job's offset."""
+    """Gather job coroutines; an ItemFailure is re-raised with its job's offset.
+
+    When jobs fail, the one reported is the earliest in the group, whichever
+    finished first: the jobs before it are awaited (one of them may fail too),
+    the ones after it are cancelled.
+    """
     tasks = []
     for i, c in enumerate(coros):
         CURRENT_SPAN.set((offsets[i], offsets[i + 1] if i + 1 < len(offsets) else -1))
         tasks.append(asyncio.ensure_future(c))  # the task's context copies the span
     CURRENT_SPAN.set(None)
+    pending = set(tasks)
+    first = len(tasks)  # the earliest job known to have failed
     try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException as exc:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.cancelled():
+                    raise asyncio.CancelledError  # nothing of ours cancels a job before `first`
+                exc = t.exception()
+                if exc is None:
+                    continue
+                if not isinstance(exc, ItemFailure):
+                    raise exc
+                first = min(first, tasks.index(t))
+            for t in tasks[first + 1 :]:
+                t.cancel()
+            pending.difference_update(tasks[first + 1 :])
+    except BaseException:
         for t in tasks:
             t.cancel()
-        if isinstance(exc, ItemFailure):
-            for off, t in zip(offsets, tasks, strict=True):
-                if t.done() and not t.cancelled() and t.exception() is exc:
-                    raise SpanFailure(exc, off) from None
         raise
+    if first < len(tasks):
+        exc = tasks[first].exception()
+        assert isinstance(exc, ItemFailure)
+        raise SpanFailure(exc, offsets[first]) from None
+    return [t.result() for t in tasks]

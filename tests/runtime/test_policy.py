@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,19 @@ def test_raise_is_the_default_and_stops_at_the_first_failure() -> None:
         ):
             out.extend(pipe)
         assert 30 not in out
+
+
+def test_raise_reports_the_earliest_failing_item_not_the_fastest() -> None:
+    # Item 0 fails late, item 1 at once: the two run concurrently, and the error
+    # the consumer sees is still item 0's (the order the output would have had).
+    def fails(x: int) -> int:
+        if x == 0:
+            time.sleep(0.2)
+        raise ValueError(f"bad item {x}")
+
+    pipe = Pipeline.from_iterable(range(4)).map(fails, concurrency=2)
+    with pipe, pytest.raises(StageError, match=r"failed on item 0: ValueError: bad item 0"):
+        list(pipe)
 
 
 @pytest.mark.parametrize("executor", ["thread", "process", "async", "inline"])
