@@ -25,6 +25,7 @@ from ..runtime.errors import item_label
 from ..runtime.policy import FailurePolicy
 from ..stages.source import resolve_rank, shard_iter
 from .fetch import AsyncMapFetcher, Collate, MapFetcher
+from .helped import HelpedRun, run_helped
 from .modes import (
     PROBE_TIMEOUT_S,
     NeedsProcesses,
@@ -87,6 +88,8 @@ class EpochRunner(_TorchDataLoader[_T_co]):
     _inner: _TorchDataLoader[Any] | None
     _procs: WorkerProcesses
     _primed: Primed | None  # the pipeline's job function
+    _helped: bool  # "main" with a helper thread that runs ahead (see helped.py)
+    _helped_run: HelpedRun | None  # the epoch it runs
 
     def _init_epochs(
         self, options: LoaderOptions, start: StartMode, generator: torch.Generator | None
@@ -106,13 +109,14 @@ class EpochRunner(_TorchDataLoader[_T_co]):
             self._gens, self._use_global = rng_sources(generator, self._index_sampler)
         self._epoch = 0
         self._iterators = 0
+        self._helped = False
         self._fresh_resources(record=self._mode == "process")
 
     def _fresh_resources(self, *, record: bool) -> None:
         """No threads, processes or epochs yet: the state a new (or copied) loader starts from."""
         self._stream = IndexStream(self._index_sampler, self._gens, self._use_global, record=record)
         self._pipe = self._slots = self._feed = self._gate = self._inner = None
-        self._primed = self._plan = self._pending = None
+        self._primed = self._plan = self._pending = self._helped_run = None
         self._procs = WorkerProcesses(self.persistent_workers)
 
     @property
@@ -132,6 +136,9 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         """Stop the pipeline's epoch in progress (its batches are for nobody now)."""
         if self._pipe is not None:
             self._pipe.stop_epoch()
+        run, self._helped_run = self._helped_run, None
+        if run is not None:
+            run.stop()
 
     def _taken_all(self, plan: EpochPlan) -> bool:
         """Whether the consumer took ``len(loader)`` batches of a map-style epoch.
@@ -231,7 +238,9 @@ class EpochRunner(_TorchDataLoader[_T_co]):
 
         Under ``worker_type="auto"`` the first epoch's first batch is watched
         (:func:`~iopipe.loader.modes.probe_here`): a dataset that drew from a global
-        RNG stays here, as torch runs it; the others go on in a background thread.
+        RNG runs here alone, as torch runs it; for the others a helper thread runs
+        batches ahead while the training loop is away from ``next()``
+        (``helped.py``).
         """
         jobs = start()
         fn: Callable[[Any], Any] = self._job_fn()
@@ -247,13 +256,23 @@ class EpochRunner(_TorchDataLoader[_T_co]):
                 return
             jobs = itertools.chain([job0], jobs)
             primed = (job0[0], probe.outcome)
-            if probe.needs is None:
-                self._settle("thread", "the first batch drew from no global RNG")
+            if probe.needs is None and self.timeout > 0:  # only a background worker times out
+                self._settle("thread", "the first batch drew from no global RNG; timeout= set")
                 yield from self._on_pipeline(jobs, plan, primed)
                 return
-            self._settle("main", probe.needs)
             fn = Primed(fn, primed)
-        yield from run_inline(fn, jobs, self._pin_now())
+            self._helped = probe.needs is None
+            reason = probe.needs or (
+                "the first batch drew from no global RNG; a helper thread runs batches "
+                "ahead while the training loop is away from next()"
+            )
+            self._settle("main", reason)
+        if not self._helped:
+            yield from run_inline(fn, jobs, self._pin_now())
+            return
+        # torch's prefetch_factor is None with num_workers=0: its default depth, 2.
+        run = self._helped_run = run_helped(fn, jobs, self._pin_now(), depth=2)
+        yield from run
 
     def _probe_first(self, jobs: Iterator[Any]) -> tuple[Iterator[Any], tuple[int, Any] | None]:
         """Watch batch 0 fetched alone (``num_workers > 0``); raise if it needs processes."""

@@ -81,11 +81,8 @@ async def pump(
                     return
                 ready.clear()
                 await ready.wait()
-            task = pending[0]
-            out = await task
+            out = _unwrap(await pending[0])  # in input order: the earliest failure first
             pending.popleft()
-            if isinstance(out, _Failed):
-                raise out.exc  # in input order: the first failure is the earliest item's
             await _put(outq, out, counters)
             slots.release()
 
@@ -141,6 +138,12 @@ async def _settled(
         return await process(group)
     except Exception as exc:  # re-raised by the emitter, in order
         return _Failed(exc)
+
+
+def _unwrap(out: Group | _Failed) -> Group:
+    if isinstance(out, _Failed):
+        raise out.exc
+    return out
 
 
 def leaf_errors(exc: BaseException) -> list[BaseException]:

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -426,20 +427,65 @@ class Probe(Dataset[Any]):
                 self.active -= 1
 
 
-@pytest.mark.parametrize("worker_type", ["auto", "thread"])
-def test_num_workers_0_is_one_background_thread(worker_type: str) -> None:
-    # "auto" fetches the first batch in the calling thread, as torch does, and
-    # watches it; a dataset that draws no random numbers then goes on in one
-    # background thread.
+def test_worker_type_thread_with_num_workers_0_is_one_background_thread() -> None:
     ds = Probe()
-    with DataLoader(ds, batch_size=2, worker_type=worker_type) as dl:
+    with DataLoader(ds, batch_size=2, worker_type="thread") as dl:
         assert [b.tolist() for b in dl] == [[i, i + 1] for i in range(0, 24, 2)]
         assert dl._mode == "thread"
     assert ds.max_active == 1
     background = ds.threads - {threading.current_thread().name}
     assert background
     assert all(name.startswith("iopipe-fetch") for name in background)
-    assert (threading.current_thread().name in ds.threads) == (worker_type == "auto")
+    assert threading.current_thread().name not in ds.threads
+
+
+def test_num_workers_0_loads_in_the_loop_that_only_iterates() -> None:
+    # "auto" watches the first batch in the calling thread, as torch does; a loop
+    # that comes straight back to next() then gets every batch loaded in its own
+    # thread (no crossing), and no helper thread is started.
+    ds = Probe()
+    with DataLoader(ds, batch_size=2) as dl:
+        assert [b.tolist() for b in dl] == [[i, i + 1] for i in range(0, 24, 2)]
+        assert dl.worker_mode == "main"
+        assert "helper" in dl._mode_reason
+    assert ds.threads == {threading.current_thread().name}
+    assert not [t for t in threading.enumerate() if t.name == "iopipe-helper"]
+
+
+class Slow(Probe):
+    def __getitem__(self, i: int) -> int:
+        time.sleep(0.002)
+        return super().__getitem__(i)
+
+
+def test_num_workers_0_gets_a_helper_while_the_loop_computes() -> None:
+    # A loop away from next() (here: sleeping, as a GPU step releases the GIL)
+    # gets the next batches loaded ahead by one helper thread, never two loads at
+    # once (num_workers=0: one degree of parallelism), batches in order.
+    ds = Slow(40)
+    with DataLoader(ds, batch_size=2) as dl:
+        for _ in range(2):  # the helper of each epoch ends with it
+            got = []
+            for b in dl:
+                got.append(b.tolist())
+                time.sleep(0.01)
+            assert got == [[i, i + 1] for i in range(0, 40, 2)]
+            assert dl.worker_mode == "main"
+    assert ds.max_active == 1
+    assert "iopipe-helper" in ds.threads
+
+
+def test_num_workers_0_helper_stops_with_a_broken_off_epoch() -> None:
+    ds = Slow(200)
+    dl = DataLoader(ds, batch_size=2)
+    it = iter(dl)
+    for _ in range(5):
+        next(it)
+        time.sleep(0.01)
+    assert [t for t in threading.enumerate() if t.name == "iopipe-helper"]
+    assert next(iter(dl)).tolist() == [0, 1]  # a new epoch retires the old one's helper
+    dl.close()
+    assert not [t for t in threading.enumerate() if t.name == "iopipe-helper"]
 
 
 def test_worker_type_main_runs_in_calling_thread() -> None:
