@@ -27,6 +27,8 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "iopipe": ("iopipe_pipeline", {}),
     "iopipe-dl": ("iopipe_loader", {"num_workers": 2}),
     "iopipe-dl-w0": ("iopipe_loader", {"num_workers": 0}),
+    # worker_type="main": num_workers=0 without the helper thread (loader/helped.py)
+    "iopipe-dl-main": ("iopipe_loader", {"num_workers": 0, "worker_type": "main"}),
 }
 BASELINES = ("plain", "torch-w0", "torch-w2", "spdl", "torchdata")
 

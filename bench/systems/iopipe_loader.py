@@ -24,7 +24,7 @@ def available() -> str | None:
     return None
 
 
-def batches(wl: Workload, *, num_workers: int) -> Iterator[Any]:
+def batches(wl: Workload, *, num_workers: int, worker_type: str = "auto") -> Iterator[Any]:
     """Yield the batches of ``wl`` from an iopipe.DataLoader with ``num_workers`` workers."""
     import iopipe
 
@@ -33,6 +33,7 @@ def batches(wl: Workload, *, num_workers: int) -> Iterator[Any]:
         batch_size=wl.batch_size,
         shuffle=False,
         num_workers=num_workers,
+        worker_type=worker_type,
     )
     try:
         yield from loader

@@ -11,8 +11,9 @@ batches of cheap items 2x slower from a background thread than inline
 * the consumer runs the next job itself whenever ``next()`` finds it neither
   done nor running (a plain loop: every batch, no thread crossing at all);
 * while the consumer is away from ``next()`` for longer than a wake-up costs
-  (:data:`HELP_AWAY_S`, measured per batch), one helper thread runs the next
-  jobs ahead, at most ``depth`` of them;
+  (:data:`HELP_AWAY_S`, measured per batch), and running ahead was measured to
+  make batches come faster (:class:`HelpJudge`), one helper thread runs the
+  next jobs ahead, at most ``depth`` of them;
 * ``next()`` takes a batch the helper finished without waiting, and waits only
   for the job the helper is running at that moment.
 
@@ -35,7 +36,7 @@ from typing import Any
 
 from .workers import NOTHING, Failed
 
-__all__ = ["HELP_AWAY_S", "HelpedRun", "run_helped"]
+__all__ = ["HELP_AWAY_S", "HelpJudge", "HelpedRun", "run_helped"]
 
 #: The consumer must stay away from ``next()`` this long (EWMA over batches)
 #: before the helper is woken: below it, the wake-up costs more than it saves.
@@ -43,6 +44,54 @@ HELP_AWAY_S = 0.0005
 
 _POLL_S = 0.1  # every wait wakes this often to check the other side is alive
 _JOIN_S = 10.0  # longest wait, at the end of an epoch, for a job the helper runs
+
+
+class HelpJudge:
+    """Decides, batch by batch, whether the helper runs ahead: only where it was measured to pay.
+
+    Help pays when the loop's time away from ``next()`` leaves the GIL and a
+    core free (a GPU step, a sleep); it costs when the loop computes in Python
+    or on every core (the helper then only contends, and holds batches in
+    memory).  Time away tells neither apart, so the judge measures: while the
+    loop is away longer than :data:`HELP_AWAY_S`, it runs ``window`` batches
+    without help and ``window`` with, compares the time per batch (from one
+    ``next()`` to the next), keeps help only if it was 3% faster, holds that for
+    ``hold`` windows, and measures again.  Pure: fed ``step(away, now)`` at each
+    ``next()``.
+    """
+
+    __slots__ = ("_away", "_n", "_off_s", "_phase", "_start", "helping", "hold", "window")
+
+    def __init__(self, window: int = 8, hold: int = 16) -> None:
+        self.window, self.hold = window, hold
+        self._away = 0.0  # EWMA of the time away from next()
+        self._phase = 0  # 0: measuring without help, 1: with help, 2: holding `helping`
+        self._n = 0  # batches into the phase
+        self._start = 0.0  # when the phase's measured part began
+        self._off_s = 0.0  # seconds per batch without help, measured in phase 0
+        self.helping = False  # the verdict phase 2 holds
+
+    def step(self, away: float, now: float) -> bool:
+        """The loop came back after ``away`` s at ``now``: help with the batches after this one?"""
+        self._away = 0.7 * self._away + 0.3 * away
+        if self._away <= HELP_AWAY_S:  # nothing to overlap: the wake-up would cost more
+            self._phase = self._n = 0
+            return False
+        self._n += 1
+        if self._phase == 2:
+            if self._n >= self.hold * self.window:
+                self._phase = self._n = 0  # measure again: the loop may have changed
+            return self.helping if self._phase == 2 else False
+        if self._n == 1:
+            self._start = now  # the phase's first batch was asked for under the old setting
+        elif self._n > self.window:
+            per = (now - self._start) / (self._n - 1)
+            if self._phase == 0:
+                self._off_s, self._phase, self._n = per, 1, 0
+            else:
+                self.helping, self._phase, self._n = per < 0.97 * self._off_s, 2, 0
+                return self.helping
+        return self._phase == 1
 
 
 class _Ahead:
@@ -115,16 +164,16 @@ class HelpedRun:
 
     def __iter__(self) -> Iterator[Any]:
         st, fn, pin = self._st, self._fn, self._pin
-        away_avg = 0.0
+        judge = HelpJudge()
         left = time.perf_counter()
         try:
             while True:
                 back = time.perf_counter()
-                away_avg = 0.7 * away_avg + 0.3 * (back - left)
+                helping = judge.step(back - left, back)
                 batch = _next(st, fn, pin)
                 if batch is NOTHING:
                     return
-                if away_avg > HELP_AWAY_S:
+                if helping:
                     _ask_for_help(st, fn, pin)
                 left = time.perf_counter()
                 yield batch
