@@ -92,11 +92,15 @@ def test_helped_run_keeps_order_one_load_at_a_time_and_stops() -> None:
 def test_a_job_that_raises_in_the_helper_is_raised_at_its_turn() -> None:
     fn = Recorder(sleep=0.001, fail_at=30)
     run = run_helped(fn, enumerate(range(60)), pin=False)
-    got = []
-    with pytest.raises(KeyboardInterrupt):
+    got: list[Any] = []
+
+    def train() -> None:
         for b in run:
             got.append(b)
             time.sleep(0.004)
+
+    with pytest.raises(KeyboardInterrupt):
+        train()
     assert got == [x * 10 for x in range(30)]  # every batch before it, in order
     assert not [t for t in threading.enumerate() if t.name == "iopipe-helper"]
 
