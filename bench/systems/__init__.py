@@ -28,6 +28,7 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "iopipe-dl": ("iopipe_loader", {"num_workers": 2}),
     "iopipe-dl-w0": ("iopipe_loader", {"num_workers": 0}),
     # worker_type="main": num_workers=0 without the helper thread (loader/helped.py)
+    "iopipe-dl-w1": ("iopipe_loader", {"num_workers": 1}),
     "iopipe-dl-main": ("iopipe_loader", {"num_workers": 0, "worker_type": "main"}),
 }
 BASELINES = ("plain", "torch-w0", "torch-w2", "spdl", "torchdata")

@@ -25,7 +25,7 @@ from ..runtime.errors import item_label
 from ..runtime.policy import FailurePolicy
 from ..stages.source import resolve_rank, shard_iter
 from .fetch import AsyncMapFetcher, Collate, MapFetcher
-from .helped import HelpedRun, run_helped
+from .helped import HelpedRun, HelpJudge, run_helped
 from .modes import (
     PROBE_TIMEOUT_S,
     NeedsProcesses,
@@ -88,8 +88,9 @@ class EpochRunner(_TorchDataLoader[_T_co]):
     _inner: _TorchDataLoader[Any] | None
     _procs: WorkerProcesses
     _primed: Primed | None  # the pipeline's job function
-    _helped: bool  # "main" with a helper thread that runs ahead (see helped.py)
+    _helped: bool  # loads in the consumer thread with helpers (see helped.py)
     _helped_run: HelpedRun | None  # the epoch it runs
+    _judge: HelpJudge | None  # how many helpers pay: kept across epochs
 
     def _init_epochs(
         self, options: LoaderOptions, start: StartMode, generator: torch.Generator | None
@@ -110,6 +111,7 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         self._epoch = 0
         self._iterators = 0
         self._helped = False
+        self._judge = None
         self._fresh_resources(record=self._mode == "process")
 
     def _fresh_resources(self, *, record: bool) -> None:
@@ -136,9 +138,8 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         """Stop the pipeline's epoch in progress (its batches are for nobody now)."""
         if self._pipe is not None:
             self._pipe.stop_epoch()
-        run, self._helped_run = self._helped_run, None
-        if run is not None:
-            run.stop()
+        if self._helped_run is not None:
+            self._helped_run.stop()  # kept: stats() describes the last epoch
 
     def _taken_all(self, plan: EpochPlan) -> bool:
         """Whether the consumer took ``len(loader)`` batches of a map-style epoch.
@@ -213,7 +214,19 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         primed = None
         if self._probing:
             jobs, primed = self._probe_first(jobs)
+            self._helped = self._mode == "thread" and self._helps_workers()
+        if self._helped:
+            fn = Primed(self._fetcher(self._workers_dataset()), primed)
+            return iter(self._helped_epoch(fn, jobs))
         return self._on_pipeline(jobs, plan, primed)
+
+    def _helps_workers(self) -> bool:
+        """Whether thread workers chosen by ``"auto"`` run as helpers of the training thread.
+
+        For a map-style dataset with a plain ``__getitem__``, delivered in order,
+        without ``timeout``: the configurations ``helped.py`` runs as torch's do.
+        """
+        return not (self._iterable or self._async or self.timeout > 0 or not self.in_order)
 
     def _epoch_jobs(self, plan: EpochPlan, hand_draw: bool) -> Callable[[], Iterator[Any]]:
         """Make the epoch's draws of ``iter()``; return what starts the sampler's.
@@ -270,9 +283,20 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         if not self._helped:
             yield from run_inline(fn, jobs, self._pin_now())
             return
-        # torch's prefetch_factor is None with num_workers=0: its default depth, 2.
-        run = self._helped_run = run_helped(fn, jobs, self._pin_now(), depth=2)
-        yield from run
+        yield from self._helped_epoch(fn, jobs)
+
+    def _helped_epoch(self, fn: Callable[[Any], Any], jobs: Iterator[Any]) -> HelpedRun:
+        """Run the epoch's jobs in this thread, with helpers where they pay (``helped.py``)."""
+        helpers = max(1, self.num_workers)
+        if self._judge is None:
+            self._judge = HelpJudge(helpers, gate_away=self.num_workers == 0)
+        # torch's prefetch_factor is None with num_workers=0: its default depth, 2; with
+        # workers it keeps prefetch_factor batches per worker in flight.
+        depth = 2 if self.num_workers == 0 else (self.prefetch_factor or 2) * helpers
+        run = self._helped_run = run_helped(
+            fn, jobs, self._pin_now(), depth=depth, helpers=helpers, judge=self._judge
+        )
+        return run
 
     def _probe_first(self, jobs: Iterator[Any]) -> tuple[Iterator[Any], tuple[int, Any] | None]:
         """Watch batch 0 fetched alone (``num_workers > 0``); raise if it needs processes."""

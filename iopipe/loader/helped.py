@@ -1,30 +1,35 @@
-"""``num_workers=0`` in the training thread, with a helper that runs ahead while the loop computes.
+"""A DataLoader's loads in the training thread, with helpers that run ahead only where it pays.
 
 torch runs a ``num_workers=0`` loader in the training thread: nothing loads
-while the loop computes, but nothing crosses threads either.  A background
-thread gives the overlap and costs a wake-up per batch (hundreds of
+while the loop computes, but nothing crosses threads either.  Background
+threads give the overlap and cost a wake-up per batch (hundreds of
 microseconds of CPU on the benchmark machine) plus contention for the GIL
-whenever both threads run Python: measured, a loop that only iterates took
-batches of cheap items 2x slower from a background thread than inline
-(docs/performance.md).  :func:`run_helped` takes the better of the two:
+whenever two threads run Python: measured, a loop that only iterates took
+batches of cheap items 2x slower from a background thread than inline, and
+0.8x torch's two worker processes from two threads (docs/performance.md).
+:func:`run_helped` takes the best of each:
 
 * the consumer runs the next job itself whenever ``next()`` finds it neither
-  done nor running (a plain loop: every batch, no thread crossing at all);
-* while the consumer is away from ``next()`` for longer than a wake-up costs
-  (:data:`HELP_AWAY_S`, measured per batch), and running ahead was measured to
-  make batches come faster (:class:`HelpJudge`), one helper thread runs the
-  next jobs ahead, at most ``depth`` of them;
-* ``next()`` takes a batch the helper finished without waiting, and waits only
-  for the job the helper is running at that moment.
+  done nor loading (a plain loop over cheap items: every batch, no thread
+  crossing at all);
+* up to ``helpers`` threads run the next jobs ahead, at most ``depth`` batches,
+  as many as :class:`HelpJudge` measured to make batches come faster: all of
+  them for reads that wait on storage or for a loop that computes, none for
+  GIL-bound Python the loop waits for anyway.  With ``num_workers=0`` there is
+  one helper, it runs only while the consumer is away from ``next()`` for
+  longer than a wake-up costs (:data:`HELP_AWAY_S`), and never while the
+  consumer loads (one degree of parallelism, as torch's);
+* ``next()`` takes a batch a helper finished without waiting, and waits only
+  for the one a helper is loading at that moment.
 
-Invariants: jobs are taken from ``jobs`` in order under one lock, one job at
-a time runs (the consumer's or the helper's: ``num_workers=0`` stays one degree
-of parallelism), batches come out in job order, and at most ``depth`` finished
-batches wait.  A job that raises (``fn`` turns ordinary exceptions into
+Invariants: jobs are taken from ``jobs`` in order under one lock; at most
+``max(1, helpers)`` loads run at once; batches come out in job order; at most
+``depth`` finished or loading batches are ahead of the consumer.  A job that
+raises (``fn`` turns ordinary exceptions into
 :class:`~iopipe.loader.workers.Failed` batches) is re-raised by ``next()`` when
-its turn comes.  The helper exits when the epoch's iterator is closed or
-dropped (its ``finally`` stops the helper), and every wait polls, so no wait
-outlives the helper.
+its turn comes.  The helpers exit when the epoch's iterator is closed or
+dropped (its ``finally`` stops them), and every wait polls, so no wait
+outlives a helper.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import MappingProxyType
 from typing import Any
 
+from ..runtime.stats import PipelineStats, StageStats
 from .workers import NOTHING, Failed
 
 __all__ = ["HELP_AWAY_S", "HelpJudge", "HelpedRun", "run_helped"]
@@ -47,68 +54,135 @@ _JOIN_S = 10.0  # longest wait, at the end of an epoch, for a job the helper run
 
 
 class HelpJudge:
-    """Decides, batch by batch, whether the helper runs ahead: only where it was measured to pay.
+    """Decides how many helpers run ahead: only as many as were measured to pay.
 
-    Help pays when the loop's time away from ``next()`` leaves the GIL and a
-    core free (a GPU step, a sleep); it costs when the loop computes in Python
-    or on every core (the helper then only contends, and holds batches in
-    memory).  Time away tells neither apart, so the judge measures: while the
-    loop is away longer than :data:`HELP_AWAY_S`, it runs ``window`` batches
-    without help and ``window`` with, compares the time per batch (from one
-    ``next()`` to the next), keeps help only if it was 3% faster, holds that for
-    ``hold`` windows, and measures again.  Pure: fed ``step(away, now)`` at each
-    ``next()``.
+    Help pays when it overlaps loads with what the loop does away from
+    ``next()`` (a GPU step that leaves the GIL and a core free) or with each
+    other (reads that wait on storage); it costs when everything is Python
+    under the GIL on a busy machine (helpers then only contend, and hold
+    batches in memory).  Nothing observable tells these apart, so the judge
+    measures: it runs ``window`` batches with each setting in ``order`` (from
+    all helpers down, stopping at the first setting 10% slower than one
+    already tried), compares the time per batch (from one ``next()`` to the
+    next), keeps the fewest helpers within 3% of the fastest, holds that for
+    ``hold`` windows, and measures again.  With ``gate_away`` (``num_workers=0``) nothing helps
+    while the loop comes back to ``next()`` within :data:`HELP_AWAY_S` (the
+    wake-up would cost more).  Pure: fed ``step(away, now)`` at each ``next()``.
     """
 
-    __slots__ = ("_away", "_n", "_off_s", "_phase", "_start", "helping", "hold", "window")
+    __slots__ = (
+        "_away",
+        "_i",
+        "_n",
+        "_start",
+        "_times",
+        "best",
+        "gate_away",
+        "hold",
+        "order",
+        "window",
+    )
 
-    def __init__(self, window: int = 8, hold: int = 16) -> None:
-        self.window, self.hold = window, hold
+    def __init__(
+        self, helpers: int = 1, *, gate_away: bool = True, window: int = 8, hold: int = 16
+    ) -> None:
+        self.window, self.hold, self.gate_away = window, hold, gate_away
+        # Off first where help must be earned; else all of them first (cold reads need them).
+        self.order = list(range(helpers + 1)) if gate_away else list(range(helpers, -1, -1))
         self._away = 0.0  # EWMA of the time away from next()
-        self._phase = 0  # 0: measuring without help, 1: with help, 2: holding `helping`
-        self._n = 0  # batches into the phase
-        self._start = 0.0  # when the phase's measured part began
-        self._off_s = 0.0  # seconds per batch without help, measured in phase 0
-        self.helping = False  # the verdict phase 2 holds
+        self._i = 0  # the setting being measured: order[_i]; len(order): holding `best`
+        self._n = 0  # batches into the current setting (or the hold)
+        self._start = 0.0  # when the setting's measured part began
+        self._times: dict[int, float] = {}  # helpers -> seconds per batch
+        self.best = 0  # the verdict the hold keeps
 
-    def step(self, away: float, now: float) -> bool:
-        """The loop came back after ``away`` s at ``now``: help with the batches after this one?"""
+    @property
+    def helping(self) -> bool:
+        """Whether the verdict held now lets any helper run."""
+        return self.best > 0
+
+    def step(self, away: float, now: float) -> int:
+        """The loop came back after ``away`` s at ``now``: helpers allowed for the next batches."""
         self._away = 0.7 * self._away + 0.3 * away
-        if self._away <= HELP_AWAY_S:  # nothing to overlap: the wake-up would cost more
-            self._phase = self._n = 0
-            return False
+        if self.gate_away and self._away <= HELP_AWAY_S:
+            self._i = self._n = 0  # nothing to overlap: measure afresh once there is
+            return 0
         self._n += 1
-        if self._phase == 2:
-            if self._n >= self.hold * self.window:
-                self._phase = self._n = 0  # measure again: the loop may have changed
-            return self.helping if self._phase == 2 else False
+        if self._i == len(self.order):  # holding
+            if self._n < self.hold * self.window:
+                return self.best
+            self._i = self._n = 0  # measure again: the loop may have changed
+            self._times.clear()
+            return self.order[0]
         if self._n == 1:
-            self._start = now  # the phase's first batch was asked for under the old setting
+            self._start = now  # the setting's first batch was asked for under the last one
         elif self._n > self.window:
             per = (now - self._start) / (self._n - 1)
-            if self._phase == 0:
-                self._off_s, self._phase, self._n = per, 1, 0
-            else:
-                self.helping, self._phase, self._n = per < 0.97 * self._off_s, 2, 0
-                return self.helping
-        return self._phase == 1
+            fastest = min(self._times.values(), default=per)
+            self._times[self.order[self._i]] = per
+            self._i, self._n = self._i + 1, 0
+            if per > 1.1 * fastest:  # worse than one already tried: the rest in order are too
+                self._i = len(self.order)
+            if self._i == len(self.order):
+                self.best = self._verdict()
+                return self.best
+        return self.order[self._i]
+
+    def _verdict(self) -> int:
+        best = min(self._times)
+        for k in sorted(self._times):
+            if self._times[k] < 0.97 * self._times[best]:
+                best = k
+        return best
 
 
 class _Ahead:
-    """The state the consumer and the helper share (guarded by ``cond``)."""
+    """The state the consumer and the helpers share (guarded by ``cond``)."""
 
-    __slots__ = ("away", "cond", "depth", "done", "error", "helper", "jobs", "ready", "running")
+    __slots__ = (
+        "allowed",
+        "away",
+        "away_only",
+        "busy",
+        "busy_s",
+        "by_consumer",
+        "cond",
+        "delivered",
+        "depth",
+        "done",
+        "error",
+        "helpers",
+        "idle",
+        "jobs",
+        "loaded",
+        "parallel",
+        "ready",
+        "running",
+        "taken",
+        "wait_s",
+        "waiting",
+    )
 
-    def __init__(self, jobs: Iterator[Any], depth: int) -> None:
-        self.cond = threading.Condition(threading.Lock())
+    def __init__(self, jobs: Iterator[Any], depth: int, parallel: int, away_only: bool) -> None:
+        lock = threading.Lock()
+        self.cond = threading.Condition(lock)  # the consumer waits on it
+        self.idle = threading.Condition(lock)  # idle helpers wait on it
+        self.waiting: set[int] = set()  # the helpers waiting on `idle`
         self.jobs = jobs
-        self.depth = depth
-        self.ready: dict[int, Any] = {}  # job number -> batch the helper finished
-        self.running = -1  # the job number the helper runs now (-1: none)
-        self.away = False  # the consumer is away from next() and asked for help
+        self.depth = depth  # batches done or loading ahead of the consumer, at most
+        self.parallel = parallel  # loads at once, at most (the consumer's included)
+        self.away_only = away_only  # helpers run only while the consumer is away
+        self.ready: dict[int, Any] = {}  # job number -> batch a helper finished
+        self.running: set[int] = set()  # the job numbers helpers run now
+        self.busy = False  # the consumer runs a job itself
+        self.allowed = 0  # helpers the judge lets run now
+        self.away = False  # the consumer is away from next()
         self.done = False  # the jobs are exhausted or the epoch stopped
         self.error: tuple[int, BaseException] | None = None  # a job that raised
-        self.helper: threading.Thread | None = None
+        self.helpers: list[threading.Thread] = []
+        # statistics (under ``cond``)
+        self.taken = self.loaded = self.by_consumer = self.delivered = 0
+        self.busy_s = self.wait_s = 0.0
 
     def take(self) -> Any:
         """The next job (under ``cond``); NOTHING once exhausted."""
@@ -117,31 +191,65 @@ class _Ahead:
         job = next(self.jobs, NOTHING)
         if job is NOTHING:
             self.done = True
+        else:
+            self.taken += 1
         return job
 
+    def wake(self) -> None:
+        """Wake the idle helpers if one of them may start now (under ``cond``).
 
-def _help(st: _Ahead, fn: Callable[[Any], Any], pin: bool) -> None:
-    """The helper thread: while the consumer is away, run the next jobs ahead."""
+        Not on every change: a wake-up costs hundreds of microseconds of CPU here.
+        """
+        if any(self.may_start(i) for i in self.waiting):
+            self.idle.notify_all()
+
+    def end(self) -> None:
+        """Wake everyone: the run ended (under ``cond``)."""
+        self.done = True
+        self.cond.notify_all()
+        self.idle.notify_all()
+
+    def may_start(self, index: int) -> bool:
+        """Whether helper ``index`` may take a job now (under ``cond``)."""
+        loading = len(self.running) + self.busy
+        return (
+            index < self.allowed
+            and (self.away or not self.away_only)
+            and len(self.ready) + loading < self.depth
+            and loading < self.parallel
+        )
+
+
+def _help(st: _Ahead, index: int, fn: Callable[[Any], Any], pin: bool) -> None:
+    """Helper thread ``index``: run the next jobs ahead while the judge allows it."""
     while True:
         with st.cond:
-            while not st.done and not (st.away and len(st.ready) < st.depth):
-                st.cond.wait(_POLL_S)
+            while not st.done and not st.may_start(index):
+                st.waiting.add(index)
+                st.idle.wait(_POLL_S)
+                st.waiting.discard(index)
             job = st.take()
             if job is NOTHING:
-                st.cond.notify_all()
+                st.end()
                 return
-            st.running = job[0]
+            st.running.add(job[0])
+        t0 = time.perf_counter()
         try:
             batch = _one(fn, job, pin)
         except BaseException as exc:  # re-raised by next() at the job's turn
             with st.cond:
-                st.error, st.running, st.done = (job[0], exc), -1, True
-                st.cond.notify_all()
+                st.running.discard(job[0])
+                if st.error is None or job[0] < st.error[0]:
+                    st.error = (job[0], exc)
+                st.end()
             return
         with st.cond:
             st.ready[job[0]] = batch
-            st.running = -1
-            st.cond.notify_all()
+            st.running.discard(job[0])
+            wall = time.perf_counter() - t0
+            st.busy_s += wall
+            st.loaded += 1
+            st.cond.notify()  # the consumer, if it waits for this batch
 
 
 def _one(fn: Callable[[Any], Any], job: Any, pin: bool) -> Any:
@@ -157,82 +265,157 @@ class HelpedRun:
     """One epoch of :func:`run_helped`: iterate it in the consumer thread; :meth:`stop` from any."""
 
     def __init__(
-        self, fn: Callable[[Any], Any], jobs: Iterator[tuple[int, Any]], pin: bool, depth: int
+        self,
+        fn: Callable[[Any], Any],
+        jobs: Iterator[tuple[int, Any]],
+        pin: bool,
+        *,
+        depth: int,
+        helpers: int,
+        judge: HelpJudge,
     ) -> None:
-        self._st = _Ahead(jobs, max(1, depth))
-        self._fn, self._pin = fn, pin
+        away_only = judge.gate_away
+        parallel = 1 if away_only else max(1, helpers)
+        self._st = _Ahead(jobs, max(1, depth), parallel, away_only)
+        self._fn, self._pin, self._helpers, self._judge = fn, pin, helpers, judge
+        self._t0 = time.perf_counter()
 
     def __iter__(self) -> Iterator[Any]:
-        st, fn, pin = self._st, self._fn, self._pin
-        judge = HelpJudge()
+        st, fn, pin, judge = self._st, self._fn, self._pin, self._judge
         left = time.perf_counter()
         try:
             while True:
                 back = time.perf_counter()
-                helping = judge.step(back - left, back)
+                allowed = judge.step(back - left, back)
                 batch = _next(st, fn, pin)
                 if batch is NOTHING:
                     return
-                if helping:
-                    _ask_for_help(st, fn, pin)
+                self._allow(allowed)
                 left = time.perf_counter()
                 yield batch
         finally:
             self.stop()
 
-    def stop(self) -> None:
-        """End the epoch: the helper takes no further job and is joined (bounded)."""
+    def _allow(self, allowed: int) -> None:
+        """Let ``allowed`` helpers run until the consumer is back (starting threads as needed)."""
         st = self._st
         with st.cond:
-            st.done = True
+            if st.done:
+                return
+            st.allowed, st.away = min(allowed, self._helpers), True
+            while len(st.helpers) < st.allowed:
+                t = threading.Thread(
+                    target=_help,
+                    args=(st, len(st.helpers), self._fn, self._pin),
+                    name=f"iopipe-helper_{len(st.helpers)}",
+                    daemon=True,
+                )
+                t.start()
+                st.helpers.append(t)
+            st.wake()
+
+    def stats(self, epoch: int) -> PipelineStats:
+        """The epoch's figures as a pipeline's: a ``source`` row (jobs taken) and a ``fetch`` row.
+
+        ``fetch``: ``items`` batches loaded, ``busy_s`` their load time (the
+        consumer's and the helpers'); ``extra`` says how many the consumer loaded
+        itself and how many helpers the judge lets run now.
+        """
+        st = self._st
+        with st.cond:
+            elapsed = time.perf_counter() - self._t0
+            src = StageStats("source", 1, st.taken, 0, 0.0, 0.0, 0.0, 0, 0.0, 0, elapsed)
+            extra = {"by_consumer": float(st.by_consumer), "helpers": float(st.allowed)}
+            fetch = StageStats(
+                "fetch",
+                max(1, self._helpers),
+                st.loaded,
+                0,
+                st.busy_s,
+                0.0,
+                0.0,
+                st.depth,
+                0.0,
+                len(st.ready),
+                elapsed,
+                extra=MappingProxyType(extra),
+            )
+            return PipelineStats((src, fetch), elapsed, st.delivered, st.wait_s, epoch)
+
+    def stop(self) -> None:
+        """End the epoch: the helpers take no further job and are joined (bounded)."""
+        st = self._st
+        with st.cond:
             st.ready.clear()
-            st.cond.notify_all()
-            helper = st.helper
-        if helper is not None and helper is not threading.current_thread():
-            helper.join(_JOIN_S)
+            st.end()
+            helpers = list(st.helpers)
+        deadline = time.monotonic() + _JOIN_S
+        for t in helpers:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 def run_helped(
-    fn: Callable[[Any], Any], jobs: Iterator[tuple[int, Any]], pin: bool, depth: int = 2
+    fn: Callable[[Any], Any],
+    jobs: Iterator[tuple[int, Any]],
+    pin: bool,
+    *,
+    depth: int = 2,
+    helpers: int = 1,
+    judge: HelpJudge | None = None,
 ) -> HelpedRun:
-    """Run ``fn(job)`` for each numbered ``job``, in order (see the module docstring)."""
-    return HelpedRun(fn, jobs, pin, depth)
+    """Run ``fn(job)`` for each numbered ``job``, in order (see the module docstring).
+
+    ``helpers``: threads that may run ahead (``num_workers``; 1 for ``num_workers=0``,
+    which runs one load at a time and helps only while the loop is away); ``judge``
+    decides how many do (kept by the caller across epochs; a fresh one by default).
+    """
+    if judge is None:
+        judge = HelpJudge(helpers)
+    return HelpedRun(fn, jobs, pin, depth=depth, helpers=helpers, judge=judge)
+
+
+def _deliverable(head: int, loading: int | None, error: tuple[int, Any] | None) -> bool:
+    """Whether the finished batch ``head`` is the next in order, before any failed job."""
+    return (loading is None or head < loading) and (error is None or head < error[0])
 
 
 def _next(st: _Ahead, fn: Callable[[Any], Any], pin: bool) -> Any:
-    """The next batch in order: the helper's, or one this thread loads now."""
+    """The next batch in order: a helper's, or one this thread loads now."""
     with st.cond:
         st.away = False
+        t0 = time.perf_counter()
         while True:
-            if st.ready:
-                n = min(st.ready)
-                if st.error is None or n < st.error[0]:
-                    return st.ready.pop(n)
-            if st.running < 0:
+            head = min(st.ready) if st.ready else None
+            loading = min(st.running) if st.running else None
+            if head is not None and _deliverable(head, loading, st.error):
+                batch = st.ready.pop(head)
+                st.wait_s += time.perf_counter() - t0
+                st.delivered += 1
+                st.wake()  # room ahead for the helpers
+                return batch
+            if loading is None:
                 break
-            st.cond.wait(_POLL_S)  # the helper runs the next job: it is nearly done
-            helper = st.helper
-            if st.running >= 0 and helper is not None and not helper.is_alive():
-                raise RuntimeError("iopipe.DataLoader: the helper thread died mid-batch")
+            st.cond.wait(_POLL_S)  # a helper loads the next batch: it is nearly done
+            if not any(t.is_alive() for t in st.helpers) and st.running:
+                raise RuntimeError("iopipe.DataLoader: the helper threads died mid-batch")
         if st.error is not None:
             _, exc = st.error
             st.error = None
             raise exc
+        st.wait_s += time.perf_counter() - t0
         job = st.take()
-    if job is NOTHING:
-        return NOTHING
-    return _one(fn, job, pin)
-
-
-def _ask_for_help(st: _Ahead, fn: Callable[[Any], Any], pin: bool) -> None:
-    with st.cond:
-        if st.done:
-            return
-        st.away = True
-        if st.helper is None:
-            st.helper = threading.Thread(
-                target=_help, args=(st, fn, pin), name="iopipe-helper", daemon=True
-            )
-            st.helper.start()
-        else:
-            st.cond.notify_all()
+        if job is NOTHING:
+            return NOTHING
+        st.busy = True
+    t0 = time.perf_counter()
+    try:
+        return _one(fn, job, pin)
+    finally:
+        with st.cond:
+            st.busy = False
+            st.busy_s += time.perf_counter() - t0
+            st.loaded += 1
+            st.by_consumer += 1
+            st.delivered += 1
+            st.wake()

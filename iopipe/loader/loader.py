@@ -341,7 +341,9 @@ class DataLoader(EpochRunner[_T_co]):
         lead = self._lead()
         if lead is not self:
             return lead.stats()
-        if self._pipe is None:
+        if self._pipe is None and self._helped_run is not None:
+            stats = self._helped_run.stats(self._epoch)
+        elif self._pipe is None:
             stats = PipelineStats((), 0.0, 0, 0.0, self._epoch)
         else:
             stats = self._pipe.stats()
