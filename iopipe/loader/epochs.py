@@ -91,6 +91,7 @@ class EpochRunner(_TorchDataLoader[_T_co]):
     _helped: bool  # loads in the consumer thread with helpers (see helped.py)
     _helped_run: HelpedRun | None  # the epoch it runs
     _judge: HelpJudge | None  # how many helpers pay: kept across epochs
+    _helped_fetch: Primed | None  # the helpers' job function, made once (persistent_workers)
 
     def _init_epochs(
         self, options: LoaderOptions, start: StartMode, generator: torch.Generator | None
@@ -111,7 +112,6 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         self._epoch = 0
         self._iterators = 0
         self._helped = False
-        self._judge = None
         self._fresh_resources(record=self._mode == "process")
 
     def _fresh_resources(self, *, record: bool) -> None:
@@ -119,6 +119,7 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         self._stream = IndexStream(self._index_sampler, self._gens, self._use_global, record=record)
         self._pipe = self._slots = self._feed = self._gate = self._inner = None
         self._primed = self._plan = self._pending = self._helped_run = None
+        self._judge = self._helped_fetch = None  # a copy (a second live iterator) measures anew
         self._procs = WorkerProcesses(self.persistent_workers)
 
     @property
@@ -216,8 +217,10 @@ class EpochRunner(_TorchDataLoader[_T_co]):
             jobs, primed = self._probe_first(jobs)
             self._helped = self._mode == "thread" and self._helps_workers()
         if self._helped:
-            fn = Primed(self._fetcher(self._workers_dataset()), primed)
-            return iter(self._helped_epoch(fn, jobs))
+            if self._helped_fetch is None:  # once: persistent workers keep their dataset copy
+                self._helped_fetch = Primed(self._fetcher(self._workers_dataset()))
+            self._helped_fetch.primed = primed
+            return iter(self._helped_epoch(self._helped_fetch, jobs))
         return self._on_pipeline(jobs, plan, primed)
 
     def _helps_workers(self) -> bool:

@@ -106,6 +106,7 @@ class HelpJudge:
         self._away = 0.7 * self._away + 0.3 * away
         if self.gate_away and self._away <= HELP_AWAY_S:
             self._i = self._n = 0  # nothing to overlap: measure afresh once there is
+            self._times.clear()
             return 0
         self._n += 1
         if self._i == len(self.order):  # holding
@@ -128,12 +129,14 @@ class HelpJudge:
                 return self.best
         return self.order[self._i]
 
+    def new_run(self) -> None:
+        """An epoch starts: a window part-way through would span the pause between epochs."""
+        if self._i < len(self.order):
+            self._n = 0
+
     def _verdict(self) -> int:
-        best = min(self._times)
-        for k in sorted(self._times):
-            if self._times[k] < 0.97 * self._times[best]:
-                best = k
-        return best
+        fastest = min(self._times.values())
+        return min(k for k, t in self._times.items() if t <= 1.03 * fastest or t == fastest)
 
 
 class _Ahead:
@@ -154,17 +157,21 @@ class _Ahead:
         "helpers",
         "idle",
         "jobs",
+        "last_n",
         "loaded",
         "parallel",
         "ready",
         "running",
+        "stopped",
         "taken",
         "wait_s",
         "waiting",
     )
 
     def __init__(self, jobs: Iterator[Any], depth: int, parallel: int, away_only: bool) -> None:
-        lock = threading.Lock()
+        # Re-entrant: a garbage collection in a thread holding it may finalize the
+        # epoch's generator, whose stop() takes it again.
+        lock = threading.RLock()
         self.cond = threading.Condition(lock)  # the consumer waits on it
         self.idle = threading.Condition(lock)  # idle helpers wait on it
         self.waiting: set[int] = set()  # the helpers waiting on `idle`
@@ -178,6 +185,8 @@ class _Ahead:
         self.allowed = 0  # helpers the judge lets run now
         self.away = False  # the consumer is away from next()
         self.done = False  # the jobs are exhausted or the epoch stopped
+        self.stopped = False  # the epoch was stopped: nothing more is delivered or kept
+        self.last_n = -1  # the number of the last job taken
         self.error: tuple[int, BaseException] | None = None  # a job that raised
         self.helpers: list[threading.Thread] = []
         # statistics (under ``cond``)
@@ -188,11 +197,16 @@ class _Ahead:
         """The next job (under ``cond``); NOTHING once exhausted."""
         if self.done:
             return NOTHING
-        job = next(self.jobs, NOTHING)
+        try:
+            job = next(self.jobs, NOTHING)
+        except BaseException:
+            self.done = True  # the sampler's error ends the epoch, raised in its turn
+            raise
         if job is NOTHING:
             self.done = True
         else:
             self.taken += 1
+            self.last_n = job[0]
         return job
 
     def wake(self) -> None:
@@ -228,7 +242,11 @@ def _help(st: _Ahead, index: int, fn: Callable[[Any], Any], pin: bool) -> None:
                 st.waiting.add(index)
                 st.idle.wait(_POLL_S)
                 st.waiting.discard(index)
-            job = st.take()
+            try:
+                job = st.take()
+            except BaseException as exc:  # the sampler's: raised after the jobs before it
+                _failed(st, st.last_n + 1, exc)
+                return
             if job is NOTHING:
                 st.end()
                 return
@@ -239,17 +257,24 @@ def _help(st: _Ahead, index: int, fn: Callable[[Any], Any], pin: bool) -> None:
         except BaseException as exc:  # re-raised by next() at the job's turn
             with st.cond:
                 st.running.discard(job[0])
-                if st.error is None or job[0] < st.error[0]:
-                    st.error = (job[0], exc)
-                st.end()
+                _failed(st, job[0], exc)
             return
         with st.cond:
-            st.ready[job[0]] = batch
             st.running.discard(job[0])
+            if st.stopped:
+                return  # nobody takes it: do not keep it
+            st.ready[job[0]] = batch
             wall = time.perf_counter() - t0
             st.busy_s += wall
             st.loaded += 1
             st.cond.notify()  # the consumer, if it waits for this batch
+
+
+def _failed(st: _Ahead, n: int, exc: BaseException) -> None:
+    """Job ``n`` raised ``exc`` in a helper: the earliest such error is raised in its turn."""
+    if not st.stopped and (st.error is None or n < st.error[0]):
+        st.error = (n, exc)
+    st.end()
 
 
 def _one(fn: Callable[[Any], Any], job: Any, pin: bool) -> Any:
@@ -279,9 +304,11 @@ class HelpedRun:
         self._st = _Ahead(jobs, max(1, depth), parallel, away_only)
         self._fn, self._pin, self._helpers, self._judge = fn, pin, helpers, judge
         self._t0 = time.perf_counter()
+        self._t_end: float | None = None  # when the epoch ended (stats stop counting)
 
     def __iter__(self) -> Iterator[Any]:
         st, fn, pin, judge = self._st, self._fn, self._pin, self._judge
+        judge.new_run()
         left = time.perf_counter()
         try:
             while True:
@@ -289,6 +316,7 @@ class HelpedRun:
                 allowed = judge.step(back - left, back)
                 batch = _next(st, fn, pin)
                 if batch is NOTHING:
+                    self._ended()
                     return
                 self._allow(allowed)
                 left = time.perf_counter()
@@ -323,7 +351,7 @@ class HelpedRun:
         """
         st = self._st
         with st.cond:
-            elapsed = time.perf_counter() - self._t0
+            elapsed = (self._t_end or time.perf_counter()) - self._t0
             src = StageStats("source", 1, st.taken, 0, 0.0, 0.0, 0.0, 0, 0.0, 0, elapsed)
             extra = {"by_consumer": float(st.by_consumer), "helpers": float(st.allowed)}
             fetch = StageStats(
@@ -342,11 +370,23 @@ class HelpedRun:
             )
             return PipelineStats((src, fetch), elapsed, st.delivered, st.wait_s, epoch)
 
+    def _ended(self) -> None:
+        if self._t_end is None:
+            self._t_end = time.perf_counter()
+
     def stop(self) -> None:
-        """End the epoch: the helpers take no further job and are joined (bounded)."""
+        """End the epoch: the helpers take no further job and are joined (bounded).
+
+        What the run holds is let go (finished batches, the jobs, an error and its
+        traceback); :meth:`stats` still describes the epoch.
+        """
         st = self._st
+        self._ended()
         with st.cond:
+            st.stopped = True
             st.ready.clear()
+            st.error = None
+            st.jobs = iter(())
             st.end()
             helpers = list(st.helpers)
         deadline = time.monotonic() + _JOIN_S
@@ -386,6 +426,8 @@ def _next(st: _Ahead, fn: Callable[[Any], Any], pin: bool) -> Any:
         st.away = False
         t0 = time.perf_counter()
         while True:
+            if st.stopped:  # stopped from another thread (close()): the epoch is over
+                return NOTHING
             head = min(st.ready) if st.ready else None
             loading = min(st.running) if st.running else None
             if head is not None and _deliverable(head, loading, st.error):
@@ -394,7 +436,7 @@ def _next(st: _Ahead, fn: Callable[[Any], Any], pin: bool) -> Any:
                 st.delivered += 1
                 st.wake()  # room ahead for the helpers
                 return batch
-            if loading is None:
+            if loading is None or (st.error is not None and st.error[0] < loading):
                 break
             st.cond.wait(_POLL_S)  # a helper loads the next batch: it is nearly done
             if not any(t.is_alive() for t in st.helpers) and st.running:
@@ -409,13 +451,17 @@ def _next(st: _Ahead, fn: Callable[[Any], Any], pin: bool) -> Any:
             return NOTHING
         st.busy = True
     t0 = time.perf_counter()
+    ok = False
     try:
-        return _one(fn, job, pin)
+        batch = _one(fn, job, pin)
+        ok = True
+        return batch
     finally:
         with st.cond:
             st.busy = False
             st.busy_s += time.perf_counter() - t0
-            st.loaded += 1
-            st.by_consumer += 1
-            st.delivered += 1
+            if ok:
+                st.loaded += 1
+                st.by_consumer += 1
+                st.delivered += 1
             st.wake()

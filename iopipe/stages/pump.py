@@ -206,7 +206,9 @@ async def gather_spans(coros: list[Any], offsets: list[int]) -> list[Any]:
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
+            for t in sorted(done, key=tasks.index):  # the earliest job first
+                if tasks.index(t) > first:
+                    break  # a later job than one known to have failed: not reported
                 if t.cancelled():
                     raise asyncio.CancelledError  # nothing of ours cancels a job before `first`
                 exc = t.exception()

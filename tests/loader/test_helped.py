@@ -1,4 +1,4 @@
-"""num_workers=0's helper (iopipe/loader/helped.py): the judge, and the run's order, bounds and errors."""
+"""The helped loads (iopipe/loader/helped.py): the judge, and the run's order, bounds and errors."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ import pytest
 from iopipe.loader.helped import HELP_AWAY_S, HelpJudge, run_helped
 from iopipe.loader.workers import Failed
 
+CLOCK = {"now": 0.0}  # the drives of one test share a clock that only moves forward
+
 
 def drive(judge: HelpJudge, away: float, fetch_off: float, fetch_on: float, n: int) -> list[bool]:
     """Feed ``n`` batches: away ``away`` s each; a batch takes ``fetch_on`` s when helped."""
-    now, helping, out = 0.0, False, []
+    now, helping, out = CLOCK["now"], False, []
     for _ in range(n):
         now += away
         helping_next = judge.step(away, now) > 0
         now += fetch_on if helping else fetch_off
         helping = helping_next
         out.append(helping)
+    CLOCK["now"] = now
     return out
 
 
@@ -122,3 +125,44 @@ def test_a_dropped_run_retires_its_helper() -> None:
         time.sleep(0.004)
     del it  # the generator's finally stops and joins the helper
     assert not [t for t in threading.enumerate() if t.name.startswith("iopipe-helper")]
+
+
+def test_a_sampler_error_in_a_helper_is_raised_after_the_batches_before_it() -> None:
+    def jobs() -> Any:
+        for i in range(100):
+            if i == 30:
+                raise LookupError("the sampler broke")
+            yield i, i
+
+    fn = Recorder(sleep=0.001)
+    run = run_helped(fn, jobs(), pin=False, depth=4, helpers=2, judge=HelpJudge(2, gate_away=False))
+    got: list[Any] = []
+
+    def train() -> None:
+        got.extend(run)
+
+    with pytest.raises(LookupError, match="the sampler broke"):
+        train()
+    assert got == [x * 10 for x in range(30)]
+    assert not [t for t in threading.enumerate() if t.name.startswith("iopipe-helper")]
+
+
+def test_a_stopped_run_keeps_no_batch_and_its_stats_stop_counting() -> None:
+    fn = Recorder(sleep=0.002)
+    run = run_helped(
+        fn,
+        enumerate(range(1000)),
+        pin=False,
+        depth=4,
+        helpers=2,
+        judge=HelpJudge(2, gate_away=False),
+    )
+    it = iter(run)
+    for _ in range(10):
+        next(it)
+    run.stop()  # helpers may be loading: what they finish now is dropped
+    stats = run.stats(0)
+    assert stats.stage("fetch").queue_now == 0
+    time.sleep(0.05)
+    assert run.stats(0).elapsed_s == stats.elapsed_s
+    assert list(it) == []  # the epoch is over for its iterator too

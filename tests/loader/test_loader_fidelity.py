@@ -315,3 +315,30 @@ def test_a_dataset_that_first_imports_numpy_random(tmp_path: Any, draw: str, wan
     if out == "imported":
         pytest.skip("torch or iopipe imports numpy.random here")
     assert out.startswith(want)
+
+
+class Scaled(Dataset[Any]):
+    def __init__(self) -> None:
+        self.scale = 1
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> int:
+        return i * self.scale
+
+
+@pytest.mark.parametrize("cls", [TorchLoader, DataLoader])
+def test_persistent_workers_keep_the_dataset_as_it_was_when_they_started(cls: Any) -> None:
+    # torch's test_dataset_not_reset: an attribute set between epochs does not reach
+    # persistent workers (they hold the dataset they started with).
+    ds = Scaled()
+    loader = cls(ds, batch_size=4, num_workers=2, persistent_workers=True)
+    try:
+        first = [b.tolist() for b in loader]
+        ds.scale = 100
+        second = [b.tolist() for b in loader]
+    finally:
+        if isinstance(loader, DataLoader):
+            loader.close()
+    assert first == second == [[0, 1, 2, 3], [4, 5, 6, 7]]
