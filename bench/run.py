@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     names = (
         _csv(args.systems, tuple(systems.SYSTEMS), "--systems")
         if args.systems
-        else list(systems.SYSTEMS)
+        else list(systems.DEFAULT)
     )
     temps = _csv(args.temps, _harness.TEMPS, "--temps")
     filtered = (

@@ -27,10 +27,13 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "iopipe": ("iopipe_pipeline", {}),
     "iopipe-dl": ("iopipe_loader", {"num_workers": 2}),
     "iopipe-dl-w0": ("iopipe_loader", {"num_workers": 0}),
-    # worker_type="main": num_workers=0 without the helper thread (loader/helped.py)
+    # Diagnostic (not in the default matrix): one helper; worker_type="main" (num_workers=0
+    # without the helper thread, loader/helped.py).
     "iopipe-dl-w1": ("iopipe_loader", {"num_workers": 1}),
     "iopipe-dl-main": ("iopipe_loader", {"num_workers": 0, "worker_type": "main"}),
 }
+#: What ``bench.run`` runs when ``--systems`` is not given.
+DEFAULT = tuple(n for n in SYSTEMS if n not in ("iopipe-dl-w1", "iopipe-dl-main"))
 BASELINES = ("plain", "torch-w0", "torch-w2", "spdl", "torchdata")
 
 
