@@ -405,6 +405,8 @@ def test_own_argument_validation() -> None:
 class Probe(Dataset[Any]):
     """Records the threads and the concurrency of ``__getitem__`` calls."""
 
+    delay = 0.0  # seconds each __getitem__ waits (as on storage), counted as active
+
     def __init__(self, n: int = 24) -> None:
         self.n = n
         self.lock = threading.Lock()
@@ -421,6 +423,8 @@ class Probe(Dataset[Any]):
             self.max_active = max(self.max_active, self.active)
             self.threads.add(threading.current_thread().name)
         try:
+            if self.delay:
+                time.sleep(self.delay)
             return i
         finally:
             with self.lock:
@@ -453,19 +457,9 @@ def test_num_workers_0_loads_in_the_loop_that_only_iterates() -> None:
 
 
 class Slow(Probe):
-    """A Probe whose ``__getitem__`` waits 2 ms (as on storage), counted as active."""
+    """A Probe whose ``__getitem__`` waits 2 ms."""
 
-    def __getitem__(self, i: int) -> int:
-        with self.lock:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-            self.threads.add(threading.current_thread().name)
-        try:
-            time.sleep(0.002)
-            return i
-        finally:
-            with self.lock:
-                self.active -= 1
+    delay = 0.002
 
 
 def test_num_workers_0_gets_a_helper_while_the_loop_computes() -> None:
