@@ -255,8 +255,16 @@ class _Ahead:
         )
 
 
-def _help(st: _Ahead, index: int, fn: Callable[[Any], Any], pin: bool) -> None:
-    """Helper thread ``index``: run the next jobs ahead while the judge allows it."""
+def _help(st: _Ahead, index: int, fn: Callable[[Any], Any], pin: bool, device: int) -> None:
+    """Helper thread ``index``: run the next jobs ahead while the judge allows it.
+
+    ``device``: the CUDA device the consumer was on (-1: none), which the helper's
+    pinned batches are for, as torch's pin-memory thread sets it.
+    """
+    if device >= 0:
+        import torch
+
+        torch.cuda.set_device(device)
     while True:
         with st.cond:
             while not st.done and not st.may_start(index):
@@ -298,6 +306,13 @@ def _failed(st: _Ahead, n: int, exc: BaseException) -> None:
     st.end()
 
 
+def _cuda_device() -> int:
+    """The calling thread's CUDA device, or -1 without CUDA."""
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else -1
+
+
 def _one(fn: Callable[[Any], Any], job: Any, pin: bool) -> Any:
     batch = fn(job)
     if pin and not isinstance(batch, Failed):
@@ -324,6 +339,7 @@ class HelpedRun:
         parallel = 1 if away_only else max(1, helpers)
         self._st = _Ahead(jobs, max(1, depth), parallel, away_only)
         self._fn, self._pin, self._helpers, self._judge = fn, pin, helpers, judge
+        self._device = _cuda_device() if pin else -1
         self._t0 = time.perf_counter()
         self._t_end: float | None = None  # when the epoch ended (stats stop counting)
 
@@ -355,7 +371,7 @@ class HelpedRun:
             while len(st.helpers) < st.allowed:
                 t = threading.Thread(
                     target=_help,
-                    args=(st, len(st.helpers), self._fn, self._pin),
+                    args=(st, len(st.helpers), self._fn, self._pin, self._device),
                     name=f"iopipe-helper_{len(st.helpers)}",
                     daemon=True,
                 )

@@ -166,3 +166,25 @@ def test_a_stopped_run_keeps_no_batch_and_its_stats_stop_counting() -> None:
     time.sleep(0.05)
     assert run.stats(0).elapsed_s == stats.elapsed_s
     assert list(it) == []  # the epoch is over for its iterator too
+
+
+def test_helpers_that_pin_run_on_the_consumers_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda d: calls.append((threading.current_thread().name, d))
+    )
+
+    def fn(job: tuple[int, Any]) -> Any:  # a Failed batch is never pinned
+        time.sleep(0.001)
+        return Failed(ValueError(job[0]))
+
+    run = run_helped(
+        fn, enumerate(range(40)), pin=True, depth=4, helpers=2, judge=HelpJudge(2, gate_away=False)
+    )
+    assert len(list(run)) == 40
+    assert calls
+    assert all(name.startswith("iopipe-helper") and d == 3 for name, d in calls)
