@@ -293,9 +293,10 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         helpers = max(1, self.num_workers)
         if self._judge is None:
             self._judge = HelpJudge(helpers, gate_away=self.num_workers == 0)
-        # torch's prefetch_factor is None with num_workers=0: its default depth, 2; with
-        # workers it keeps prefetch_factor batches per worker in flight.
-        depth = 2 if self.num_workers == 0 else (self.prefetch_factor or 2) * helpers
+        # torch's num_workers=0 holds no batch ahead: the helper loads one, the batch the
+        # loop takes after its step (memory as torch's, plus one batch); with workers torch
+        # keeps prefetch_factor batches per worker in flight.
+        depth = 1 if self.num_workers == 0 else (self.prefetch_factor or 2) * helpers
         run = self._helped_run = run_helped(
             fn, jobs, self._pin_now(), depth=depth, helpers=helpers, judge=self._judge
         )
