@@ -25,7 +25,8 @@ from ..runtime.errors import item_label
 from ..runtime.policy import FailurePolicy
 from ..stages.source import resolve_rank, shard_iter
 from .fetch import AsyncMapFetcher, Collate, MapFetcher
-from .helped import HelpedRun, HelpJudge, run_helped
+from .helped import HelpedRun, run_helped
+from .judge import HelpJudge
 from .modes import (
     PROBE_TIMEOUT_S,
     NeedsProcesses,

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from iopipe.loader.helped import HELP_AWAY_S, HelpJudge, run_helped
+from iopipe.loader.helped import run_helped
+from iopipe.loader.judge import HELP_AWAY_S, HelpJudge
 from iopipe.loader.workers import Failed
 
 CLOCK = {"now": 0.0}  # the drives of one test share a clock that only moves forward
