@@ -37,6 +37,7 @@ from .modes import (
     probe_in_thread,
 )
 from .options import LoaderOptions, StartMode
+from .placement import PlaceJudge
 from .processes import RankShard, WorkerProcesses, inner_loader
 from .state import EpochPlan, IndexStream, RngState, draw_base_seed, rng_sources
 from .workers import (
@@ -93,6 +94,7 @@ class EpochRunner(_TorchDataLoader[_T_co]):
     _helped_run: HelpedRun | None  # the epoch it runs
     _judge: HelpJudge | None  # how many helpers pay: kept across epochs
     _helped_fetch: Primed | None  # the helpers' job function, made once (persistent_workers)
+    _placer: PlaceJudge | None  # whether "auto"'s thread loads move to processes
 
     def _init_epochs(
         self, options: LoaderOptions, start: StartMode, generator: torch.Generator | None
@@ -113,6 +115,7 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         self._epoch = 0
         self._iterators = 0
         self._helped = False
+        self._placer = None
         self._fresh_resources(record=self._mode == "process")
 
     def _fresh_resources(self, *, record: bool) -> None:
@@ -446,6 +449,9 @@ class EpochRunner(_TorchDataLoader[_T_co]):
         self._stream.plan = plan
         if self._inner is None:
             dataset = self.dataset
+            fetch = self._helped_fetch.fn if self._helped_fetch is not None else None
+            if isinstance(fetch, MapFetcher) and self.persistent_workers:
+                dataset = fetch.dataset  # the copy the thread workers started with
             if self._options.sharded:
                 dataset = RankShard(
                     dataset, *resolve_rank(self.rank, self.world_size), self._shard_mode

@@ -61,6 +61,7 @@ class _Ahead:
         "busy_s",
         "by_consumer",
         "cond",
+        "cpu_s",
         "delivered",
         "depth",
         "done",
@@ -102,7 +103,7 @@ class _Ahead:
         self.helpers: list[threading.Thread] = []
         # statistics (under ``cond``)
         self.taken = self.loaded = self.by_consumer = self.delivered = 0
-        self.busy_s = self.wait_s = 0.0
+        self.busy_s = self.wait_s = self.cpu_s = 0.0  # loads' wall and thread CPU; waits
 
     def take(self) -> Any:
         """The next job (under ``cond``); NOTHING once exhausted."""
@@ -172,7 +173,7 @@ def _help(st: _Ahead, index: int, fn: Callable[[Any], Any], pin: bool, device: i
             st.running.add(job[0])
         t0 = time.perf_counter()
         try:
-            batch = _one(fn, job, pin)
+            batch, cpu = _one(fn, job, pin)
         except BaseException as exc:  # re-raised by next() at the job's turn
             with st.cond:
                 st.running.discard(job[0])
@@ -183,8 +184,8 @@ def _help(st: _Ahead, index: int, fn: Callable[[Any], Any], pin: bool, device: i
             if st.stopped:
                 return  # nobody takes it: do not keep it
             st.ready[job[0]] = batch
-            wall = time.perf_counter() - t0
-            st.busy_s += wall
+            st.busy_s += time.perf_counter() - t0
+            st.cpu_s += cpu
             st.loaded += 1
             st.cond.notify()  # the consumer, if it waits for this batch
 
@@ -203,13 +204,15 @@ def _cuda_device() -> int:
     return torch.cuda.current_device() if torch.cuda.is_available() else -1
 
 
-def _one(fn: Callable[[Any], Any], job: Any, pin: bool) -> Any:
+def _one(fn: Callable[[Any], Any], job: Any, pin: bool) -> tuple[Any, float]:
+    """Run ``job``; return its batch and the thread CPU seconds it took."""
+    cpu0 = time.thread_time()
     batch = fn(job)
     if pin and not isinstance(batch, Failed):
         from torch.utils.data._utils.pin_memory import pin_memory
 
         batch = pin_memory(batch)  # type: ignore[no-untyped-call]
-    return batch
+    return batch, time.thread_time() - cpu0
 
 
 class HelpedRun:
@@ -297,6 +300,12 @@ class HelpedRun:
             )
             return PipelineStats((src, fetch), elapsed, st.delivered, st.wait_s, epoch)
 
+    def loads(self) -> tuple[int, float, float]:
+        """Batches loaded so far, their wall time and their threads' CPU time (seconds)."""
+        st = self._st
+        with st.cond:
+            return st.loaded, st.busy_s, st.cpu_s
+
     def _ended(self) -> None:
         if self._t_end is None:
             self._t_end = time.perf_counter()
@@ -378,15 +387,17 @@ def _next(st: _Ahead, fn: Callable[[Any], Any], pin: bool) -> Any:
             return NOTHING
         st.busy = True
     t0 = time.perf_counter()
+    cpu = 0.0
     ok = False
     try:
-        batch = _one(fn, job, pin)
+        batch, cpu = _one(fn, job, pin)
         ok = True
         return batch
     finally:
         with st.cond:
             st.busy = False
             st.busy_s += time.perf_counter() - t0
+            st.cpu_s += cpu
             if ok:
                 st.loaded += 1
                 st.by_consumer += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -28,10 +29,13 @@ from .epochs import EpochRunner
 from .iterator import LoaderIter, SkippingLoaderIter, set_event
 from .modes import NeedsProcesses, RngSnapshot, announce
 from .options import WORKER_TYPES, LoaderOptions
-from .state import STATE_VERSION, EpochPlan, RngState, advance, parse_state
+from .placement import EpochFigures, PlaceJudge, usable_cores
+from .state import EpochPlan, RngState, advance, make_state, parse_state
 
 __all__ = ["WORKER_TYPES", "DataLoader"]
 
+
+logger = logging.getLogger("iopipe")
 
 _T_co = TypeVar("_T_co", covariant=True)
 
@@ -172,7 +176,61 @@ class DataLoader(EpochRunner[_T_co]):
             return self._side_iter()
         if self._mode == "probe" and self.num_workers > 0:
             return self._iter_probing()
+        if self._place():
+            return self._iter_trial()
         return self._iter_epoch()
+
+    def _place(self) -> bool:
+        """Between epochs: move ``"auto"``'s thread loads to processes, or back (placement.py).
+
+        Returns whether the next epoch is the trial on processes.
+        """
+        placer, plan = self._placer, self._plan
+        if placer is None:
+            if not (self._helped and self._mode == "thread" and self.worker_type == "auto"):
+                return False
+            if self.num_workers == 0 or self._policy is not None:
+                return False
+            placer = self._placer = PlaceJudge(usable_cores())
+        if plan is None or placer.phase == "settled":
+            return False
+        self._end_epoch()  # the last epoch's helpers are joined before any fork
+        run = self._helped_run if self._mode == "thread" else None
+        loads = run.loads() if run is not None else (0, 0.0, 0.0)
+        wall = plan.last_t - plan.first_t
+        mode = placer.after(EpochFigures(self._mode, plan.yielded, plan.next_s, wall, *loads))
+        if placer.phase == "settled" or mode is not None:
+            logger.info("iopipe.DataLoader: %s", placer.reason)
+        if mode is None:
+            return False
+        self._switch(mode, placer.reason)
+        return mode == "process"
+
+    def _switch(self, mode: str, reason: str) -> None:
+        """Load on ``mode`` (``"process"`` or back to the helped ``"thread"``) from the next epoch."""
+        pipe, self._pipe, self._feed, self._inner = self._pipe, None, None, None
+        if pipe is not None:  # made for the other mode
+            pipe.close()
+        self._procs.close()
+        self._helped = mode == "thread"
+        self._stream.record = mode == "process"  # names the batch a worker failed on
+        self._mode, self._mode_reason = mode, reason
+
+    def _iter_trial(self) -> LoaderIter:
+        """The epoch on processes that :meth:`_place` chose; threads again if they cannot start."""
+        rngs = RngSnapshot.take()
+        gens = RngState.capture(self._gens, False)
+        try:
+            return self._iter_epoch()
+        except Exception as exc:  # e.g. a dataset a spawn context cannot pickle
+            rngs.restore()
+            gens.apply(self._gens)
+            assert self._placer is not None
+            self._placer.phase, self._placer.verdict = "settled", "thread"
+            reason = f"torch's worker processes did not start ({exc!r:.200}): back to threads"
+            logger.info("iopipe.DataLoader: %s", reason)
+            self._switch("thread", reason)
+            return self._iter_epoch()
 
     def _done(self, it: LoaderIter) -> bool:
         """Whether ``it`` has nothing left to hand out (ended, or every batch taken)."""
@@ -380,10 +438,10 @@ class DataLoader(EpochRunner[_T_co]):
             return lead.state_dict()
         if self._pending is not None:
             epoch, batches, in_epoch, rng, base_seed = self._pending
-            return _state(epoch, batches, in_epoch, rng, base_seed)
+            return make_state(epoch, batches, in_epoch, rng, base_seed)
         plan = self._plan
         if plan is not None and not plan.finished and not self._taken_all(plan):
-            return _state(plan.epoch, plan.consumed, True, plan.snapshot, True)
+            return make_state(plan.epoch, plan.consumed, True, plan.snapshot, True)
         # Between epochs: record the generators as the next epoch's sampler will find them.
         base_seed = not (self.persistent_workers and self._iterators > 0)
         rng = None
@@ -392,7 +450,7 @@ class DataLoader(EpochRunner[_T_co]):
             if self.generator is not None and base_seed:
                 states[0] = advance(states[0])
             rng = RngState(tuple(states), None)
-        return _state(self._epoch, 0, False, rng, base_seed)
+        return make_state(self._epoch, 0, False, rng, base_seed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next ``iter()`` resume from ``state`` (see :meth:`state_dict`).
@@ -419,19 +477,6 @@ class DataLoader(EpochRunner[_T_co]):
             f"<iopipe.DataLoader batch_size={self.batch_size} num_workers={self.num_workers} "
             f"worker_type={self.worker_type!r} mode={self._mode!r}>"
         )
-
-
-def _state(
-    epoch: int, batches: int, in_epoch: bool, rng: RngState | None, base_seed: bool
-) -> dict[str, Any]:
-    return {
-        "version": STATE_VERSION,
-        "epoch": epoch,
-        "batches": batches,
-        "in_epoch": in_epoch,
-        "base_seed": base_seed,
-        "rng": None if rng is None else rng.to_json(),
-    }
 
 
 def _dropped(ref: weakref.ref[DataLoader[Any]], plan: EpochPlan, thread: int) -> None:

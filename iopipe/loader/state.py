@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import collections
 import itertools
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "RngState",
     "advance",
     "draw_base_seed",
+    "make_state",
     "parse_state",
     "rng_sources",
 ]
@@ -161,6 +163,9 @@ class EpochPlan:
         yielded: Batches handed to the consumer by this epoch's iterator.
         finished: The iterator raised StopIteration.
         superseded: A newer ``iter()`` replaced this epoch's iterator.
+        next_s: Time the consumer spent in ``next()`` for the batches it got.
+        first_t, last_t: When the first ``next()`` began and the last batch came
+            (``time.perf_counter()``; 0.0 before any).
     """
 
     epoch: int
@@ -171,10 +176,21 @@ class EpochPlan:
     finished: bool = False
     superseded: bool = False
     sent: collections.deque[Any] = field(default_factory=collections.deque)
+    next_s: float = 0.0
+    first_t: float = 0.0
+    last_t: float = 0.0
 
     @property
     def consumed(self) -> int:
         return self.skip + self.yielded
+
+    def took(self, began: float) -> None:
+        """A batch came to the consumer: its ``next()`` began at ``began``."""
+        now = time.perf_counter()
+        if not self.first_t:
+            self.first_t = began
+        self.last_t = now
+        self.next_s += now - began
 
 
 class IndexStream:
@@ -228,6 +244,20 @@ class IndexStream:
         for index in it:
             plan.sent.append(index)
             yield index
+
+
+def make_state(
+    epoch: int, batches: int, in_epoch: bool, rng: RngState | None, base_seed: bool
+) -> dict[str, Any]:
+    """A DataLoader state (what :func:`parse_state` reads back)."""
+    return {
+        "version": STATE_VERSION,
+        "epoch": epoch,
+        "batches": batches,
+        "in_epoch": in_epoch,
+        "base_seed": base_seed,
+        "rng": None if rng is None else rng.to_json(),
+    }
 
 
 def parse_state(state: Any) -> tuple[int, int, bool, Any, bool]:
