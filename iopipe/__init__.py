@@ -9,6 +9,7 @@ Layers, each built only on the ones above it in this list:
                  budget, the failure policy, counters, watchdog
 - ``control/``   pure controllers with injected clocks: hill-climbing, governors
 - ``stages/``    one operator per module over the runtime's job pump
+- ``shards/``    WebDataset tar shards: writing, member indexes, samples as byte ranges
 - ``pipeline/``  the builder (``Pipeline``), its frozen spec and planner, the runtime
                  that opens a plan, epochs, config files and trust
 - ``observe/``   the bottleneck verdict and periodic stats reports
@@ -24,6 +25,7 @@ from .pipeline.builder import Pipeline
 from .pipeline.config import ConfigError
 from .runtime.errors import IopipeError, PipelineClosedError, StageError, TooManyFailures
 from .runtime.stats import PipelineStats, StageStats
+from .shards import ShardError, write_shards
 from .tokens import TokenFile, TokenFileError, TokenShards
 
 __version__ = "0.1.0"
@@ -37,6 +39,7 @@ __all__ = [
     "Pipeline",
     "PipelineClosedError",
     "PipelineStats",
+    "ShardError",
     "StageError",
     "StageStats",
     "TokenFile",
@@ -48,4 +51,5 @@ __all__ = [
     "iter_checkpoint",
     "load_checkpoint",
     "load_into",
+    "write_shards",
 ]

@@ -25,6 +25,7 @@ from ..observe.verdict import StatsReporter
 from ..runtime.errors import PipelineClosedError
 from ..runtime.stats import PipelineStats
 from ..runtime.watchdog import DEFAULT_STALL_WARNING_S
+from ..shards.pipe import shard_pipeline
 from ..stages.base import Stage
 from ..stages.batch import Batcher
 from ..stages.cache import Cache
@@ -38,6 +39,7 @@ from .engine import Runtime, build_runtime
 from .epoch import Epoch
 from .iterator import EpochIterator
 from .options import file_items
+from .position import Resumable
 from .shape import elements_per_epoch, items_in_flight_bound
 from .spec import Options, PipelineSpec
 from .trust import Trust
@@ -48,7 +50,7 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-class Pipeline(Generic[T]):
+class Pipeline(Resumable, Generic[T]):
     """A chain of stages on a background event loop; iterate it for one epoch.
 
     Build one with :meth:`from_files` or :meth:`from_iterable` and the chaining
@@ -197,6 +199,34 @@ class Pipeline(Generic[T]):
             items, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard
         )
         return Pipeline(src, **options)
+
+    @classmethod
+    def from_shards(
+        cls,
+        urls: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shard: str = "pad",
+        chunk_bytes: int = 4 << 20,
+        concurrency: int = 16,
+        **options: Any,
+    ) -> Pipeline[dict[str, Any]]:
+        """Start a pipeline over the samples of WebDataset tar shards (docs/shards.md).
+
+        ``urls``: paths, globs and brace ranges (``shard-{000000..000099}.tar``).
+        Each element is ``{"__key__", "__url__", field: uint8 view of its bytes}``;
+        with ``shuffle`` each epoch visits every sample of every shard once, in an
+        order drawn from ``(seed, epoch)``.  ``chunk_bytes``, ``concurrency``: as
+        :meth:`read`; the rest as :meth:`from_files`.
+        """
+        pipe: Pipeline[dict[str, Any]] = shard_pipeline(
+            cls, urls, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+            shard=shard, chunk_bytes=chunk_bytes, concurrency=concurrency, options=options,
+        )  # fmt: skip
+        return pipe
 
     @classmethod
     def from_config(
@@ -410,44 +440,6 @@ class Pipeline(Generic[T]):
             TypeError: the source's length is unknown.
         """
         return elements_per_epoch(len(self._spec.source), self._spec.stages)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the number of the next epoch (it seeds the shuffle)."""
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self._epoch = epoch
-        self._skip = 0
-        self._position = None
-
-    # -- state -------------------------------------------------------------------
-    def state_dict(self) -> dict[str, int]:
-        """Return where the consumer stands: ``{"epoch": e, "consumed": k}``.
-
-        ``consumed`` counts source items handed to the consumer (not those merely
-        prefetched).  Restoring it with :meth:`load_state_dict` makes the next
-        ``iter()`` continue exactly after them.
-        """
-        ep = self._position
-        if ep is not None and not ep.finished:  # running, or broken off mid-epoch
-            return {"epoch": ep.epoch, "consumed": ep.position()}
-        return {"epoch": self._epoch, "consumed": self._skip}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Make the next ``iter()`` resume from ``state`` (see :meth:`state_dict`).
-
-        Raises:
-            ValueError: the state is malformed.
-        """
-        try:
-            epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"not a Pipeline state: {state!r:.200}") from None
-        if epoch < 0 or consumed < 0:
-            raise ValueError(f"not a Pipeline state: {state!r:.200}")
-        self.stop_epoch()
-        self._current = None
-        self._position = None  # state_dict() now reports the loaded state
-        self._epoch, self._skip = epoch, consumed
 
     # -- introspection and lifecycle --------------------------------------------
     @property

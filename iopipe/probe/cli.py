@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_probe(sub, debug)
     _add_run(sub, debug)
+    _add_pack(sub, debug)
     return parser
 
 
@@ -211,6 +212,47 @@ def _add_run(sub: Any, debug: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     r.set_defaults(func=cmd_run)
+
+
+def _add_pack(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """The ``pack`` command's arguments."""
+    k = sub.add_parser(
+        "pack",
+        parents=[debug],
+        help="pack the files under SRC into WebDataset tar shards in OUT",
+        description=(
+            "Write the files under SRC as samples of tar shards OUT/shard-000000.tar, ... "
+            "(each with a member index beside it): files sharing a relative path up to the "
+            "first dot of their name are one sample, keyed by it, their extensions its "
+            "fields (docs/shards.md)."
+        ),
+    )
+    k.add_argument("src", metavar="SRC", help="the folder to pack")
+    k.add_argument("out", metavar="OUT", help="the folder the shards go to (made if missing)")
+    k.add_argument(
+        "--shard-bytes",
+        type=parse_size,
+        default=256 << 20,
+        metavar="SIZE",
+        help="start a new shard past this size (default 256MiB)",
+    )
+    k.add_argument("--pattern", metavar="GLOB", help="only files matching GLOB under SRC")
+    k.set_defaults(func=cmd_pack)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """``iopipe pack``: a folder into shards; print one line per shard."""
+    from ..shards import pack_folder
+
+    if not os.path.isdir(args.src):
+        raise InputError(f"{args.src}: not a folder")
+    try:
+        shards = pack_folder(args.src, args.out, shard_bytes=args.shard_bytes, pattern=args.pattern)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    for path in shards:
+        print(path)
+    return 0
 
 
 def _bar(**kwargs: Any) -> Any:

@@ -111,7 +111,7 @@ def item_label(item: Any, limit: int = 200) -> str:
     """Return a short, readable description of ``item`` for error messages."""
     if isinstance(item, str | bytes | int):
         text = str(item) if not isinstance(item, bytes) else repr(item)
-    elif isinstance(item, tuple) and item and isinstance(item[0], str):
+    elif type(item) is tuple and item and isinstance(item[0], str):  # subclasses: their repr
         text = ", ".join(str(x) for x in item)
     else:
         text = repr(item)
