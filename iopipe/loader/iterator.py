@@ -18,6 +18,7 @@ from ..runtime.errors import StageError, item_label, released
 from ..runtime.policy import FailurePolicy
 from ..runtime.watchdog import Stall
 from .fetch import Fetched
+from .placement import WARMUP
 from .state import EpochPlan
 from .workers import NOTHING, Failed
 
@@ -110,7 +111,7 @@ class LoaderIter:
         began = time.perf_counter()
         try:
             batch = next(self._batches)
-            self.plan.took(began)  # the placement judge's measure (placement.py)
+            self.plan.took(began, WARMUP)  # the placement judge's measure (placement.py)
             return batch
         except StopIteration:
             self.plan.finished = True

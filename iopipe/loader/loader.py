@@ -25,11 +25,11 @@ import torch
 from ..runtime.policy import FailurePolicy
 from ..runtime.stats import PipelineStats, StageStats
 from ..stages.source import resolve_rank
-from .epochs import EpochRunner
 from .iterator import LoaderIter, SkippingLoaderIter, set_event
 from .modes import NeedsProcesses, RngSnapshot, announce
 from .options import WORKER_TYPES, LoaderOptions
-from .placement import EpochFigures, PlaceJudge, usable_cores
+from .placed import PlacedEpochs
+from .placement import attr_ids
 from .state import EpochPlan, RngState, advance, make_state, parse_state
 
 __all__ = ["WORKER_TYPES", "DataLoader"]
@@ -40,7 +40,7 @@ logger = logging.getLogger("iopipe")
 _T_co = TypeVar("_T_co", covariant=True)
 
 
-class DataLoader(EpochRunner[_T_co]):
+class DataLoader(PlacedEpochs[_T_co]):
     """torch's DataLoader, with iopipe's background loop doing the loading.
 
     Takes every argument of ``torch.utils.data.DataLoader`` with the same meaning,
@@ -170,67 +170,14 @@ class DataLoader(EpochRunner[_T_co]):
         first ``next()`` with ``num_workers=0`` on the calling thread.
         """
         mine = self._current() if self._current is not None else None
-        if mine is not None and self.persistent_workers and self.num_workers > 0:
-            return self._iter_epoch(reuse=mine)  # torch resets and returns the same one
-        if mine is not None and not self._done(mine):
+        reuse = mine if self.persistent_workers and self.num_workers > 0 else None
+        if mine is not None and reuse is None and not self._done(mine):
             return self._side_iter()
         if self._mode == "probe" and self.num_workers > 0:
             return self._iter_probing()
         if self._place():
-            return self._iter_trial()
-        return self._iter_epoch()
-
-    def _place(self) -> bool:
-        """Between epochs: move ``"auto"``'s thread loads to processes, or back (placement.py).
-
-        Returns whether the next epoch is the trial on processes.
-        """
-        placer, plan = self._placer, self._plan
-        if placer is None:
-            if not (self._helped and self._mode == "thread" and self.worker_type == "auto"):
-                return False
-            if self.num_workers == 0 or self._policy is not None:
-                return False
-            placer = self._placer = PlaceJudge(usable_cores())
-        if plan is None or placer.phase == "settled":
-            return False
-        self._end_epoch()  # the last epoch's helpers are joined before any fork
-        run = self._helped_run if self._mode == "thread" else None
-        loads = run.loads() if run is not None else (0, 0.0, 0.0)
-        wall = plan.last_t - plan.first_t
-        mode = placer.after(EpochFigures(self._mode, plan.yielded, plan.next_s, wall, *loads))
-        if placer.phase == "settled" or mode is not None:
-            logger.info("iopipe.DataLoader: %s", placer.reason)
-        if mode is None:
-            return False
-        self._switch(mode, placer.reason)
-        return mode == "process"
-
-    def _switch(self, mode: str, reason: str) -> None:
-        """Load on ``mode`` (``"process"`` or back to the helped ``"thread"``) from the next epoch."""
-        pipe, self._pipe, self._feed, self._inner = self._pipe, None, None, None
-        if pipe is not None:  # made for the other mode
-            pipe.close()
-        self._procs.close()
-        self._helped = mode == "thread"
-        self._stream.record = mode == "process"  # names the batch a worker failed on
-        self._mode, self._mode_reason = mode, reason
-
-    def _iter_trial(self) -> LoaderIter:
-        """The epoch on processes that :meth:`_place` chose; threads again if they cannot start."""
-        rngs = RngSnapshot.take()
-        gens = RngState.capture(self._gens, False)
-        try:
-            return self._iter_epoch()
-        except Exception as exc:  # e.g. a dataset a spawn context cannot pickle
-            rngs.restore()
-            gens.apply(self._gens)
-            assert self._placer is not None
-            self._placer.phase, self._placer.verdict = "settled", "thread"
-            reason = f"torch's worker processes did not start ({exc!r:.200}): back to threads"
-            logger.info("iopipe.DataLoader: %s", reason)
-            self._switch("thread", reason)
-            return self._iter_epoch()
+            return self._iter_trial(reuse)
+        return self._iter_epoch(reuse)  # a persistent one: torch resets and returns it
 
     def _done(self, it: LoaderIter) -> bool:
         """Whether ``it`` has nothing left to hand out (ended, or every batch taken)."""
@@ -318,6 +265,7 @@ class DataLoader(EpochRunner[_T_co]):
         rngs = RngSnapshot.take()
         gens = RngState.capture(self._gens, False)
         self._mode, self._probing = "thread", True
+        self._first_vars = attr_ids(self.dataset)  # what a later trial on processes checks
         try:
             return self._iter_epoch()
         except NeedsProcesses:

@@ -9,15 +9,26 @@ workers.  No measurement tells "holds the GIL" apart from "is CPU-bound and
 releases it", so :class:`PlaceJudge` tries instead:
 
 * after a thread epoch in which the loads could be GIL-bound (the training
-  loop spent at least :data:`WAIT_SHARE` of the epoch in ``next()``, the loads
-  kept their thread on the CPU for at least :data:`CPU_SHARE` of their wall
-  time, a batch took at least :data:`MIN_LOAD_S` to load, and the process may
-  run on two cores or more), the next epoch runs on torch's worker processes;
+  loop spent at least :data:`WAIT_SHARE` of the epoch in ``next()``, the loads'
+  threads used the CPU for at least :data:`CPU_SHARE` of the epoch's wall time,
+  a batch took at least :data:`MIN_LOAD_S` to load, and the process may run on
+  two cores or more), the next epoch runs on torch's worker processes;
 * after that trial epoch, processes stay if the loop waited in ``next()`` at
   least :data:`KEEP_GAIN` times less per batch than on threads; otherwise the
   loader goes back to threads.  The verdict is final for the loader.
 
-Only epochs of at least :data:`MIN_BATCHES` batches are judged.  The trial
+Forking a dataset that has already loaded in this process is not what torch
+does: torch's workers start from a dataset no ``__getitem__`` ran on, and
+datasets open files, connections and pools lazily, inside each worker.  So the
+trial is never made when the dataset's attributes were added or rebound since
+the first epoch began (:func:`attr_ids`: the lazy-open idiom), and its first
+batch must come within :data:`~iopipe.loader.modes.PROBE_TIMEOUT_S` without
+error (:func:`first_batch`); otherwise the epoch starts again on threads, from
+the same RNG states, before the loop saw anything of it.
+
+Only epochs of at least :data:`MIN_BATCHES` batches are judged, and the first
+:data:`WARMUP` batches of each (worker start-up, the helper judge's first
+window) are not timed.  The trial
 epoch runs on torch's own machinery at the loader's arguments, so it is never
 slower than torch; the batches and every RNG draw are torch's in either mode
 (``DataLoader._plan_epoch`` replays the base seed across the switch).  The judge
@@ -28,17 +39,24 @@ mode the next epoch should use.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+import threading
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["CPU_SHARE", "KEEP_GAIN", "MIN_BATCHES", "MIN_LOAD_S", "WAIT_SHARE"]
-__all__ += ["EpochFigures", "PlaceJudge", "usable_cores"]
+__all__ = ["CPU_SHARE", "KEEP_GAIN", "MIN_BATCHES", "MIN_LOAD_S", "WAIT_SHARE", "WARMUP"]
+__all__ += ["EpochFigures", "PlaceJudge", "TrialFailed", "attr_ids", "first_batch", "usable_cores"]
 
 #: Epochs with fewer batches than this are not judged (too few to measure).
 MIN_BATCHES = 16
 #: The loop must spend at least this share of an epoch in ``next()`` (loads bound it).
 WAIT_SHARE = 0.3
-#: Loads must keep their thread on the CPU this share of their wall time, at least.
+#: The loads' threads must use the CPU this share of the epoch's wall time, at least
+#: (GIL-bound loads keep one core busy however many threads wait for the GIL).
 CPU_SHARE = 0.5
+#: Batches at the start of an epoch that are not timed.
+WARMUP = 2
 #: A batch must take this long to load, at least: a process hand-off costs
 #: hundreds of microseconds (pickling, a pipe, a wake-up), which cheaper batches
 #: would not win back.
@@ -100,7 +118,7 @@ class PlaceJudge:
             return False
         return (
             ep.next_s >= WAIT_SHARE * ep.wall_s
-            and ep.load_cpu_s >= CPU_SHARE * ep.load_s
+            and ep.load_cpu_s >= CPU_SHARE * ep.wall_s
             and ep.load_s / ep.loads >= MIN_LOAD_S
         )
 
@@ -111,7 +129,7 @@ class PlaceJudge:
                 self.threads, self.phase = ep, "trial"
                 self.reason = (
                     f"loads took {ep.load_s / ep.loads * 1e3:.1f} ms a batch, "
-                    f"{ep.load_cpu_s / ep.load_s:.0%} on the CPU, while the loop waited "
+                    f"using {ep.load_cpu_s / ep.wall_s:.0%} of a core, while the loop waited "
                     f"{ep.next_s / ep.wall_s:.0%} of the epoch: trying torch's worker "
                     "processes for one epoch (Python that holds the GIL runs on one core "
                     "in threads)"
@@ -138,3 +156,47 @@ class PlaceJudge:
             )
             return "thread"
         return None
+
+
+def attr_ids(obj: Any) -> dict[str, int]:
+    """The identity of each attribute of ``obj`` (what a lazy open adds or rebinds)."""
+    try:
+        return {k: id(v) for k, v in vars(obj).items()}
+    except TypeError:  # no __dict__ (slots): nothing can be added
+        return {}
+
+
+class TrialFailed(Exception):
+    """The trial epoch on processes did not give its first batch; ``puller``: its thread."""
+
+    def __init__(self, reason: str, puller: threading.Thread) -> None:
+        super().__init__(reason)
+        self.puller = puller
+
+
+def first_batch(batches: Iterator[Any], wait: float) -> Iterator[Any]:
+    """``batches`` with its first batch taken now, within ``wait`` seconds and without error.
+
+    Raises:
+        TrialFailed: the first batch did not come in time (the thread taking it
+            ends once the epoch is stopped), or raised.
+    """
+    got: list[tuple[str, Any]] = []
+
+    def pull() -> None:
+        try:
+            got.append(("batch", next(batches)))
+        except StopIteration:
+            got.append(("end", None))
+        except BaseException as exc:
+            got.append(("error", exc))
+
+    puller = threading.Thread(target=pull, name="iopipe-trial", daemon=True)
+    puller.start()
+    puller.join(wait)
+    if not got:
+        raise TrialFailed(f"its first batch did not come within {wait:g} s", puller)
+    kind, value = got[0]
+    if kind == "error":
+        raise TrialFailed(f"its first batch failed ({value!r:.200})", puller) from value
+    return iter(()) if kind == "end" else itertools.chain([value], batches)

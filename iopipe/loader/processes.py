@@ -131,6 +131,13 @@ class TorchWorkers(_MultiProcessingDataLoaderIter):
         """Stop and join the worker processes (idempotent)."""
         self._shutdown_workers()
 
+    def kill(self) -> None:
+        """Terminate the worker processes first (they may hang), then shut down."""
+        for w in self._workers:
+            if w.is_alive():
+                w.terminate()
+        self._shutdown_workers()
+
 
 class TorchDriver:
     """One epoch of :class:`TorchWorkers`, iterated by the pipeline's source thread.
@@ -286,6 +293,16 @@ class WorkerProcesses:
         workers, self.workers = self.workers, None
         if workers is not None:
             workers.shutdown()
+
+    def abort(self) -> None:
+        """End the epoch and terminate the workers, which may hang (a failed trial)."""
+        self._forget_inherited()
+        driver, self.driver = self.driver, None
+        if driver is not None:
+            driver.stop()  # the source thread leaves torch's iterator first
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            workers.kill()
 
 
 def inner_loader(loader: Any, dataset: Any, stream: Any) -> Any:

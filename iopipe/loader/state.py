@@ -163,9 +163,10 @@ class EpochPlan:
         yielded: Batches handed to the consumer by this epoch's iterator.
         finished: The iterator raised StopIteration.
         superseded: A newer ``iter()`` replaced this epoch's iterator.
-        next_s: Time the consumer spent in ``next()`` for the batches it got.
-        first_t, last_t: When the first ``next()`` began and the last batch came
-            (``time.perf_counter()``; 0.0 before any).
+        timed: Batches whose ``next()`` :meth:`took` saw.
+        next_s: Time the consumer spent in ``next()`` for them, after the warm-up.
+        first_t, last_t: When the first timed ``next()`` began and the last batch
+            came (``time.perf_counter()``; 0.0 before any).
     """
 
     epoch: int
@@ -176,6 +177,7 @@ class EpochPlan:
     finished: bool = False
     superseded: bool = False
     sent: collections.deque[Any] = field(default_factory=collections.deque)
+    timed: int = 0
     next_s: float = 0.0
     first_t: float = 0.0
     last_t: float = 0.0
@@ -184,8 +186,14 @@ class EpochPlan:
     def consumed(self) -> int:
         return self.skip + self.yielded
 
-    def took(self, began: float) -> None:
-        """A batch came to the consumer: its ``next()`` began at ``began``."""
+    def took(self, began: float, warmup: int) -> None:
+        """A batch came to the consumer: its ``next()`` began at ``began``.
+
+        The first ``warmup`` batches are counted in ``timed`` but not timed.
+        """
+        self.timed += 1
+        if self.timed <= warmup:
+            return
         now = time.perf_counter()
         if not self.first_t:
             self.first_t = began

@@ -8,7 +8,9 @@ torch's batches and RNG draws across every switch.  No test asserts timing.
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 from typing import Any
 
 import numpy as np
@@ -130,7 +132,9 @@ def verdict(monkeypatch: pytest.MonkeyPatch) -> Any:
     return set_
 
 
-def _epochs(cls: type, epochs: int = 4, **kw: Any) -> tuple[Any, list[str | None], Any]:
+def _epochs(
+    cls: type, epochs: int = 4, rebind: bool = False, **kw: Any
+) -> tuple[Any, list[str | None], Any]:
     """Batches and the loop's draws over ``epochs``; worker modes; the global RNG states."""
     torch.manual_seed(5)
     np.random.seed(5)
@@ -146,7 +150,8 @@ def _epochs(cls: type, epochs: int = 4, **kw: Any) -> tuple[Any, list[str | None
                 seen.append(batch.tolist())
                 seen.append(torch.rand(()).item())  # the loop's own draws
             modes.append(getattr(loader, "worker_mode", None))
-            ds.scale = 10 + e  # persistent workers must not see it (torch's rule)
+            if rebind:
+                ds.scale = 10 + e  # an attribute rebound between epochs
     finally:
         if isinstance(loader, DataLoader):
             loader.close()
@@ -165,6 +170,81 @@ def test_switching_modes_keeps_torchs_batches_and_rng(
     assert torch.equal(got_rng, want_rng)
     after = "process" if keep else "thread"
     assert modes == ["thread", "process", after, after]
+
+
+def test_a_dataset_whose_attributes_changed_is_never_forked(verdict: Any) -> None:
+    # Rebound between epochs, or set lazily while loading (a file, a pool): torch's
+    # workers start from a dataset that never loaded; a fork now would share them.
+    verdict(True)
+    want, _, want_rng = _epochs(TorchLoader, rebind=True)
+    got, modes, got_rng = _epochs(DataLoader, rebind=True)
+    assert got == want
+    assert torch.equal(got_rng, want_rng)
+    assert modes == ["thread"] * 4
+
+
+class LazyPool(Dataset[Any]):
+    """Opens a thread pool on first use, as datasets open files: a fork would inherit it."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> Any:
+        if not hasattr(self, "pool"):
+            import concurrent.futures
+
+            self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        return torch.tensor([self.pool.submit(int, i).result()])
+
+
+def test_a_lazily_opened_pool_keeps_the_loader_on_threads(verdict: Any) -> None:
+    verdict(True)
+    ds = LazyPool()
+    loader = DataLoader(ds, batch_size=8, num_workers=2)
+    try:
+        for _ in range(3):
+            assert [int(x) for b in loader for x in b] == list(range(N))
+            assert loader.worker_mode == "thread"
+    finally:
+        loader.close()
+        ds.pool.shutdown()
+
+
+def test_a_trial_whose_first_batch_never_comes_goes_back_to_threads(
+    verdict: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verdict(True)
+    monkeypatch.setattr("iopipe.loader.placed.PROBE_TIMEOUT_S", 0.5)
+    hang = threading.Event()
+
+    parent = os.getpid()
+
+    class Stuck(Plain):
+        def __getitem__(self, i: int) -> Any:
+            if os.getpid() != parent:  # only in a worker process
+                hang.wait(30)
+            return super().__getitem__(i)
+
+    want, _, want_rng = _epochs(TorchLoader, epochs=3)
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    got, modes = [], []
+    loader = DataLoader(
+        Stuck(), batch_size=8, num_workers=2, shuffle=True,
+        generator=torch.Generator().manual_seed(11),
+    )  # fmt: skip
+    try:
+        for _ in range(3):
+            for batch in loader:
+                got.append(batch.tolist())
+                got.append(torch.rand(()).item())
+            modes.append(loader.worker_mode)
+    finally:
+        loader.close()
+    assert got == want
+    assert torch.equal(torch.get_rng_state(), want_rng)
+    assert modes == ["thread", "thread", "thread"]
 
 
 def test_the_judgement_is_logged(verdict: Any, caplog: pytest.LogCaptureFixture) -> None:
