@@ -53,8 +53,8 @@ class _Shard:
 
     __slots__ = ("first", "names", "offsets", "path", "sizes", "width")
 
-    def __init__(self, path: str) -> None:
-        members = shard_members(path)
+    def __init__(self, path: str, remote: Any) -> None:
+        members = shard_members(path, remote)
         names: list[str] = []
         offsets: list[int] = []
         sizes: list[int] = []
@@ -104,15 +104,17 @@ class _Shard:
 
 
 class SampleTable(Sequence[SampleRange]):
-    """Every sample of ``shards`` (paths, in order), numbered from 0.
+    """Every sample of ``shards`` (paths or URLs, in order), numbered from 0.
+
+    ``remote``: the :class:`~.remote.Remote` that reads URLs (None: local paths only).
 
     Raises:
         FileNotFoundError: a shard does not exist.
         ShardError: a shard or its index is corrupt or truncated.
     """
 
-    def __init__(self, shards: Sequence[str]) -> None:
-        self.shards = [_Shard(p) for p in shards]
+    def __init__(self, shards: Sequence[str], remote: Any = None) -> None:
+        self.shards = [_Shard(p, remote) for p in shards]
         self._ends: list[int] = []
         n = 0
         for s in self.shards:

@@ -16,8 +16,8 @@ from typing import Any
 from ..io.files import read_small
 from ..io.listing import list_files
 from ..stages.source import Source
-from .index import SampleTable, split_sample
-from .tar import split_name, write_shards
+from .index import SampleRange, SampleTable, split_sample
+from .tar import is_remote, split_name, write_shards
 from .urls import shard_paths
 
 __all__ = ["pack_folder", "shard_pipeline"]
@@ -40,15 +40,47 @@ def shard_pipeline(
     options: dict[str, Any],
 ) -> Any:
     """The pipeline of ``cls`` over the samples of the shards ``urls`` names."""
-    paths = shard_paths(urls)
-    table = SampleTable(paths)
+    if isinstance(urls, str | os.PathLike):
+        urls = [urls]
+    urls = list(urls)  # read twice below
+    remote = _remote_for(urls)
+    paths = shard_paths(urls, remote)
+    table = SampleTable(paths, remote)
     src = Source(table, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard)
     src.origin = {"shards": paths}
+    if is_remote(paths[0]):
+        # Requests awaited on the loop: `concurrency` in flight, no thread held by one.
+        return cls(src, **options).map(
+            FetchSample(remote), executor="async", concurrency=concurrency, name="fetch"
+        )
     pipe = cls(src, **options).read(
         chunk_bytes=chunk_bytes, concurrency=concurrency, with_source=True
     )
     # As wide as the reads: a fused run is as wide as its narrowest map.
     return pipe.map(split_sample, concurrency=concurrency, name="split")
+
+
+def _remote_for(urls: Any) -> Any:
+    """A :class:`~.remote.Remote` when ``urls`` names remote shards (None: local only)."""
+    if not any(is_remote(os.fspath(u)) for u in urls if isinstance(u, str | os.PathLike)):
+        return None
+    from .remote import Remote
+
+    return Remote()
+
+
+class FetchSample:
+    """The map of a remote shard pipeline: a sample's byte range fetched and split.
+
+    Holds the pipeline's :class:`~.remote.Remote` (its connections live as long).
+    """
+
+    def __init__(self, remote: Any) -> None:
+        self.remote = remote
+
+    async def __call__(self, item: SampleRange) -> dict[str, Any]:
+        buf = await self.remote.fetch_range_async(item[0], item[1], item[2])
+        return split_sample((item, buf))
 
 
 def _folder_samples(src: str, pattern: str | None) -> Iterator[dict[str, Any]]:

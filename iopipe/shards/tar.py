@@ -32,7 +32,8 @@ from typing import Any
 from ..io.files import open_sized, read_small
 from ..runtime.errors import IopipeError, show
 
-__all__ = ["INDEX_SUFFIX", "Member", "ShardError", "shard_members", "split_name", "write_shards"]
+__all__ = ["INDEX_SUFFIX", "MAX_INDEX_BYTES", "Member", "ShardError", "cached", "is_remote"]
+__all__ += ["parse_index", "scan_tar", "shard_members", "split_name", "write_shards"]
 
 #: The index file beside a shard: ``<shard>`` + this.
 INDEX_SUFFIX = ".index"
@@ -226,31 +227,17 @@ def _write_index(path: str, tar_size: int, members: list[Member]) -> None:
 
 
 # -- reading --------------------------------------------------------------------
-_cache: dict[tuple[str, int, int], list[Member]] = {}
+_cache: dict[tuple[str, int, Any], list[Member]] = {}
 _cache_lock = threading.Lock()
 
 
-def shard_members(path: str) -> list[Member]:
-    """The regular members of the tar at ``path``, in file order (index, cache or scan).
-
-    Raises:
-        FileNotFoundError: no such shard.
-        ShardError: the shard is not a tar, is truncated, or its index does not
-            describe it.
-    """
-    fd, size = open_sized(path)
-    try:
-        mtime = os.fstat(fd).st_mtime_ns
-    finally:
-        os.close(fd)
-    ident = (os.path.abspath(path), size, mtime)
+def cached(ident: tuple[str, int, Any], load: Any) -> list[Member]:
+    """The members cached for ``ident`` (path or URL, size, version), else ``load()``'s."""
     with _cache_lock:
         hit = _cache.get(ident)
     if hit is not None:
         return hit
-    members = _read_index(path, size)
-    if members is None:
-        members = _scan(path, size)
+    members: list[Member] = load()
     with _cache_lock:
         if len(_cache) > 4096:
             _cache.clear()
@@ -258,15 +245,53 @@ def shard_members(path: str) -> list[Member]:
     return members
 
 
-def _read_index(path: str, size: int) -> list[Member] | None:
-    """The index beside ``path`` if there is one for a tar of ``size`` bytes (None: none, or stale)."""
+def shard_members(path: str, remote: Any = None) -> list[Member]:
+    """The regular members of the tar at ``path``, in file order (index, cache or scan).
+
+    ``http(s)://`` and ``s3://`` URLs are read through ``remote``, a
+    :class:`~.remote.Remote`.
+
+    Raises:
+        FileNotFoundError: no such shard.
+        ShardError: the shard is not a tar, is truncated, or its index does not
+            describe it.
+    """
+    if is_remote(path):
+        members: list[Member] = remote.members(path)
+        return members
+    fd, size = open_sized(path)
+    try:
+        mtime = os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)
+
+    def load() -> list[Member]:
+        raw = _local_index(path)
+        members = None if raw is None else parse_index(raw, f"{path}{INDEX_SUFFIX}", size)
+        if members is None:
+            with open(path, "rb") as f:
+                members = scan_tar(f, path, size, stream=False)
+        return members
+
+    return cached((os.path.abspath(path), size, mtime), load)
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://", "s3://"))
+
+
+def _local_index(path: str) -> bytes | None:
     ipath = f"{path}{INDEX_SUFFIX}"
     try:
-        raw = read_small(ipath, MAX_INDEX_BYTES)
+        return read_small(ipath, MAX_INDEX_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ShardError(f"shard index {ipath}: cannot read it: {exc}") from None
+
+
+def parse_index(raw: bytes, ipath: str, size: int) -> list[Member] | None:
+    """The members an index lists for a tar of ``size`` bytes (None: it is for another size)."""
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -297,25 +322,34 @@ def _read_index(path: str, size: int) -> list[Member] | None:
     return members
 
 
-def _scan(path: str, size: int) -> list[Member]:
-    """Read the tar's headers (skipping the data); check every member fits the file."""
+def scan_tar(fileobj: Any, name: str, size: int, *, stream: bool) -> list[Member]:
+    """Read a tar's headers from ``fileobj`` (seeking over the data, or reading it if ``stream``).
+
+    Every member must fit the ``size`` bytes of the shard.
+    """
     members: list[Member] = []
     last = "(the first header)"
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        # Uncompressed only: a compressed tar's members have no byte range in the file.
+        if stream:
+            tar = tarfile.open(fileobj=fileobj, mode="r|")  # noqa: SIM115 (closed below)
+        else:
+            tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 (closed below)
+        with tar:
             for info in tar:
                 last = info.name
-                if info.isreg():
-                    if info.offset_data + info.size > size:
-                        raise ShardError(
-                            f"shard {path}: member {show(info.name)} needs {info.size} bytes "
-                            f"at {info.offset_data}, past the shard's end ({size} bytes): truncated"
-                        )
-                    members.append(Member(info.name, info.offset_data, info.size))
-                    if len(members) > MAX_MEMBERS:
-                        raise ShardError(f"shard {path}: more than {MAX_MEMBERS} members")
+                if not info.isreg():
+                    continue
+                if info.offset_data + info.size > size:
+                    raise ShardError(
+                        f"shard {name}: member {show(info.name)} needs {info.size} bytes "
+                        f"at {info.offset_data}, past the shard's end ({size} bytes): truncated"
+                    )
+                members.append(Member(info.name, info.offset_data, info.size))
+                if len(members) > MAX_MEMBERS:
+                    raise ShardError(f"shard {name}: more than {MAX_MEMBERS} members")
     except tarfile.TarError as exc:
         raise ShardError(
-            f"shard {path}: not a readable tar after member {show(last)}: {exc}"
+            f"shard {name}: not a readable tar after member {show(last)}: {exc}"
         ) from None
     return members

@@ -3,8 +3,8 @@
 ``shard-{000000..000099}.tar`` expands to 100 names, zero-padded as written;
 ``{train,val}/x.tar`` to two.  Several brace groups multiply; nesting is not
 supported.  After expansion, a name with glob characters is listed (sorted),
-other names must exist.  ``http(s)://`` and ``s3://`` are recognised and refused
-for now, with a message saying so.
+other names must exist.  ``s3://`` globs are listed in the bucket; ``http(s)://``
+names are taken as given (a server cannot be listed) and checked when indexed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import glob
 import os
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from ..io.listing import list_files
 
@@ -60,7 +61,9 @@ def expand_braces(text: str) -> list[str]:
     return out
 
 
-def shard_paths(urls: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
+def shard_paths(
+    urls: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], remote: Any = None
+) -> list[str]:
     """The shard files ``urls`` names (a string or a list of them), in order.
 
     Raises:
@@ -74,13 +77,10 @@ def shard_paths(urls: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
     for spec in specs:
         if not isinstance(spec, str):
             raise TypeError(f"a shard URL must be a str or path, got {type(spec).__name__}")
-        if spec.startswith(_REMOTE):
-            raise ValueError(
-                f"{spec!r}: http(s):// and s3:// shards are not supported yet; "
-                "copy them to local storage (docs/shards.md)"
-            )
         for name in expand_braces(spec):
-            if glob.has_magic(name):
+            if name.startswith(_REMOTE):
+                paths.extend(_remote(name, remote))
+            elif glob.has_magic(name):
                 paths.extend(list_files(name))
             elif os.path.isfile(name):
                 paths.append(name)
@@ -90,4 +90,18 @@ def shard_paths(urls: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
                 raise ValueError(f"more than {MAX_SHARDS} shards")
     if not paths:
         raise ValueError("no shards given")
+    if len({p.startswith(_REMOTE) for p in paths}) > 1:
+        raise ValueError("shards are all local or all remote, not both")
     return paths
+
+
+def _remote(url: str, remote: Any) -> list[str]:
+    """An ``s3://`` glob listed; other remote URLs as they are (checked when indexed)."""
+    if not glob.has_magic(url.split("://", 1)[1]):
+        return [url]
+    if not url.startswith("s3://"):
+        raise ValueError(f"{url!r}: an HTTP server cannot be listed; name shards with braces")
+    found: list[str] = remote.list_s3(url)
+    if not found:
+        raise FileNotFoundError(f"no shards match {url!r}")
+    return found

@@ -255,13 +255,11 @@ def test_a_member_unreadable_at_read_time_names_the_shard_and_sample(tmp_path: P
     assert "sample" in str(info.value)
 
 
-def test_missing_shards_and_remote_urls(tmp_path: Path) -> None:
+def test_missing_shards(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.tar"):
         Pipeline.from_shards(str(tmp_path / "nope.tar"))
     with pytest.raises(FileNotFoundError):
         Pipeline.from_shards(str(tmp_path / "*.tar"))
-    with pytest.raises(ValueError, match="not supported yet"):
-        Pipeline.from_shards("s3://bucket/shard-000000.tar")
 
 
 def test_duplicate_fields_in_one_sample_are_refused(tmp_path: Path) -> None:

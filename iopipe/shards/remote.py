@@ -1,0 +1,232 @@
+"""Shards on ``http(s)://`` and ``s3://``: ranged reads through obstore.
+
+obstore (Python bindings of the Rust ``object_store`` crate, which Apache Arrow,
+DataFusion and Polars read object storage with) gives one client for S3 and
+plain HTTP: pooled keep-alive connections, ranged GETs awaited on the
+pipeline's own event loop (no thread held per request), and retries with
+exponential backoff and jitter on 5xx responses, dropped connections and
+timeouts, never on 4xx (:data:`RETRY`).  A :class:`Remote` makes one store per
+host or bucket for one pipeline.
+
+S3 takes its credentials, region and endpoint from the standard AWS variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``); an
+``http://`` endpoint is allowed as given (a local MinIO or moto).  HTTP servers
+must answer ``Range`` requests (nginx, any static file server).
+
+A shard's index is fetched from ``URL.index``; without one the shard is streamed
+once and its headers parsed (:func:`~.tar.scan_tar`), cached for the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import io
+import os
+import threading
+import urllib.parse
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
+
+from .tar import INDEX_SUFFIX, MAX_INDEX_BYTES, Member, ShardError, cached, parse_index, scan_tar
+
+__all__ = ["CLIENT", "RETRY", "Remote"]
+
+#: Retries of a failed request: 5xx, resets and timeouts, with exponential backoff.
+RETRY: RetryConfig = {
+    "max_retries": 5,
+    "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5)},
+    "retry_timeout": timedelta(seconds=120),
+}
+#: Client settings: a bounded wait for every connect and request.
+CLIENT: ClientConfig = {
+    "connect_timeout": timedelta(seconds=10),
+    "timeout": timedelta(seconds=300),
+}
+MAX_URL = 4096
+
+
+def _obstore() -> Any:
+    try:
+        import obstore
+    except ImportError:
+        raise ImportError(
+            "http(s):// and s3:// shards need obstore: pip install 'iopipe-ml[remote]'"
+        ) from None
+    return obstore
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _make_store(scheme: str, netloc: str, endpoint: str | None) -> Any:
+    _obstore()
+    from obstore.store import HTTPStore, S3Store
+
+    if scheme in ("http", "https"):
+        client: ClientConfig = {**CLIENT, "allow_http": scheme == "http"}
+        return HTTPStore.from_url(f"{scheme}://{netloc}", client_options=client, retry_config=RETRY)
+    config: S3Config = {}
+    if endpoint:
+        config["endpoint"] = endpoint
+    client = {**CLIENT, "allow_http": bool(endpoint and endpoint.startswith("http://"))}
+    return S3Store(netloc, config=config, client_options=client, retry_config=RETRY)
+
+
+def _error(url: str, exc: BaseException, what: str) -> OSError:
+    """An obstore failure as an OSError naming the URL (FileNotFoundError for a 404)."""
+    from obstore.exceptions import NotFoundError
+
+    text = " ".join(str(exc).split())[:400]
+    if isinstance(exc, NotFoundError | FileNotFoundError):  # obstore raises either
+        return FileNotFoundError(errno.ENOENT, f"no such shard object ({what}): {text}", url)
+    return OSError(errno.EIO, f"{what} failed: {text}", url)
+
+
+def _checked(url: str, data: Any, start: int, length: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    arr = np.frombuffer(data, dtype=np.uint8)  # zero-copy over obstore's buffer
+    if len(arr) != length:
+        raise ShardError(
+            f"shard {url}: asked for bytes {start}+{length}, got {len(arr)}: truncated?"
+        )
+    return arr
+
+
+class _Stream(io.RawIOBase):
+    """A file object over an obstore byte stream, for a streaming tar scan."""
+
+    def __init__(self, chunks: Any) -> None:
+        self._chunks = iter(chunks)
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = memoryview(nxt).cast("B")
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+class Remote:
+    """The stores (one per host or bucket) of one pipeline's remote shards.
+
+    Their pooled connections close when the pipeline holding this is dropped.
+    """
+
+    def __init__(self) -> None:
+        self._stores: dict[tuple[str, str, str | None], Any] = {}
+        self._lock = threading.Lock()
+
+    def split(self, url: str) -> tuple[Any, str]:
+        """The store for ``url``'s host or bucket, and the object's path in it."""
+        if len(url) > MAX_URL:
+            raise ValueError(f"a shard URL is at most {MAX_URL} characters: {url[:80]}...")
+        u = urllib.parse.urlsplit(url)
+        if not u.netloc or u.query or u.fragment:
+            raise ValueError(
+                f"{url!r}: expected scheme://host-or-bucket/path, no query or fragment"
+            )
+        path = urllib.parse.unquote(u.path.lstrip("/"))
+        key = (u.scheme, u.netloc, _endpoint() if u.scheme == "s3" else None)
+        with self._lock:
+            store = self._stores.get(key)
+            if store is None:
+                store = self._stores[key] = _make_store(*key)
+        return store, path
+
+    def size(self, url: str) -> tuple[int, Any]:
+        """``(size, version)`` of the object at ``url`` (its ETag or modification time)."""
+        store, path = self.split(url)
+        try:
+            meta = _obstore().head(store, path)
+        except Exception as exc:
+            raise _error(url, exc, "HEAD") from exc
+        return int(meta["size"]), meta.get("e_tag") or meta.get("last_modified")
+
+    def get_small(self, url: str, limit: int) -> bytes | None:
+        """The whole object at ``url`` if it exists (None: it does not), at most ``limit`` bytes."""
+        try:
+            size, _ = self.size(url)
+        except FileNotFoundError:
+            return None
+        if size > limit:
+            raise ShardError(f"{url}: {size} bytes, more than the {limit} an index may have")
+        store, path = self.split(url)
+        try:  # a whole GET: a server need not answer ranges for it
+            data = bytes(_obstore().get(store, path).bytes())
+        except Exception as exc:
+            raise _error(url, exc, "GET") from exc
+        if len(data) > limit:
+            raise ShardError(f"{url}: more than the {limit} bytes an index may have")
+        return data
+
+    def fetch_range(self, url: str, start: int, length: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """``length`` bytes of ``url`` from ``start`` (blocking), as a uint8 array over them."""
+        store, path = self.split(url)
+        try:
+            data = _obstore().get_range(store, path, start=start, length=length)
+        except Exception as exc:
+            raise _error(url, exc, f"GET bytes {start}+{length}") from exc
+        return _checked(url, data, start, length)
+
+    async def fetch_range_async(
+        self, url: str, start: int, length: int
+    ) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """:meth:`fetch_range` awaited on the running loop (no thread held while it waits)."""
+        store, path = self.split(url)
+        try:
+            data = await _obstore().get_range_async(store, path, start=start, length=length)
+        except Exception as exc:
+            raise _error(url, exc, f"GET bytes {start}+{length}") from exc
+        return _checked(url, data, start, length)
+
+    def members(self, url: str) -> list[Member]:
+        """The regular members of the tar at ``url``: from ``url.index``, else one streamed scan."""
+        size, version = self.size(url)
+
+        def load() -> list[Member]:
+            raw = self.get_small(f"{url}{INDEX_SUFFIX}", MAX_INDEX_BYTES)
+            members = None if raw is None else parse_index(raw, f"{url}{INDEX_SUFFIX}", size)
+            if members is not None:
+                return members
+            store, path = self.split(url)
+            try:
+                chunks = _obstore().get(store, path).stream(min_chunk_size=1 << 20)
+                return scan_tar(_Stream(chunks), url, size, stream=True)
+            except (ShardError, OSError):
+                raise
+            except Exception as exc:
+                raise _error(url, exc, "GET (scanning the tar)") from exc
+
+        return cached((url, size, version), load)
+
+    def list_s3(self, pattern: str) -> list[str]:
+        """The ``s3://`` URLs matching a glob (``s3://bucket/prefix/shard-*.tar``), sorted."""
+        store, path = self.split(pattern)
+        magic = min((path.find(c) for c in "*?[" if c in path), default=len(path))
+        prefix = path[:magic].rsplit("/", 1)[0] if "/" in path[:magic] else ""
+        bucket = urllib.parse.urlsplit(pattern).netloc
+        try:
+            found = [
+                meta["path"]
+                for chunk in _obstore().list(store, prefix=prefix or None)
+                for meta in chunk
+                if fnmatch.fnmatchcase(meta["path"], path)
+            ]
+        except Exception as exc:
+            raise _error(pattern, exc, "LIST") from exc
+        return sorted(f"s3://{bucket}/{p}" for p in found if not p.endswith(INDEX_SUFFIX))

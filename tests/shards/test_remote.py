@@ -1,0 +1,143 @@
+"""Shards over HTTP (nginx) and S3 (moto's server): the same samples as from disk.
+
+Also retries (500s and dropped connections are retried, a 403 is not), missing
+objects, shards without an index (scanned by streaming them once) and the
+request count of a read, all against servers on 127.0.0.1 started by the
+fixtures in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iopipe import Pipeline, StageError, write_shards
+from iopipe.shards.tar import INDEX_SUFFIX
+
+pytest.importorskip("obstore")
+
+
+def _samples(n: int) -> list[dict[str, Any]]:
+    return [
+        {"__key__": f"d{i % 2}/k{i:04d}", "bin": os.urandom(50 + (i * 131) % 2000), "cls": str(i)}
+        for i in range(n)
+    ]
+
+
+def _plain(pipe: Pipeline[Any]) -> list[dict[str, Any]]:
+    try:
+        return [
+            {k: (v if k.startswith("__") else bytes(v)) for k, v in s.items() if k != "__url__"}
+            for s in pipe
+        ]
+    finally:
+        pipe.close()
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    shards = write_shards(_samples(120), tmp_path / "shards", shard_bytes=48 << 10)
+    return shards, _plain(Pipeline.from_shards(shards))
+
+
+def test_the_same_samples_from_disk_and_nginx(
+    nginx: tuple[str, Path], local: tuple[list[str], list[dict[str, Any]]]
+) -> None:
+    base, www = nginx
+    shards, want = local
+    for p in shards:
+        shutil.copy(p, www)
+        shutil.copy(p + INDEX_SUFFIX, www)
+    n = len(shards)
+    url = f"{base}/shard-{{000000..{n - 1:06d}}}.tar"
+    assert _plain(Pipeline.from_shards(url)) == want
+    got = _plain(Pipeline.from_shards(url, shuffle=True, seed=4))
+    assert sorted(got, key=lambda s: s["__key__"]) == sorted(want, key=lambda s: s["__key__"])
+    assert [s["__key__"] for s in got] != [s["__key__"] for s in want]
+
+
+def test_the_same_samples_from_disk_and_moto_s3(
+    s3: Any, local: tuple[list[str], list[dict[str, Any]]]
+) -> None:
+    shards, want = local
+    s3.create_bucket(Bucket="data")
+    for p in shards:
+        for f in (p, p + INDEX_SUFFIX):
+            s3.upload_file(f, "data", "train/" + os.path.basename(f))
+    assert _plain(Pipeline.from_shards("s3://data/train/shard-*.tar")) == want
+    # Two ranks: disjoint halves of one permutation, equal in count.
+    ranks = [
+        _plain(Pipeline.from_shards("s3://data/train/*.tar", shuffle=True, rank=r, world_size=2))
+        for r in range(2)
+    ]
+    keys = [[s["__key__"] for s in r] for r in ranks]
+    assert len(keys[0]) == len(keys[1]) == 60
+    assert set(keys[0]).isdisjoint(keys[1])
+    assert set(keys[0]) | set(keys[1]) == {s["__key__"] for s in want}
+
+
+def test_a_remote_shard_without_index_is_scanned_once(
+    flaky: Any, local: tuple[list[str], list[dict[str, Any]]]
+) -> None:
+    shards, want = local
+    for p in shards:
+        flaky.files[os.path.basename(p)] = Path(p).read_bytes()  # no .index beside them
+    urls = [f"{flaky.url}/{os.path.basename(p)}" for p in shards]
+    assert _plain(Pipeline.from_shards(urls)) == want
+
+
+def test_500s_and_dropped_connections_are_retried(
+    flaky: Any, local: tuple[list[str], list[dict[str, Any]]]
+) -> None:
+    shards, want = local
+    p = shards[0]
+    for f in (p, p + INDEX_SUFFIX):
+        flaky.files[os.path.basename(f)] = Path(f).read_bytes()
+    flaky.faults[:] = ["500", "reset", "503"]
+    got = _plain(Pipeline.from_shards(f"{flaky.url}/{os.path.basename(p)}"))
+    assert got
+    assert got == want[: len(got)]
+    assert not flaky.faults  # every fault was met, and retried past
+
+
+def test_a_403_is_not_retried_and_names_the_shard(
+    flaky: Any, local: tuple[list[str], list[dict[str, Any]]]
+) -> None:
+    shards, _ = local
+    p = shards[0]
+    for f in (p, p + INDEX_SUFFIX):
+        flaky.files[os.path.basename(f)] = Path(f).read_bytes()
+    url = f"{flaky.url}/{os.path.basename(p)}"
+    pipe = Pipeline.from_shards(url, concurrency=1)  # indexed while the server answers
+    flaky.faults[:] = ["403"]  # the next request only: a retry of it would succeed
+    before = len(flaky.requests)
+    try:
+        with pytest.raises(StageError) as info:
+            list(pipe)
+    finally:
+        pipe.close()
+    assert url in str(info.value)
+    assert "403" in str(info.value)
+    assert flaky.requests[before] == "GET"
+
+
+def test_a_missing_remote_shard_is_file_not_found(flaky: Any) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        Pipeline.from_shards(f"{flaky.url}/nope.tar")
+    assert "nope.tar" in str(info.value)
+
+
+def test_an_http_glob_is_refused(flaky: Any) -> None:
+    with pytest.raises(ValueError, match="braces"):
+        Pipeline.from_shards(f"{flaky.url}/shard-*.tar")
+
+
+def test_local_and_remote_do_not_mix(flaky: Any, tmp_path: Path) -> None:
+    (p,) = write_shards(_samples(3), tmp_path, shard_bytes=1 << 20)
+    flaky.files["x.tar"] = Path(p).read_bytes()
+    with pytest.raises(ValueError, match="not both"):
+        Pipeline.from_shards([p, f"{flaky.url}/x.tar"])
