@@ -31,6 +31,7 @@ from ..stages.batch import Batcher
 from ..stages.cache import Cache
 from ..stages.decode import Decoder
 from ..stages.device import DeviceTransfer
+from ..stages.filter import Filter, FlatMap
 from ..stages.prefetch import Prefetcher
 from ..stages.reader import ChunkedReader
 from ..stages.source import Source
@@ -334,6 +335,20 @@ class Pipeline(Resumable, Generic[T]):
         stage = Decoder(fn, concurrency=n, executor=executor, ordered=ordered, name=name)
         stage.autotune = auto
         return self._then(stage)
+
+    def filter(self, pred: Callable[[T], Any], **map_options: Any) -> Pipeline[T]:
+        """Keep the elements for which ``pred`` is true (``map_options``: as :meth:`map`).
+
+        Resume stays exact; ``len()`` is then unknown (docs/shards.md, "Stream transforms").
+        """
+        return self._then(Filter(pred, **map_options))
+
+    def flat_map(self, fn: Callable[[T], Iterable[U]], **map_options: Any) -> Pipeline[U]:
+        """Replace each element with the elements of the iterable ``fn`` returns (an unbatch).
+
+        A resume inside one element's outputs repeats that element's earlier ones.
+        """
+        return self._then(FlatMap(fn, **map_options))
 
     def batch(
         self,

@@ -61,6 +61,8 @@ CASES: dict[str, tuple[Callable[[Pipeline[Any]], Pipeline[Any]], bool]] = {
     "batch": (lambda p: p.map(_first).batch(BATCH), True),
     "cache": (lambda p: p.cache(max_bytes=1 << 20), False),
     "to_device": (lambda p: p.map(_first).batch(BATCH).to_device("cpu"), True),
+    "filter": (lambda p: p.filter(_kept), False),
+    "flat_map": (lambda p: p.flat_map(_alone), False),
 }
 
 # Stage classes and the case that covers each (a fused run is the planner's rewrite of
@@ -73,7 +75,17 @@ COVERED = {
     "Cache": "cache",
     "DeviceTransfer": "to_device",
     "Fused": "map",
+    "Filter": "filter",
+    "FlatMap": "flat_map",
 }
+
+
+def _kept(x: Any) -> bool:
+    return True  # drops are tested in test_filter.py; here: the stage's contract
+
+
+def _alone(x: Any) -> list[Any]:
+    return [x]
 
 
 async def _afirst(x: Any) -> int:
