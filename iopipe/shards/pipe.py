@@ -47,7 +47,7 @@ def shard_pipeline(
     paths = shard_paths(urls, remote)
     table = SampleTable(paths, remote)
     src = Source(table, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard)
-    src.origin = {"shards": paths}
+    # No origin: configs do not describe shard sources yet (to_config says so).
     if is_remote(paths[0]):
         # Requests awaited on the loop: `concurrency` in flight, no thread held by one.
         return cls(src, **options).map(

@@ -20,6 +20,7 @@ once and its headers parsed (:func:`~.tar.scan_tar`), cached for the process.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fnmatch
 import io
@@ -50,6 +51,8 @@ CLIENT: ClientConfig = {
     "timeout": timedelta(seconds=300),
 }
 MAX_URL = 4096
+#: Ranges of one object closer than this are fetched in one request (obstore's default).
+COALESCE = 1 << 20
 
 
 def _obstore() -> Any:
@@ -130,6 +133,9 @@ class Remote:
     def __init__(self) -> None:
         self._stores: dict[tuple[str, str, str | None], Any] = {}
         self._lock = threading.Lock()
+        # Ranges asked for this turn of the loop, per URL (loop thread only).
+        self._pending: dict[str, list[tuple[int, int, Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def split(self, url: str) -> tuple[Any, str]:
         """The store for ``url``'s host or bucket, and the object's path in it."""
@@ -186,13 +192,49 @@ class Remote:
     async def fetch_range_async(
         self, url: str, start: int, length: int
     ) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        """:meth:`fetch_range` awaited on the running loop (no thread held while it waits)."""
-        store, path = self.split(url)
-        try:
-            data = await _obstore().get_range_async(store, path, start=start, length=length)
-        except Exception as exc:
-            raise _error(url, exc, f"GET bytes {start}+{length}") from exc
+        """:meth:`fetch_range` awaited on the running loop (no thread held while it waits).
+
+        The ranges of one object asked for in the same turn of the loop (a group's
+        samples, gathered by the map) go out as one ``get_ranges`` call: one
+        crossing into obstore, which merges ranges less than :data:`COALESCE`
+        bytes apart into one request.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        batch = self._pending.get(url)
+        if batch is None:
+            batch = self._pending[url] = []
+            loop.call_soon(self._flush, url)
+        batch.append((start, length, fut))
+        data = await fut
         return _checked(url, data, start, length)
+
+    def _flush(self, url: str) -> None:
+        """Send the ranges of ``url`` asked for this turn (on the loop)."""
+        batch = self._pending.pop(url, [])
+        task = asyncio.ensure_future(self._get_ranges(url, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _get_ranges(self, url: str, batch: list[tuple[int, int, Any]]) -> None:
+        store, path = self.split(url)
+        starts = [a for a, _, _ in batch]
+        lengths = [n for _, n, _ in batch]
+        try:
+            got = await _obstore().get_ranges_async(
+                store, path, starts=starts, lengths=lengths, coalesce=COALESCE
+            )
+        except BaseException as exc:
+            err = _error(url, exc, f"GET {len(batch)} range(s) from byte {min(starts)}")
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, fut), data in zip(batch, got, strict=True):
+            if not fut.done():
+                fut.set_result(data)
 
     def members(self, url: str) -> list[Member]:
         """The regular members of the tar at ``url``: from ``url.index``, else one streamed scan."""
