@@ -22,6 +22,7 @@ Usage: ``python -m bench.bench_shards [--repeats 5] [--mode warm|cold]``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -116,10 +117,8 @@ def quality() -> dict[str, Any]:
     order["webdataset"] = [(s["__url__"], s["__key__"]) for s in ds]
     out: dict[str, Any] = {"shards": len(shards), "samples": len(packed)}
     for name, seq in order.items():
-        same = sum(a[0] == b[0] for a, b in zip(seq, seq[1:], strict=False)) / max(1, len(seq) - 1)
-        dist = statistics.mean(
-            abs(packed[a[1]] - packed[b[1]]) for a, b in zip(seq, seq[1:], strict=False)
-        )
+        same = sum(a[0] == b[0] for a, b in itertools.pairwise(seq)) / max(1, len(seq) - 1)
+        dist = statistics.mean(abs(packed[a[1]] - packed[b[1]]) for a, b in itertools.pairwise(seq))
         out[name] = {"same_shard": same, "mean_distance": dist}
     total = sum(os.path.getsize(p) for p in shards)
     payload = sum(os.path.getsize(p) for p in SMALL.rglob("*") if p.is_file())
