@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._harness import evict, warm
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ROOT / "bench" / "data" / "scale-1" / "small"
 SHARDS = ROOT / "bench" / "data" / "shards"
@@ -51,16 +53,6 @@ def _shards() -> list[str]:
             shutil.rmtree(SHARDS)
         tmp.rename(SHARDS)
     return sorted(str(p) for p in SHARDS.glob("*.tar"))
-
-
-def _evict(paths: list[str]) -> None:
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_case(case: str, base_url: str | None) -> dict[str, Any]:
@@ -174,10 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             for c in cases:
                 if args.mode == "cold":
-                    _evict(shards + files)
+                    evict(shards + files)
                 else:
-                    for path in shards:
-                        Path(path).read_bytes()
+                    warm(shards)
                 rec = _fresh(c, base)
                 rates[c].append(rec["rate"])
                 print(f"repeat {r + 1} {c:12s} {rec['rate']:9,.0f} samples/s ({rec['samples']})")
