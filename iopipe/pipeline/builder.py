@@ -25,7 +25,6 @@ from ..observe.verdict import StatsReporter
 from ..runtime.errors import PipelineClosedError
 from ..runtime.stats import PipelineStats
 from ..runtime.watchdog import DEFAULT_STALL_WARNING_S
-from ..shards.pipe import shard_pipeline
 from ..stages.base import Stage
 from ..stages.batch import Batcher
 from ..stages.cache import Cache
@@ -39,6 +38,7 @@ from .config import pipeline_from_config, pipeline_to_config
 from .engine import Runtime, build_runtime
 from .epoch import Epoch
 from .iterator import EpochIterator
+from .more import MoreSources
 from .options import file_items
 from .position import Resumable
 from .shape import elements_per_epoch, items_in_flight_bound
@@ -51,7 +51,7 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-class Pipeline(Resumable, Generic[T]):
+class Pipeline(MoreSources, Resumable, Generic[T]):
     """A chain of stages on a background event loop; iterate it for one epoch.
 
     Build one with :meth:`from_files` or :meth:`from_iterable` and the chaining
@@ -202,34 +202,6 @@ class Pipeline(Resumable, Generic[T]):
         return Pipeline(src, **options)
 
     @classmethod
-    def from_shards(
-        cls,
-        urls: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        shard: str = "pad",
-        chunk_bytes: int = 4 << 20,
-        concurrency: int = 16,
-        **options: Any,
-    ) -> Pipeline[dict[str, Any]]:
-        """Start a pipeline over the samples of WebDataset tar shards (docs/shards.md).
-
-        ``urls``: paths, globs and brace ranges (``shard-{000000..000099}.tar``).
-        Each element is ``{"__key__", "__url__", field: uint8 view of its bytes}``;
-        with ``shuffle`` each epoch visits every sample of every shard once, in an
-        order drawn from ``(seed, epoch)``.  ``chunk_bytes``, ``concurrency``: as
-        :meth:`read`; the rest as :meth:`from_files`.
-        """
-        pipe: Pipeline[dict[str, Any]] = shard_pipeline(
-            cls, urls, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-            shard=shard, chunk_bytes=chunk_bytes, concurrency=concurrency, options=options,
-        )  # fmt: skip
-        return pipe
-
-    @classmethod
     def from_config(
         cls,
         config: Mapping[str, Any] | str | os.PathLike[str],
@@ -337,17 +309,11 @@ class Pipeline(Resumable, Generic[T]):
         return self._then(stage)
 
     def filter(self, pred: Callable[[T], Any], **map_options: Any) -> Pipeline[T]:
-        """Keep the elements for which ``pred`` is true (``map_options``: as :meth:`map`).
-
-        Resume stays exact; ``len()`` is then unknown (docs/shards.md, "Stream transforms").
-        """
+        """Keep the elements ``pred`` is true for (options as :meth:`map`; docs/shards.md)."""
         return self._then(Filter(pred, **map_options))
 
     def flat_map(self, fn: Callable[[T], Iterable[U]], **map_options: Any) -> Pipeline[U]:
-        """Replace each element with the elements of the iterable ``fn`` returns (an unbatch).
-
-        A resume inside one element's outputs repeats that element's earlier ones.
-        """
+        """Each element replaced by the elements ``fn`` returns for it (docs/shards.md)."""
         return self._then(FlatMap(fn, **map_options))
 
     def batch(

@@ -280,7 +280,7 @@ class Source:
             if self.sized:
                 await self._produce_sized(outq, epoch, skip, group_size, cache)
             else:
-                await self._produce_iter(outq, skip, group_size, cache)
+                await self._produce_iter(outq, epoch, skip, group_size, cache)
         except Exception as exc:
             raise StageError(self.name, None, exc)
         await outq.put(END)
@@ -306,7 +306,7 @@ class Source:
             self.counters.busy_s += time.perf_counter() - t0
             await self._put(outq, group)
 
-    async def _iter_groups(self, g: int) -> AsyncIterator[list[Any]]:
+    async def _iter_groups(self, g: int, epoch: int) -> AsyncIterator[list[Any]]:
         rank, world = self.rank
         if self.is_async:
             src: AsyncIterable[Any] = self.items  # type: ignore[assignment]
@@ -321,7 +321,10 @@ class Source:
             if batch:
                 yield batch
             return
-        it: Iterator[Any] = iter(self.items)  # type: ignore[arg-type]
+        # Items that vary by epoch (a mix) say how: ``for_epoch(epoch)`` gives that
+        # epoch's iterator, the same every time (a resume replays it).
+        for_epoch = getattr(self.items, "for_epoch", None)
+        it: Iterator[Any] = for_epoch(epoch) if for_epoch else iter(self.items)  # type: ignore[arg-type]
         if world > 1:
             it = shard_iter(it, rank, world, self.shard)
         pool = self._pool
@@ -337,9 +340,11 @@ class Source:
             if len(batch) < g:
                 return
 
-    async def _produce_iter(self, outq: OutQueue, skip: int, g: int, cache: Any) -> None:
+    async def _produce_iter(
+        self, outq: OutQueue, epoch: int, skip: int, g: int, cache: Any
+    ) -> None:
         pos = 0
-        async for batch in self._iter_groups(g):
+        async for batch in self._iter_groups(g, epoch):
             if skip:
                 drop = min(skip, len(batch))
                 batch = batch[drop:]
