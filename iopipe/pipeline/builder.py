@@ -33,6 +33,7 @@ from ..stages.device import DeviceTransfer
 from ..stages.filter import Filter, FlatMap
 from ..stages.prefetch import Prefetcher
 from ..stages.reader import ChunkedReader
+from ..stages.shuffle import ShuffleBuffer
 from ..stages.source import Source
 from .config import pipeline_from_config, pipeline_to_config
 from .engine import Runtime, build_runtime
@@ -315,6 +316,10 @@ class Pipeline(MoreSources, Resumable, Generic[T]):
     def flat_map(self, fn: Callable[[T], Iterable[U]], **map_options: Any) -> Pipeline[U]:
         """Each element replaced by the elements ``fn`` returns for it (docs/shards.md)."""
         return self._then(FlatMap(fn, **map_options))
+
+    def shuffle(self, buffer: int, *, seed: int = 0) -> Pipeline[T]:
+        """Shuffle within a buffer of ``buffer`` elements, by ``(seed, epoch)`` (docs/shards.md)."""
+        return self._then(ShuffleBuffer(buffer, seed=seed))
 
     def batch(
         self,

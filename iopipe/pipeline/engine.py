@@ -140,6 +140,7 @@ class Runtime:
         self.source.counters.__init__("source", 1)  # type: ignore[misc]
         for s in self.stages:
             s.reset_counters()
+            s.begin_epoch(ep.epoch, ep.skip)
         reader = budgeted_reader(self.stages)
         if reader is not None:
             reader.budget = ep.budget
@@ -169,7 +170,8 @@ class Runtime:
                 self.source.produce(
                     first,
                     epoch=ep.epoch,
-                    skip=ep.skip,
+                    # A stage that replays drops the consumed part itself.
+                    skip=0 if any(s.replays for s in self.stages) else ep.skip,
                     group_size=self.group_size,
                     cache=self.cache,
                 ),

@@ -317,6 +317,13 @@ class Stage:
         """This stage's failure in a fused job on ``group`` (batch number ``index``)."""
         return self.fail(group, exc)
 
+    #: Resumes by replaying its epoch: the source starts from the epoch's beginning and
+    #: the stage drops the elements already handed out (a shuffle buffer).
+    replays = False
+
+    def begin_epoch(self, epoch: int, skip: int) -> None:
+        """The epoch about to run, and (``replays``) the elements of it to drop."""
+
     def reset_counters(self) -> None:
         self.counters = StageCounters(self.name, self.concurrency)
 

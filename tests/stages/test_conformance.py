@@ -63,6 +63,7 @@ CASES: dict[str, tuple[Callable[[Pipeline[Any]], Pipeline[Any]], bool]] = {
     "to_device": (lambda p: p.map(_first).batch(BATCH).to_device("cpu"), True),
     "filter": (lambda p: p.filter(_kept), False),
     "flat_map": (lambda p: p.flat_map(_alone), False),
+    "shuffle": (lambda p: p.shuffle(1), False),  # a buffer of 1 keeps the order
 }
 
 # Stage classes and the case that covers each (a fused run is the planner's rewrite of
@@ -77,6 +78,7 @@ COVERED = {
     "Fused": "map",
     "Filter": "filter",
     "FlatMap": "flat_map",
+    "ShuffleBuffer": "shuffle",
 }
 
 
