@@ -123,7 +123,14 @@ def _add_probe(sub: Any, debug: argparse.ArgumentParser) -> None:
             "p50/p99 latency per file, and recommend settings for Pipeline.read()."
         ),
     )
-    p.add_argument("path", metavar="PATH", help="a folder (searched recursively) or a file")
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        help=(
+            "a folder (searched recursively), a file, http(s)://host/objects-{0..9} "
+            "(braces name objects) or s3://bucket/prefix/ (AWS variables; docs/shards.md)"
+        ),
+    )
     p.add_argument(
         "--pattern", metavar="GLOB", help="only files matching GLOB under PATH (e.g. '**/*.jpg')"
     )
@@ -274,7 +281,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
         folder = os.path.dirname(os.path.abspath(args.plot))
         if not os.path.isdir(folder):  # before the measurement, not after it
             raise InputError(f"--plot {args.plot}: the folder {folder} does not exist")
-    files = sized_files(args.path, args.pattern)  # OSError: bad input, exit status 2
+    read = None
+    if args.path.startswith(("http://", "https://", "s3://")):
+        from ..shards.remote import remote_files
+
+        files, read = remote_files(args.path, args.pattern)
+    else:
+        files = sized_files(args.path, args.pattern)  # OSError: bad input, exit status 2
     cells = len(args.concurrency) * len(args.chunk_bytes)
     with _bar(total=cells, unit="cell") as bar:
         report = probe(
@@ -287,6 +300,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             min_time=args.min_time,
             progress=bar,
+            read=read,
         )
     if args.plot:
         plot(report, args.plot)
@@ -296,6 +310,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     temp = "cold: evicted before each measurement" if args.cold else "warm: page-cached"
     if not args.cold and not report.warmed:
         temp = "warm: not pre-read, larger than half the available memory"
+    if read is not None:
+        temp = "remote: ranged GETs, neither warmed nor evicted"
     print(
         f"probe: {report.files:,} files, {format_size_approx(report.bytes)} under "
         f"{args.path} ({temp}); {report.cpus} CPUs"

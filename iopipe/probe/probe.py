@@ -73,9 +73,14 @@ class _Cell:
     """Shared state of the workers of one cell (their invariant: one read in flight each)."""
 
     def __init__(
-        self, files: Sequence[tuple[str, int]], chunk_bytes: int, deadline: float | None
+        self,
+        files: Sequence[tuple[str, int]],
+        chunk_bytes: int,
+        deadline: float | None,
+        read: Callable[[str, Any, int], None] | None = None,
     ) -> None:
         self.files = files
+        self.read = read  # (name, buffer, offset): a remote read; None: local files
         self.chunk_bytes = chunk_bytes
         self.deadline = deadline
         # Work units: (file index, offset, length); a file of size 0 is one empty unit.
@@ -123,11 +128,14 @@ class _Cell:
             while (unit := self.take()) is not None:
                 index, offset, length = unit
                 path = self.files[index][0]
-                fd = os.open(path, O_READ)
-                try:
-                    read_exact(fd, buf[:length], offset, path)
-                finally:
-                    os.close(fd)
+                if self.read is not None:
+                    self.read(path, buf[:length], offset)
+                else:
+                    fd = os.open(path, O_READ)
+                    try:
+                        read_exact(fd, buf[:length], offset, path)
+                    finally:
+                        os.close(fd)
                 self.done(index, length)
         except BaseException as exc:  # reported by measure() in the calling thread
             with self.lock:
@@ -161,6 +169,7 @@ def measure(
     duration: float | None = None,
     tick: Callable[[_Cell], None] | None = None,
     cpus: int | None = None,
+    read: Callable[[str, Any, int], None] | None = None,
 ) -> ProbeCell:
     """Read ``files`` with ``concurrency`` threads, one read of <= ``chunk_bytes`` each.
 
@@ -171,7 +180,7 @@ def measure(
         OSError: a read failed (the first failure; the other workers stop).
     """
     start = time.perf_counter()
-    cell = _Cell(files, chunk_bytes, start + duration if duration else None)
+    cell = _Cell(files, chunk_bytes, start + duration if duration else None, read)
     threads = [
         threading.Thread(target=cell.work, name=f"iopipe-probe_{i}", daemon=True)
         for i in range(concurrency)
@@ -222,6 +231,7 @@ def probe(
     repeats: int = REPEATS,
     min_time: float = MIN_TIME_S,
     progress: Any = None,
+    read: Callable[[str, Any, int], None] | None = None,
 ) -> ProbeReport:
     """Measure every (concurrency, chunk size) cell over ``files``.
 
@@ -239,12 +249,14 @@ def probe(
             (at most :data:`MAX_PASSES` passes) until the cell took this long,
             so a 10 ms measurement does not decide the advice.
         progress: A tqdm-like bar (``update``, ``set_postfix_str``) or None.
+        read: ``read(name, buffer, offset)`` fills ``buffer`` from object ``name``
+            (remote objects: neither warmed nor evicted); None: local files.
     """
     if repeats < 1 or min_time < 0:
         raise ValueError(f"repeats must be >= 1 and min_time >= 0, got {repeats}, {min_time}")
     paths = [p for p, _ in files]
     total = sum(s for _, s in files)
-    warmed = not cold and total <= _available_memory() // 2
+    warmed = read is None and not cold and total <= _available_memory() // 2
     if warmed:  # data larger than that would evict itself while being read
         warm(paths)
     cells = []
@@ -252,7 +264,10 @@ def probe(
         for ch in chunk_bytes:
             if progress is not None:
                 progress.set_description(f"conc {c}, chunk {format_size(ch)}")
-            one_pass = _one_pass(files, c, ch, cold=cold, duration=duration, progress=progress)
+            one_pass = _one_pass(
+                files, c, ch, cold=cold and read is None, duration=duration, progress=progress,
+                read=read,
+            )  # fmt: skip
             cells.append(_repeat(one_pass, repeats, min_time))
             if progress is not None:
                 progress.update(1)
@@ -276,6 +291,7 @@ def _one_pass(
     cold: bool,
     duration: float | None,
     progress: Any,
+    read: Callable[[str, Any, int], None] | None = None,
 ) -> Callable[[], ProbeCell]:
     """One pass of a cell, as :func:`_repeat` runs it: evict if ``cold``, then measure."""
     paths = [p for p, _ in files]
@@ -290,7 +306,12 @@ def _one_pass(
         if cold:
             evict(paths)
         return measure(
-            files, concurrency=concurrency, chunk_bytes=chunk_bytes, duration=duration, tick=tick
+            files,
+            concurrency=concurrency,
+            chunk_bytes=chunk_bytes,
+            duration=duration,
+            tick=tick,
+            read=read,
         )
 
     return one_pass

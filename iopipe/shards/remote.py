@@ -272,3 +272,35 @@ class Remote:
         except Exception as exc:
             raise _error(pattern, exc, "LIST") from exc
         return sorted(f"s3://{bucket}/{p}" for p in found if not p.endswith(INDEX_SUFFIX))
+
+
+def remote_files(url: str, pattern: str | None) -> tuple[list[tuple[str, int]], Any]:
+    """``(objects with their sizes, a blocking reader)`` for ``iopipe probe`` of a remote URL.
+
+    ``url``: objects named with braces (``http://host/shard-{0..9}.tar``), an ``s3://``
+    glob, or an ``s3://bucket/prefix/`` (every object below it, or those matching
+    ``pattern`` there).
+    """
+    from .urls import expand_braces
+
+    remote = Remote()
+    if url.startswith("s3://") and (url.endswith("/") or pattern):
+        url = url.rstrip("/") + "/" + (pattern or "*")
+    names: list[str] = []
+    for name in expand_braces(url):
+        if any(c in name.split("://", 1)[1] for c in "*?["):
+            if not name.startswith("s3://"):
+                raise ValueError(
+                    f"{name!r}: an HTTP server cannot be listed; name objects with braces"
+                )
+            names.extend(remote.list_s3(name))
+        else:
+            names.append(name)
+    if not names:
+        raise FileNotFoundError(f"no objects match {url!r}")
+    files = [(n, remote.size(n)[0]) for n in names]
+
+    def read(name: str, buf: Any, offset: int) -> None:
+        buf[:] = remote.fetch_range(name, offset, len(buf))
+
+    return files, read

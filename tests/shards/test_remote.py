@@ -141,3 +141,45 @@ def test_local_and_remote_do_not_mix(flaky: Any, tmp_path: Path) -> None:
     flaky.files["x.tar"] = Path(p).read_bytes()
     with pytest.raises(ValueError, match="not both"):
         Pipeline.from_shards([p, f"{flaky.url}/x.tar"])
+
+
+def test_probe_measures_an_http_prefix(flaky: Any, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    for i in range(3):
+        flaky.files[f"obj-{i}.bin"] = os.urandom(300_000)
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "iopipe", "probe", f"{flaky.url}/obj-{{0..2}}.bin",
+            "--concurrency", "1,4", "--chunk-bytes", "64KiB", "--repeats", "1",
+            "--min-time", "0", "--json",
+        ],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["files"] == 3
+    assert all(c["bytes"] == 900_000 for c in report["results"])
+
+
+def test_probe_measures_an_s3_prefix(s3: Any, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    s3.create_bucket(Bucket="probe")
+    for i in range(2):
+        s3.put_object(Bucket="probe", Key=f"p/x{i}.bin", Body=os.urandom(200_000))
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "iopipe", "probe", "s3://probe/p/", "--concurrency", "2",
+            "--chunk-bytes", "64KiB", "--repeats", "1", "--min-time", "0", "--json",
+        ],
+        capture_output=True, text=True, check=False, timeout=120, env=dict(os.environ),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["files"] == 2
+    assert report["results"][0]["bytes"] == 400_000
