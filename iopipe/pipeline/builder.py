@@ -345,7 +345,10 @@ class Pipeline(MoreSources, Resumable, Generic[T]):
             ValueError: a batcher precedes the cache, or a cache already exists.
         """
         if any(not s.one_to_one for s in self._spec.stages):
-            raise ValueError("cache() must come before batch(): it keys outputs by source item")
+            raise ValueError(
+                "cache() must come before batch(), flat_map() and shuffle(): it keys outputs "
+                "by source item"
+            )
         if any(s.serves_source for s in self._spec.stages):
             raise ValueError("a pipeline can have only one cache()")
         return self._then(Cache(max_bytes=max_bytes))

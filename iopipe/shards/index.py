@@ -21,7 +21,11 @@ import numpy as np
 
 from .tar import ShardError, shard_members, split_name
 
-__all__ = ["SampleRange", "SampleTable", "split_sample"]
+__all__ = ["MAX_HEADER_GAP", "SampleRange", "SampleTable", "split_sample"]
+
+#: Bytes between two fields of one sample, at most: its header blocks (a pax record
+#: for a long name included).
+MAX_HEADER_GAP = 64 << 10
 
 
 class SampleRange(tuple[str, int, int]):
@@ -84,6 +88,7 @@ class _Shard:
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.first = np.asarray(first, dtype=np.int64)
         self.width = np.asarray(width, dtype=np.int64)
+        self.check_gaps()
 
     def __len__(self) -> int:
         return len(self.first)
@@ -101,6 +106,23 @@ class _Shard:
             fields.append((field, int(self.offsets[k]) - start, int(self.sizes[k])))
         end = int(self.offsets[b - 1] + self.sizes[b - 1])
         return SampleRange(self.path, start, end - start, key, tuple(fields))
+
+    def check_gaps(self) -> None:
+        """Refuse a sample whose range would span more than its headers (non-sample members).
+
+        A sample is read as one range from its first member's data to its last's end;
+        other members between its fields (a ``README`` in the middle) would be read too.
+        """
+        for j in range(len(self.first)):
+            a = int(self.first[j])
+            b = a + int(self.width[j])
+            span = int(self.offsets[b - 1] + self.sizes[b - 1] - self.offsets[a])
+            fields = int(self.sizes[a:b].sum())
+            if span - fields > (b - a) * MAX_HEADER_GAP:
+                raise ShardError(
+                    f"shard {self.path}: sample {self.names[a]!r} has {span - fields} bytes of "
+                    "other members between its fields; iopipe reads a sample as one range"
+                )
 
 
 class SampleTable(Sequence[SampleRange]):

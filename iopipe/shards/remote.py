@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fnmatch
 import io
 import os
+import re
 import threading
 import urllib.parse
 from datetime import timedelta
@@ -35,7 +35,16 @@ import numpy as np
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Config
 
-from .tar import INDEX_SUFFIX, MAX_INDEX_BYTES, Member, ShardError, cached, parse_index, scan_tar
+from .tar import (
+    INDEX_SUFFIX,
+    MAX_INDEX_BYTES,
+    Member,
+    ShardError,
+    cached,
+    check_index,
+    parse_index,
+    scan_tar,
+)
 
 __all__ = ["CLIENT", "RETRY", "Remote"]
 
@@ -55,6 +64,9 @@ MAX_URL = 4096
 COALESCE = 1 << 20
 
 
+_first_pid: list[int] = []  # the process that first used obstore
+
+
 def _obstore() -> Any:
     try:
         import obstore
@@ -62,6 +74,16 @@ def _obstore() -> Any:
         raise ImportError(
             "http(s):// and s3:// shards need obstore: pip install 'iopipe-ml[remote]'"
         ) from None
+    if not _first_pid:
+        _first_pid.append(os.getpid())
+    elif _first_pid[0] != os.getpid():
+        # obstore's runtime (its threads) does not survive os.fork(): every request
+        # in the child would wait for ever.
+        raise RuntimeError(
+            "remote shards cannot be read in a process forked from one that already read "
+            "them (obstore's runtime does not survive fork): start workers with 'spawn' or "
+            "'forkserver'"
+        )
     return obstore
 
 
@@ -91,6 +113,21 @@ def _error(url: str, exc: BaseException, what: str) -> OSError:
     if isinstance(exc, NotFoundError | FileNotFoundError):  # obstore raises either
         return FileNotFoundError(errno.ENOENT, f"no such shard object ({what}): {text}", url)
     return OSError(errno.EIO, f"{what} failed: {text}", url)
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A key glob as a regex: ``*`` and ``?`` stay within one ``/`` part, as on disk."""
+    out = []
+    for part in re.split(r"(\*|\?|\[[^]]*\])", pattern):
+        if part == "*":
+            out.append("[^/]*")
+        elif part == "?":
+            out.append("[^/]")
+        elif part.startswith("[") and part.endswith("]") and len(part) > 2:
+            out.append("[" + part[1:-1].replace("!", "^", 1) + "]")
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
 
 
 def _checked(url: str, data: Any, start: int, length: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
@@ -133,21 +170,30 @@ class Remote:
     def __init__(self) -> None:
         self._stores: dict[tuple[str, str, str | None], Any] = {}
         self._lock = threading.Lock()
-        # Ranges asked for this turn of the loop, per URL (loop thread only).
-        self._pending: dict[str, list[tuple[int, int, Any]]] = {}
+        # Ranges asked for this turn of a loop, per (loop, URL) (each loop its own).
+        self._pending: dict[tuple[int, str], list[tuple[int, int, Any]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def split(self, url: str) -> tuple[Any, str]:
         """The store for ``url``'s host or bucket, and the object's path in it."""
         if len(url) > MAX_URL:
             raise ValueError(f"a shard URL is at most {MAX_URL} characters: {url[:80]}...")
-        u = urllib.parse.urlsplit(url)
-        if not u.netloc or u.query or u.fragment:
-            raise ValueError(
-                f"{url!r}: expected scheme://host-or-bucket/path, no query or fragment"
-            )
-        path = urllib.parse.unquote(u.path.lstrip("/"))
-        key = (u.scheme, u.netloc, _endpoint() if u.scheme == "s3" else None)
+        scheme, _, rest = url.partition("://")
+        if scheme == "s3":  # s3://bucket/key, the key as it is (it may hold ? # %)
+            netloc, _, path = rest.partition("/")
+            if not netloc or not path:
+                raise ValueError(f"{url[:200]!r}: expected s3://bucket/key")
+        else:
+            u = urllib.parse.urlsplit(url)
+            if u.username or u.password:
+                raise ValueError(
+                    "a shard URL may not hold credentials (user:password@); one for "
+                    f"{u.scheme}://{u.hostname}/... was given"
+                )
+            if not u.netloc or u.query or u.fragment:
+                raise ValueError(f"{url[:200]!r}: expected {scheme}://host/path, no query")
+            netloc, path = u.netloc, urllib.parse.unquote(u.path.lstrip("/"))
+        key = (scheme, netloc, _endpoint() if scheme == "s3" else None)
         with self._lock:
             store = self._stores.get(key)
             if store is None:
@@ -172,16 +218,22 @@ class Remote:
         if size > limit:
             raise ShardError(f"{url}: {size} bytes, more than the {limit} an index may have")
         store, path = self.split(url)
-        try:  # a whole GET: a server need not answer ranges for it
-            data = bytes(_obstore().get(store, path).bytes())
+        out = bytearray()
+        try:  # a whole GET (a server need not answer ranges for it), read up to the limit
+            for chunk in _obstore().get(store, path).stream(min_chunk_size=1 << 20):
+                out += memoryview(chunk)
+                if len(out) > limit:
+                    raise ShardError(f"{url}: more than the {limit} bytes an index may have")
+        except ShardError:
+            raise
         except Exception as exc:
             raise _error(url, exc, "GET") from exc
-        if len(data) > limit:
-            raise ShardError(f"{url}: more than the {limit} bytes an index may have")
-        return data
+        return bytes(out)
 
     def fetch_range(self, url: str, start: int, length: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
         """``length`` bytes of ``url`` from ``start`` (blocking), as a uint8 array over them."""
+        if length == 0:
+            return np.empty(0, np.uint8)
         store, path = self.split(url)
         try:
             data = _obstore().get_range(store, path, start=start, length=length)
@@ -199,56 +251,84 @@ class Remote:
         crossing into obstore, which merges ranges less than :data:`COALESCE`
         bytes apart into one request.
         """
+        if length == 0:  # a sample whose fields are all empty: nothing to ask for
+            return np.empty(0, np.uint8)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        batch = self._pending.get(url)
+        key = (id(loop), url)  # pipelines copied from one another run on their own loops
+        batch = self._pending.get(key)
         if batch is None:
-            batch = self._pending[url] = []
-            loop.call_soon(self._flush, url)
+            batch = self._pending[key] = []
+            loop.call_soon(self._flush, key)
         batch.append((start, length, fut))
         data = await fut
         return _checked(url, data, start, length)
 
-    def _flush(self, url: str) -> None:
-        """Send the ranges of ``url`` asked for this turn (on the loop)."""
-        batch = self._pending.pop(url, [])
-        task = asyncio.ensure_future(self._get_ranges(url, batch))
+    def _flush(self, key: tuple[int, str]) -> None:
+        """Send the ranges of one URL asked for this turn (on the loop that asked)."""
+        batch = self._pending.pop(key, [])
+        task = asyncio.ensure_future(self._get_ranges(key[1], batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _get_ranges(self, url: str, batch: list[tuple[int, int, Any]]) -> None:
-        store, path = self.split(url)
-        starts = [a for a, _, _ in batch]
-        lengths = [n for _, n, _ in batch]
+        """Fetch ``batch``'s ranges in one call; on a failure each alone (one bad range fails one)."""
         try:
-            got = await _obstore().get_ranges_async(
-                store, path, starts=starts, lengths=lengths, coalesce=COALESCE
-            )
+            store, path = self.split(url)
+            try:
+                got = await _obstore().get_ranges_async(
+                    store,
+                    path,
+                    starts=[a for a, _, _ in batch],
+                    lengths=[n for _, n, _ in batch],
+                    coalesce=COALESCE,
+                )
+            except Exception as exc:
+                if len(batch) == 1:  # its own error (obstore has retried what may be retried)
+                    raise _error(url, exc, f"GET bytes {batch[0][0]}+{batch[0][1]}") from exc
+                await self._each(url, store, path, batch)  # so one bad range fails only itself
+                return
+            for (_, _, fut), data in zip(batch, got, strict=True):
+                if not fut.done():
+                    fut.set_result(data)
         except BaseException as exc:
-            err = _error(url, exc, f"GET {len(batch)} range(s) from byte {min(starts)}")
+            err = exc if isinstance(exc, Exception) else RuntimeError(f"fetch of {url} stopped")
             for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(err)
             if not isinstance(exc, Exception):
                 raise
-            return
-        for (_, _, fut), data in zip(batch, got, strict=True):
-            if not fut.done():
-                fut.set_result(data)
+
+    async def _each(self, url: str, store: Any, path: str, batch: list[Any]) -> None:
+        for start, length, fut in batch:
+            if fut.done():
+                continue
+            try:
+                data = await _obstore().get_range_async(store, path, start=start, length=length)
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(_error(url, exc, f"GET bytes {start}+{length}"))
+            else:
+                if not fut.done():
+                    fut.set_result(data)
 
     def members(self, url: str) -> list[Member]:
         """The regular members of the tar at ``url``: from ``url.index``, else one streamed scan."""
         size, version = self.size(url)
 
+        def read(at: int, n: int) -> bytes:
+            return bytes(self.fetch_range(url, at, n))
+
         def load() -> list[Member]:
             raw = self.get_small(f"{url}{INDEX_SUFFIX}", MAX_INDEX_BYTES)
             members = None if raw is None else parse_index(raw, f"{url}{INDEX_SUFFIX}", size)
             if members is not None:
+                check_index(members, url, read)
                 return members
             store, path = self.split(url)
             try:
                 chunks = _obstore().get(store, path).stream(min_chunk_size=1 << 20)
-                return scan_tar(_Stream(chunks), url, size, stream=True)
+                return scan_tar(_Stream(chunks), url, size, stream=True, tail=read)
             except (ShardError, OSError):
                 raise
             except Exception as exc:
@@ -257,17 +337,21 @@ class Remote:
         return cached((url, size, version), load)
 
     def list_s3(self, pattern: str) -> list[str]:
-        """The ``s3://`` URLs matching a glob (``s3://bucket/prefix/shard-*.tar``), sorted."""
+        """The ``s3://`` URLs matching a glob (``s3://bucket/prefix/shard-*.tar``), sorted.
+
+        ``*`` and ``?`` match within one ``/`` part, as on disk.
+        """
         store, path = self.split(pattern)
         magic = min((path.find(c) for c in "*?[" if c in path), default=len(path))
         prefix = path[:magic].rsplit("/", 1)[0] if "/" in path[:magic] else ""
-        bucket = urllib.parse.urlsplit(pattern).netloc
+        bucket = pattern[len("s3://") :].split("/", 1)[0]
+        want = _glob(path)
         try:
             found = [
                 meta["path"]
                 for chunk in _obstore().list(store, prefix=prefix or None)
                 for meta in chunk
-                if fnmatch.fnmatchcase(meta["path"], path)
+                if want.fullmatch(meta["path"])
             ]
         except Exception as exc:
             raise _error(pattern, exc, "LIST") from exc

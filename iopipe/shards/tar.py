@@ -19,7 +19,9 @@ checked against the shard's size: a truncated or corrupt shard raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -45,6 +47,9 @@ MAX_MEMBERS = 4_000_000
 MAX_INDEX_BYTES = 1 << 30
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Bytes after a tar's end-of-archive marker, at most (tar pads to 10 KiB records).
+MAX_TAIL = 64 << 10
 _BLOCK = tarfile.BLOCKSIZE
 
 
@@ -94,16 +99,23 @@ def _sample_members(sample: Mapping[str, Any]) -> tuple[str, list[tuple[str, Any
     if not isinstance(key, str) or not key:
         raise ValueError(f"a sample needs a non-empty str '__key__', got {show(key)}")
     base = key.rsplit("/", 1)[-1]
-    if "." in base or not base or key.startswith("/") or ".." in key.split("/"):
+    parts = key.split("/")
+    if "." in base or not base or key.startswith("/") or ".." in parts:
         raise ValueError(
             f"sample key {key!r}: its last part must be non-empty with no '.', and the key "
             "relative with no '..' (a reader splits member names at the first dot)"
         )
+    if any(_META.match(p + "/") for p in parts) or _CONTROL.search(key):
+        raise ValueError(
+            f"sample key {key!r}: no '__...__' part and no control character (readers skip them)"
+        )
     out = []
     for field, value in sample.items():
+        if not isinstance(field, str):
+            raise ValueError(f"sample {key!r}: field names are str, got {field!r:.80}")
         if field.startswith("__"):
             continue  # __key__, __url__ and other metadata are not members
-        if not isinstance(field, str) or not field or "/" in field or field != field.lower():
+        if not field or "/" in field or field != field.lower() or _CONTROL.search(field):
             raise ValueError(
                 f"sample {key!r}: field names are lower-case, non-empty, no '/': {field!r}"
             )
@@ -140,9 +152,12 @@ class _Shard:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        size = os.path.getsize(self.tmp)
+        with contextlib.suppress(FileNotFoundError):  # an index of another tar: never beside it
+            os.unlink(f"{self.path}{INDEX_SUFFIX}")
+        os.replace(self.tmp, self.path)  # the tar first: a crash leaves it without an index
         if index:
-            _write_index(self.path, os.path.getsize(self.tmp), self.members)
-        os.replace(self.tmp, self.path)
+            _write_index(self.path, size, self.members)
         return self.path
 
     def abort(self) -> None:
@@ -184,12 +199,24 @@ def write_shards(
         raise ValueError(f"pattern must be a file name with a %d field, got {pattern!r}")
     folder = os.fspath(out)
     os.makedirs(folder, exist_ok=True)
+    old = sorted(glob.glob(os.path.join(glob.escape(folder), re.sub(r"%0?\d*d", "*", pattern))))
+    if old:
+        raise FileExistsError(
+            f"{folder} already holds shards ({os.path.basename(old[0])}, ...): a new set "
+            "beside them would mix with them; write to an empty folder"
+        )
     written: list[str] = []
+    last_key: str | None = None
     shard: _Shard | None = None
     size = 0
     try:
         for sample in samples:
-            _, members = _sample_members(sample)
+            key, members = _sample_members(sample)
+            if key == last_key:
+                raise ValueError(
+                    f"two consecutive samples have the key {key!r}: a reader merges them"
+                )
+            last_key = key
             need = sum(_BLOCK + len(b) + (-len(b) % _BLOCK) for _, b in members)
             if shard is not None and shard.samples and size + need > shard_bytes:
                 written.append(shard.finish(index))
@@ -270,7 +297,14 @@ def shard_members(path: str, remote: Any = None) -> list[Member]:
         members = None if raw is None else parse_index(raw, f"{path}{INDEX_SUFFIX}", size)
         if members is None:
             with open(path, "rb") as f:
-                members = scan_tar(f, path, size, stream=False)
+
+                def tail(at: int, n: int) -> bytes:
+                    return os.pread(f.fileno(), n, at)
+
+                members = scan_tar(f, path, size, stream=False, tail=tail)
+        else:
+            with open(path, "rb") as f:
+                check_index(members, path, lambda at, n: os.pread(f.fileno(), n, at))
         return members
 
     return cached((os.path.abspath(path), size, mtime), load)
@@ -322,13 +356,16 @@ def parse_index(raw: bytes, ipath: str, size: int) -> list[Member] | None:
     return members
 
 
-def scan_tar(fileobj: Any, name: str, size: int, *, stream: bool) -> list[Member]:
+def scan_tar(fileobj: Any, name: str, size: int, *, stream: bool, tail: Any) -> list[Member]:
     """Read a tar's headers from ``fileobj`` (seeking over the data, or reading it if ``stream``).
 
-    Every member must fit the ``size`` bytes of the shard.
+    Every member must fit the ``size`` bytes of the shard, and what follows the
+    end of the archive must be zeros (``tail(offset, n)`` reads it): Python's
+    tarfile ends quietly at a corrupt header, or between two concatenated tars.
     """
     members: list[Member] = []
     last = "(the first header)"
+    end = 0
     try:
         # Uncompressed only: a compressed tar's members have no byte range in the file.
         if stream:
@@ -338,6 +375,8 @@ def scan_tar(fileobj: Any, name: str, size: int, *, stream: bool) -> list[Member
         with tar:
             for info in tar:
                 last = info.name
+                if info.issparse():
+                    raise ShardError(f"shard {name}: member {show(info.name)} is sparse")
                 if not info.isreg():
                     continue
                 if info.offset_data + info.size > size:
@@ -348,8 +387,38 @@ def scan_tar(fileobj: Any, name: str, size: int, *, stream: bool) -> list[Member
                 members.append(Member(info.name, info.offset_data, info.size))
                 if len(members) > MAX_MEMBERS:
                     raise ShardError(f"shard {name}: more than {MAX_MEMBERS} members")
+            end = tar.offset  # where the end-of-archive marker (or a bad header) starts
     except tarfile.TarError as exc:
+        hint = ""
+        if tail(0, 2) == b"\x1f\x8b":
+            hint = " (it is gzip-compressed: iopipe reads uncompressed tars only)"
         raise ShardError(
-            f"shard {name}: not a readable tar after member {show(last)}: {exc}"
+            f"shard {name}: not a readable tar after member {show(last)}: {exc}{hint}"
         ) from None
+    rest = size - end
+    if rest > MAX_TAIL or (rest and tail(end, rest).strip(b"\0")):
+        raise ShardError(
+            f"shard {name}: {rest} bytes after member {show(last)} are not the end of a tar "
+            f"(at byte {end}): a corrupt header, or tars concatenated"
+        )
     return members
+
+
+def check_index(members: list[Member], name: str, read: Any) -> None:
+    """Check an index against its tar: the headers of a few members say the same size.
+
+    ``read(offset, n)`` reads the shard.  The header block before a member's data
+    holds its size; the first, middle and last members are checked.
+    """
+    for m in {0, len(members) // 2, len(members) - 1} if members else ():
+        mem = members[m]
+        block = read(mem.offset - _BLOCK, _BLOCK) if mem.offset >= _BLOCK else b""
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            info = None
+        if info is None or info.size != mem.size:
+            raise ShardError(
+                f"shard {name}: its index does not describe it (member {show(mem.name)}): "
+                f"a shard rewritten after its index; delete {name}{INDEX_SUFFIX} to scan it"
+            )

@@ -16,13 +16,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..io.listing import list_files
+from .tar import INDEX_SUFFIX
 
 __all__ = ["MAX_SHARDS", "expand_braces", "shard_paths"]
 
 #: Shards one call may name, at most (a brace range is checked before it expands).
 MAX_SHARDS = 1_000_000
 _GROUP = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_RANGE = re.compile(r"^(-?[0-9]+)\.\.(-?[0-9]+)$")
 _REMOTE = ("http://", "https://", "s3://")
 
 
@@ -40,7 +41,9 @@ def _choices(body: str, text: str) -> list[str]:
         raise ValueError(f"{text!r}: the range {{{body}}} runs backwards")
     if hi - lo + 1 > MAX_SHARDS:
         raise ValueError(f"{text!r}: {{{body}}} names more than {MAX_SHARDS} shards")
-    width = len(a) if a.startswith("0") and len(a) > 1 else 0
+    # Zero-padded when either bound is (as braceexpand, which WebDataset uses, does).
+    padded = any(x.lstrip("-").startswith("0") and len(x.lstrip("-")) > 1 for x in (a, b))
+    width = max(len(a), len(b)) if padded else 0
     return [str(k).zfill(width) for k in range(lo, hi + 1)]
 
 
@@ -80,8 +83,8 @@ def shard_paths(
         for name in expand_braces(spec):
             if name.startswith(_REMOTE):
                 paths.extend(_remote(name, remote))
-            elif glob.has_magic(name):
-                paths.extend(list_files(name))
+            elif glob.has_magic(name):  # a listing: shards only, not their indexes or .tmp files
+                paths.extend(p for p in list_files(name) if not p.endswith((INDEX_SUFFIX, ".tmp")))
             elif os.path.isfile(name):
                 paths.append(name)
             else:

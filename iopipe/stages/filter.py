@@ -106,6 +106,7 @@ class FlatMap(_Unknown, Decoder):
     """Replace each element with the elements of the iterable ``fn`` returns for it."""
 
     kind = "flat_map"
+    one_to_one = False  # a cache after it could not key its outputs by source item
 
     def __init__(self, fn: Callable[[Any], Iterable[Any]], **kw: Any) -> None:
         if not callable(fn):
@@ -151,4 +152,5 @@ def _flatten(group: Group) -> Group:
         carry = 0
     if group.hits:
         raise TypeError("flat_map after a cache is not supported")
-    return Group(items, keys, None, group.batched, out_counts, group.dropped + carry)
+    # Unbatched: each output is one element (a batch spread into its samples).
+    return Group(items, keys, None, False, out_counts, group.dropped + carry)

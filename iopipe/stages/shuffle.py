@@ -34,6 +34,7 @@ class ShuffleBuffer(Stage):
 
     kind = "shuffle"
     replays = True
+    one_to_one = False  # outputs are other items than the inputs of the same group
 
     def __init__(self, size: int, *, seed: int = 0, name: str | None = None) -> None:
         super().__init__(name=name, concurrency=1)

@@ -183,3 +183,47 @@ def test_probe_measures_an_s3_prefix(s3: Any, tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert report["files"] == 2
     assert report["results"][0]["bytes"] == 400_000
+
+
+def test_a_sample_with_empty_fields_over_http(flaky: Any, tmp_path: Path) -> None:
+    samples = [{"__key__": "a", "x": b""}, {"__key__": "b", "x": b"12"}]
+    (p,) = write_shards(samples, tmp_path / "e")
+    for f in (p, p + INDEX_SUFFIX):
+        flaky.files[os.path.basename(f)] = Path(f).read_bytes()
+    got = _plain(Pipeline.from_shards(f"{flaky.url}/{os.path.basename(p)}"))
+    assert got == [{"__key__": "a", "x": b""}, {"__key__": "b", "x": b"12"}]
+
+
+def test_two_pipelines_from_one_from_shards_run_at_once(
+    flaky: Any, local: tuple[list[str], list[dict[str, Any]]]
+) -> None:
+    shards, want = local
+    for p in shards:
+        for f in (p, p + INDEX_SUFFIX):
+            flaky.files[os.path.basename(f)] = Path(f).read_bytes()
+    base = Pipeline.from_shards([f"{flaky.url}/{os.path.basename(p)}" for p in shards], timeout=60)
+    other = base.map(lambda s: s)
+    a, b = iter(base), iter(other)
+    got_a, got_b = [], []
+    for x, y in zip(a, b, strict=True):  # both loops fetch through one Remote
+        got_a.append(x["__key__"])
+        got_b.append(y["__key__"])
+    base.close()
+    other.close()
+    assert got_a == got_b == [s["__key__"] for s in want]
+
+
+def test_credentials_in_a_url_are_refused_and_not_echoed(flaky: Any) -> None:
+    url = flaky.url.replace("http://", "http://alice:s3cret@") + "/x.tar"
+    with pytest.raises(ValueError) as info:
+        Pipeline.from_shards(url)
+    assert "s3cret" not in str(info.value)
+
+
+def test_s3_keys_keep_percent_signs_and_globs_stay_in_one_folder(s3: Any, tmp_path: Path) -> None:
+    (p,) = write_shards(_samples(4), tmp_path / "k")
+    s3.create_bucket(Bucket="keys")
+    s3.upload_file(p, "keys", "t/100%41.tar")
+    s3.upload_file(p, "keys", "t/sub/deep.tar")
+    got = _plain(Pipeline.from_shards("s3://keys/t/*.tar"))
+    assert len(got) == 4  # t/100%41.tar only: not t/sub/deep.tar

@@ -336,3 +336,81 @@ def test_pack_refuses_a_file_without_extension(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "no extension" in proc.stderr
+
+
+# -- hostile and stale shards (review) ----------------------------------------------
+def test_a_corrupt_header_mid_tar_is_an_error_not_a_short_shard(tmp_path: Path) -> None:
+    (path,) = write_shards(_samples(10), tmp_path, shard_bytes=1 << 20, index=False)
+    with tarfile.open(path) as tar:
+        at = tar.getmembers()[5].offset  # the header of member 5
+    data = bytearray(Path(path).read_bytes())
+    data[at + 100] ^= 0xFF  # its mode field: the checksum fails
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="not the end of a tar"):
+        Pipeline.from_shards(path)
+
+
+def test_concatenated_tars_are_refused(tmp_path: Path) -> None:
+    a = write_shards(_samples(4), tmp_path / "a", shard_bytes=1 << 20, index=False)[0]
+    b = write_shards(_samples(4), tmp_path / "b", shard_bytes=1 << 20, index=False)[0]
+    both = tmp_path / "both.tar"
+    both.write_bytes(Path(a).read_bytes() + Path(b).read_bytes())
+    with pytest.raises(ShardError, match="concatenated"):
+        Pipeline.from_shards(str(both))
+
+
+def test_an_index_of_another_tar_of_the_same_size_is_refused(tmp_path: Path) -> None:
+    (path,) = write_shards(
+        [{"__key__": f"k{i}", "bin": b"x" * 1000} for i in range(5)], tmp_path / "a"
+    )
+    index = Path(path + INDEX_SUFFIX).read_bytes()
+    (other,) = write_shards(
+        [{"__key__": f"k{i}", "bin": b"y" * (995 if i % 2 else 1005)} for i in range(5)],
+        tmp_path / "b",
+        index=False,
+    )
+    assert os.path.getsize(other) == os.path.getsize(path)
+    Path(other + INDEX_SUFFIX).write_bytes(index)
+    with pytest.raises(ShardError, match="index does not describe it"):
+        Pipeline.from_shards(other)
+
+
+def test_a_gzipped_tar_says_so(tmp_path: Path) -> None:
+    import gzip
+
+    (path,) = write_shards(_samples(3), tmp_path / "a", index=False)
+    gz = tmp_path / "x.tar.gz"
+    gz.write_bytes(gzip.compress(Path(path).read_bytes()))
+    with pytest.raises(ShardError, match="gzip"):
+        Pipeline.from_shards(str(gz))
+
+
+def test_a_folder_glob_leaves_indexes_out(tmp_path: Path) -> None:
+    shards = write_shards(_samples(20), tmp_path, shard_bytes=16 << 10)
+    assert _read_all(Pipeline.from_shards(str(tmp_path / "*"))) == _read_all(
+        Pipeline.from_shards(shards)
+    )
+
+
+def test_writing_beside_an_earlier_set_is_refused(tmp_path: Path) -> None:
+    write_shards(_samples(3), tmp_path)
+    with pytest.raises(FileExistsError, match="already holds shards"):
+        write_shards(_samples(3), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [
+        [{"__key__": "__meta__/1", "x": b"1"}],
+        [{"__key__": "a\x00b", "x": b"1"}],
+        [{"__key__": "k", "x": b"1"}, {"__key__": "k", "y": b"2"}],
+        [{"__key__": "k", 3: b"1"}],
+    ],
+)
+def test_keys_a_reader_would_drop_or_merge_are_refused(tmp_path: Path, samples: Any) -> None:
+    with pytest.raises(ValueError):
+        write_shards(samples, tmp_path)
+
+
+def test_brace_padding_follows_braceexpand() -> None:
+    assert expand_braces("x{1..010}")[:2] == ["x001", "x002"]
