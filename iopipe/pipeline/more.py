@@ -34,7 +34,7 @@ class MoreSources:
         world_size: int | None = None,
         shard: str = "pad",
         chunk_bytes: int = 4 << 20,
-        concurrency: int = 16,
+        concurrency: int | str = 16,
         **options: Any,
     ) -> Pipeline[dict[str, Any]]:
         """Start a pipeline over the samples of WebDataset tar shards (docs/shards.md).
@@ -43,7 +43,8 @@ class MoreSources:
         Each element is ``{"__key__", "__url__", field: uint8 view of its bytes}``;
         with ``shuffle`` each epoch visits every sample of every shard once, in an
         order drawn from ``(seed, epoch)``.  ``chunk_bytes``, ``concurrency``: as
-        :meth:`read`; the rest as :meth:`from_files`.
+        :meth:`read` (for remote shards ``concurrency`` is the requests in flight;
+        ``"auto"`` tunes it while running); the rest as :meth:`from_files`.
         """
         pipe: Pipeline[dict[str, Any]] = shard_pipeline(
             cls, urls, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,

@@ -36,7 +36,7 @@ def shard_pipeline(
     world_size: int | None,
     shard: str,
     chunk_bytes: int,
-    concurrency: int,
+    concurrency: int | str,
     options: dict[str, Any],
 ) -> Any:
     """The pipeline of ``cls`` over the samples of the shards ``urls`` names."""

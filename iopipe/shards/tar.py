@@ -43,8 +43,8 @@ INDEX_VERSION = 1
 #: Members of one shard, at most (an index or a tar naming more is refused; a
 #: scan holds one ``TarInfo`` a member while it runs).
 MAX_MEMBERS = 4_000_000
-#: The largest index file read.
-MAX_INDEX_BYTES = 1 << 30
+#: The largest index file read (about 60 bytes a member, so MAX_MEMBERS fit).
+MAX_INDEX_BYTES = 256 << 20
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -373,8 +373,13 @@ def scan_tar(fileobj: Any, name: str, size: int, *, stream: bool, tail: Any) -> 
         else:
             tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 (closed below)
         with tar:
+            count = 0
             for info in tar:
                 last = info.name
+                count += 1
+                if count > MAX_MEMBERS:  # directories and links count too
+                    raise ShardError(f"shard {name}: more than {MAX_MEMBERS} members")
+                getattr(tar, "members", []).clear()  # tarfile keeps every TarInfo otherwise
                 if info.issparse():
                     raise ShardError(f"shard {name}: member {show(info.name)} is sparse")
                 if not info.isreg():
