@@ -34,6 +34,7 @@ from ..runtime.errors import show
 from ..stages.source import EMPTY_HINT
 from .schema import (
     OPTIONS,
+    SHARD_KEYS,
     SOURCE,
     SOURCE_KINDS,
     as_table,
@@ -182,7 +183,16 @@ def _source_pipeline(
     """The pipeline of the checked, resolved ``source`` table, and its origin."""
     if kind != "files" and "allow_empty" in source:
         raise ConfigError("source.allow_empty", f"applies to a 'files' source only, not {kind!r}")
+    for k in SHARD_KEYS:
+        if kind != "shards" and k in source:
+            raise ConfigError(f"source.{k}", f"applies to a 'shards' source only, not {kind!r}")
     what = source.pop(kind)
+    if kind == "shards":
+        try:
+            shards: Pipeline[Any] = build.from_shards(what, **source, **options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("source", str(exc)) from None
+        return shards, dict(shards.source.origin or {})
     iterable = _iterable(what, trust) if kind == "iterable" else None
     pipe: Pipeline[Any]
     try:
@@ -256,6 +266,7 @@ def pipeline_to_config(spec: PipelineSpec) -> dict[str, Any]:
                 "use Pipeline.from_files or an 'iterable' named 'package.module:name'",
             )
     source: dict[str, Any] = dict(origin)
+    implied = source.pop("stages", 0)  # stages the source's constructor adds (shards)
     if isinstance(source.get("files"), list):  # byte ranges as lists: plain data
         source["files"] = [x if isinstance(x, str) else list(x) for x in source["files"]]
     source.update({k: v for k, v in src.config().items() if v is not None})
@@ -268,6 +279,8 @@ def pipeline_to_config(spec: PipelineSpec) -> dict[str, Any]:
         "stages": [],
     }
     for i, stage in enumerate(spec.stages):
+        if i < implied:
+            continue
         if stage.kind not in _METHOD:
             raise ConfigError(f"stages[{i}]", f"a {stage.kind!r} stage has no config form")
         cfg: dict[str, Any] = {"stage": _METHOD[stage.kind], **stage.config()}

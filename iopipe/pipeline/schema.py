@@ -19,6 +19,7 @@ from .trust import ConfigError, FunctionName, check_name
 __all__ = [
     "OPTIONS",
     "SOURCE",
+    "SHARD_KEYS",
     "SOURCE_KINDS",
     "STAGES",
     "Spec",
@@ -124,6 +125,14 @@ def _files(v: Any, path: str) -> Any:
     )
 
 
+def _shards(v: Any, path: str) -> Any:
+    if (isinstance(v, str) and v) or (
+        isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)
+    ):
+        return v
+    raise ConfigError(path, f"expected shard URLs: a string or a list of them, got {show(v)}")
+
+
 def _items(v: Any, path: str) -> list[Any]:
     if isinstance(v, list):
         return v
@@ -142,8 +151,13 @@ SOURCE: Spec = {
     "world_size": (_int(1), False),
     "shard": (_choice("pad", "drop"), False),
     "allow_empty": (_bool, False),  # files only: a glob matching nothing gives empty epochs
+    "shards": (_shards, False),
+    "chunk_bytes": (_size, False),  # shards only: their reads
+    "concurrency": (_int(1, auto=True), False),  # shards only: reads or requests in flight
 }
-SOURCE_KINDS = ("files", "iterable", "items")
+SOURCE_KINDS = ("files", "iterable", "items", "shards")
+#: Source keys that only a ``shards`` source takes.
+SHARD_KEYS = ("chunk_bytes", "concurrency")
 
 OPTIONS: Spec = {
     "timeout": (_number, False),

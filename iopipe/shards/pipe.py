@@ -42,12 +42,18 @@ def shard_pipeline(
     """The pipeline of ``cls`` over the samples of the shards ``urls`` names."""
     if isinstance(urls, str | os.PathLike):
         urls = [urls]
-    urls = list(urls)  # read twice below
+    urls = [os.fspath(u) if isinstance(u, os.PathLike) else u for u in urls]  # read twice
     remote = _remote_for(urls)
     paths = shard_paths(urls, remote)
     table = SampleTable(paths, remote)
     src = Source(table, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, shard=shard)
-    # No origin: configs do not describe shard sources yet (to_config says so).
+    # What a config says of this source; "stages": the stages this function adds,
+    # which to_config leaves out (from_shards adds them again).
+    src.origin = {"shards": urls if len(urls) > 1 else urls[0], "stages": 1 if remote else 2}
+    if chunk_bytes != 4 << 20:
+        src.origin["chunk_bytes"] = chunk_bytes
+    if concurrency != 16:
+        src.origin["concurrency"] = concurrency
     if is_remote(paths[0]):
         # Requests awaited on the loop: `concurrency` in flight, no thread held by one.
         return cls(src, **options).map(

@@ -414,3 +414,34 @@ def test_keys_a_reader_would_drop_or_merge_are_refused(tmp_path: Path, samples: 
 
 def test_brace_padding_follows_braceexpand() -> None:
     assert expand_braces("x{1..010}")[:2] == ["x001", "x002"]
+
+
+def _size_of(sample: dict[str, Any]) -> int:
+    return len(sample["bin"])
+
+
+def test_a_shard_pipeline_round_trips_through_a_config(tmp_path: Path) -> None:
+    write_shards(_samples(40), tmp_path / "s", shard_bytes=16 << 10)
+    pipe = (
+        Pipeline.from_shards(str(tmp_path / "s" / "*.tar"), shuffle=True, seed=2, concurrency=3)
+        .map(_size_of)
+        .batch(8)
+    )
+    config = pipe.to_config()
+    assert config["source"]["shards"] == str(tmp_path / "s" / "*.tar")
+    assert config["source"]["concurrency"] == 3
+    assert [st["stage"] for st in config["stages"]] == ["map", "batch"]  # read/split implied
+    again = Pipeline.from_config(config, allow=[__name__])
+    try:
+        assert [b.tolist() for b in again] == [b.tolist() for b in pipe]
+        assert again.to_config() == config
+    finally:
+        pipe.close()
+        again.close()
+
+
+def test_shard_keys_on_another_source_are_refused() -> None:
+    from iopipe import ConfigError
+
+    with pytest.raises(ConfigError, match="shards"):
+        Pipeline.from_config({"source": {"items": [1, 2], "chunk_bytes": 10}})
