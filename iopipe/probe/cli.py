@@ -123,14 +123,7 @@ def _add_probe(sub: Any, debug: argparse.ArgumentParser) -> None:
             "p50/p99 latency per file, and recommend settings for Pipeline.read()."
         ),
     )
-    p.add_argument(
-        "path",
-        metavar="PATH",
-        help=(
-            "a folder (searched recursively), a file, http(s)://host/objects-{0..9} "
-            "(braces name objects) or s3://bucket/prefix/ (AWS variables; docs/shards.md)"
-        ),
-    )
+    p.add_argument("path", metavar="PATH", help="a folder, a file, or http(s)/s3 objects")
     p.add_argument(
         "--pattern", metavar="GLOB", help="only files matching GLOB under PATH (e.g. '**/*.jpg')"
     )

@@ -264,10 +264,8 @@ def probe(
         for ch in chunk_bytes:
             if progress is not None:
                 progress.set_description(f"conc {c}, chunk {format_size(ch)}")
-            one_pass = _one_pass(
-                files, c, ch, cold=cold and read is None, duration=duration, progress=progress,
-                read=read,
-            )  # fmt: skip
+            local_cold = cold and read is None  # remote objects are never evicted
+            one_pass = _one_pass(files, c, ch, local_cold, duration, progress, read)
             cells.append(_repeat(one_pass, repeats, min_time))
             if progress is not None:
                 progress.update(1)
@@ -287,7 +285,6 @@ def _one_pass(
     files: Sequence[tuple[str, int]],
     concurrency: int,
     chunk_bytes: int,
-    *,
     cold: bool,
     duration: float | None,
     progress: Any,

@@ -199,12 +199,23 @@ def write_shards(
         raise ValueError(f"pattern must be a file name with a %d field, got {pattern!r}")
     folder = os.fspath(out)
     os.makedirs(folder, exist_ok=True)
+    _refuse_existing(folder, pattern)
+    return _write_all(samples, folder, pattern, shard_bytes, index)
+
+
+def _refuse_existing(folder: str, pattern: str) -> None:
+    """Refuse a folder holding shards of ``pattern``: a new set would mix with them."""
     old = sorted(glob.glob(os.path.join(glob.escape(folder), re.sub(r"%0?\d*d", "*", pattern))))
     if old:
         raise FileExistsError(
             f"{folder} already holds shards ({os.path.basename(old[0])}, ...): a new set "
             "beside them would mix with them; write to an empty folder"
         )
+
+
+def _write_all(
+    samples: Iterable[Mapping[str, Any]], folder: str, pattern: str, shard_bytes: int, index: bool
+) -> list[str]:
     written: list[str] = []
     last_key: str | None = None
     shard: _Shard | None = None
