@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from iopipe import Pipeline, StageError
+from tests._helpers import check_state_midway
 
 
 def _drain(p: Pipeline[Any]) -> list[Any]:
@@ -33,17 +34,7 @@ def test_filter_that_drops_everything_gives_an_empty_epoch() -> None:
 
 @pytest.mark.parametrize("stop", [0, 1, 5, 17, 29, 30])
 def test_filter_resumes_exactly_from_any_position(stop: int) -> None:
-    whole = _drain(_evens())
-    p = _evens()
-    try:
-        it = iter(p)
-        head = [next(it) for _ in range(stop)]
-        state = p.state_dict()
-    finally:
-        p.close()
-    q = _evens()
-    q.load_state_dict(state)
-    assert head + _drain(q) == whole
+    check_state_midway(_evens, _drain(_evens()), take=stop)
 
 
 async def _is_big(x: int) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from iopipe import Pipeline, StageError
+from tests._helpers import check_state_midway
 
 N = 200
 
@@ -55,17 +56,7 @@ def test_deterministic_in_seed_and_epoch() -> None:
 
 @pytest.mark.parametrize("stop", [0, 1, 15, 16, 99, 190, 199])
 def test_resume_replays_to_the_exact_position(stop: int) -> None:
-    whole = _drain(_make())
-    p = _make()
-    try:
-        it = iter(p)
-        head = [next(it) for _ in range(stop)]
-        state = p.state_dict()
-    finally:
-        p.close()
-    q = _make()
-    q.load_state_dict(state)
-    assert head + _drain(q) == whole
+    check_state_midway(_make, _drain(_make()), take=stop)
 
 
 def test_after_a_filter_and_before_a_batch() -> None:
