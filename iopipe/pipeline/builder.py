@@ -346,8 +346,8 @@ class Pipeline(MoreSources, Resumable, Generic[T]):
         """
         if any(not s.one_to_one for s in self._spec.stages):
             raise ValueError(
-                "cache() must come before batch(), flat_map() and shuffle(): it keys outputs "
-                "by source item"
+                "cache() must come before batch(): it keys outputs by source item "
+                "(and before flat_map() and shuffle())"
             )
         if any(s.serves_source for s in self._spec.stages):
             raise ValueError("a pipeline can have only one cache()")
