@@ -346,7 +346,9 @@ class Pipeline(MoreSources, Resumable, Generic[T]):
         """
         after = [s.kind for s in self._spec.stages if not s.one_to_one]
         if after:
-            raise ValueError(f"cache() must come before {after[0]}(): it keys outputs by source item")
+            raise ValueError(
+                f"cache() must come before {after[0]}(): it keys outputs by source item"
+            )
         if any(s.serves_source for s in self._spec.stages):
             raise ValueError("a pipeline can have only one cache()")
         return self._then(Cache(max_bytes=max_bytes))

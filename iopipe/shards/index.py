@@ -113,16 +113,19 @@ class _Shard:
         A sample is read as one range from its first member's data to its last's end;
         other members between its fields (a ``README`` in the middle) would be read too.
         """
-        for j in range(len(self.first)):
-            a = int(self.first[j])
-            b = a + int(self.width[j])
-            span = int(self.offsets[b - 1] + self.sizes[b - 1] - self.offsets[a])
-            fields = int(self.sizes[a:b].sum())
-            if span - fields > (b - a) * MAX_HEADER_GAP:
-                raise ShardError(
-                    f"shard {self.path}: sample {self.names[a]!r} has {span - fields} bytes of "
-                    "other members between its fields; iopipe reads a sample as one range"
-                )
+        if not len(self.first):
+            return
+        last = self.first + self.width - 1
+        span = self.offsets[last] + self.sizes[last] - self.offsets[self.first]
+        fields = np.add.reduceat(self.sizes, self.first)
+        bad = np.flatnonzero(span - fields > self.width * MAX_HEADER_GAP)
+        if len(bad):
+            j = int(bad[0])
+            raise ShardError(
+                f"shard {self.path}: sample {self.names[int(self.first[j])]!r} has "
+                f"{int(span[j] - fields[j])} bytes of other members between its fields; "
+                "iopipe reads a sample as one range"
+            )
 
 
 class SampleTable(Sequence[SampleRange]):

@@ -445,3 +445,16 @@ def test_shard_keys_on_another_source_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="shards"):
         Pipeline.from_config({"source": {"items": [1, 2], "chunk_bytes": 10}})
+
+
+def test_a_sample_split_by_a_large_other_member_is_refused(tmp_path: Path) -> None:
+    import io
+
+    path = tmp_path / "gap.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("k.a", b"1"), ("README", b"x" * (200 << 10)), ("k.b", b"2")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match="other members between its fields"):
+        Pipeline.from_shards(str(path))
