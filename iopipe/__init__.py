@@ -18,7 +18,14 @@ Layers, each built only on the ones above it in this list:
 - ``probe/``     the ``iopipe`` command (``probe``, ``run``)
 """
 
-from .checkpoint import CheckpointError, LoadResult, iter_checkpoint, load_checkpoint, load_into
+from .checkpoint import (
+    CheckpointError,
+    LoadResult,
+    iter_checkpoint,
+    load_checkpoint,
+    load_into,
+    save_checkpoint,
+)
 from .loader.loader import DataLoader
 from .observe.verdict import Verdict, bottleneck
 from .pipeline.builder import Pipeline
@@ -51,5 +58,6 @@ __all__ = [
     "iter_checkpoint",
     "load_checkpoint",
     "load_into",
+    "save_checkpoint",
     "write_shards",
 ]

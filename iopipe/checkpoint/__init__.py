@@ -1,7 +1,15 @@
-"""Sharded safetensors checkpoints: fast loading into memory or into a model."""
+"""Sharded safetensors checkpoints: fast loading into memory or into a model, and saving."""
 
+from .api import iter_checkpoint, load_checkpoint
 from .header import CheckpointError
 from .into import LoadResult, load_into
-from .load import iter_checkpoint, load_checkpoint
+from .save import save_checkpoint
 
-__all__ = ["CheckpointError", "LoadResult", "iter_checkpoint", "load_checkpoint", "load_into"]
+__all__ = [
+    "CheckpointError",
+    "LoadResult",
+    "iter_checkpoint",
+    "load_checkpoint",
+    "load_into",
+    "save_checkpoint",
+]

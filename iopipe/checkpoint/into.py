@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import NamedTuple
+from collections.abc import Generator
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
-from iopipe.checkpoint.header import CheckpointError, ShardHeader, plan_checkpoint
+from iopipe.checkpoint.api import planned, stream
+from iopipe.checkpoint.header import CheckpointError, ShardHeader
 from iopipe.checkpoint.load import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_INFLIGHT_BYTES,
-    _Loader,
-    _named,
     _validate,
 )
+from iopipe.checkpoint.select import Rename
 
 __all__ = ["LoadResult", "load_into"]
 
@@ -118,7 +119,9 @@ def load_into(
     *,
     strict: bool = True,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | Literal["module"] | None = None,
+    rename: Rename | None = None,
+    copy: bool = False,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
     concurrency: int | None = DEFAULT_CONCURRENCY,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -144,8 +147,15 @@ def load_into(
         strict: Raise if the checkpoint and ``module.state_dict()`` keys differ.
         device: Where the tensors go; default: the device of the module's first
             non-meta parameter or buffer, else ``"cpu"``.
-        dtype: Cast floating-point tensors to this dtype; default: keep the
-            checkpoint's dtypes (as ``assign=True`` does).
+        dtype: Cast floating-point tensors to this dtype; ``"module"``: to the dtype
+            of the parameter or buffer each one replaces (a bf16 checkpoint into a
+            model whose norms stay float32); default: keep the checkpoint's dtypes
+            (as ``assign=True`` does).
+        rename: Rename the checkpoint's tensors before matching them to the
+            module's keys, as for :func:`load_checkpoint` (``{"model.": ""}``).
+        copy: As for :func:`load_checkpoint`: never map a cached shard. Mapped
+            parameters are copy-on-write views of the file: training them writes
+            private copies of the pages it touches, never the file.
         max_inflight_bytes, concurrency, chunk_bytes: As for :func:`iter_checkpoint`.
 
     Returns:
@@ -157,18 +167,26 @@ def load_into(
             has been assigned then.
     """
     target = _default_device(module) if device is None else device
-    dev, threads = _validate(target, dtype, max_inflight_bytes, concurrency, chunk_bytes)
-    targets = _targets(module, plan_checkpoint(path), strict)
-    loader = _Loader(
+    module_dtype = isinstance(dtype, str)
+    if module_dtype and dtype != "module":
+        raise ValueError(f"dtype must be a torch.dtype, 'module' or None, got {dtype!r}")
+    fixed = None if isinstance(dtype, str) else dtype
+    dev, threads = _validate(target, fixed, max_inflight_bytes, concurrency, chunk_bytes)
+    targets = _targets(module, planned(path, None, rename), strict)
+    casts: Any = fixed
+    if module_dtype:
+        casts = {key: slot.current.dtype for key, slot in targets.slots.items()}
+    pairs = stream(
         targets.wanted,
         device=dev,
-        dtype=dtype,
+        casts=casts,
+        copy=copy,
         budget=max_inflight_bytes,
         max_inflight_bytes=max_inflight_bytes,
         concurrency=threads,
         chunk_bytes=chunk_bytes,
     )
-    _assign_streamed(loader, targets)
+    _assign_streamed(pairs, targets)
     return targets.result
 
 
@@ -199,10 +217,12 @@ def _targets(module: nn.Module, headers: list[ShardHeader], strict: bool) -> _Ta
     return _Targets(slots, aliases, result, wanted)
 
 
-def _assign_streamed(loader: _Loader, targets: _Targets) -> None:
+def _assign_streamed(
+    stream: Generator[tuple[str, torch.Tensor], None, None], targets: _Targets
+) -> None:
     """Assign each tensor as it is loaded, to its key and the aliases not loaded themselves."""
     loaded = {spec.name for header in targets.wanted for spec in header.tensors}
     aliases = targets.aliases
-    with contextlib.closing(_named(loader)) as pairs:
+    with contextlib.closing(stream) as pairs:
         for key, tensor in pairs:
             _assign(targets.slots, [key, *(a for a in aliases[key] if a not in loaded)], tensor)

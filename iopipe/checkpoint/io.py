@@ -223,7 +223,7 @@ def _libc_mincore() -> tuple[Any, Any, Any] | None:
     return mmap_fn, mincore, munmap
 
 
-def _resident_share(fd: int, start: int, length: int) -> float | None:
+def resident_share(fd: int, start: int, length: int) -> float | None:
     """Share of the pages of ``[start, start + length)`` of ``fd`` in the page cache.
 
     ``mincore`` on a read-only mapping of the range: it reads nothing and starts no
@@ -254,7 +254,7 @@ def _resident_share(fd: int, start: int, length: int) -> float | None:
 def mostly_uncached(fd: int, header: ShardHeader) -> bool:
     """Guess whether most of a file's tensor data is *not* in the page cache.
 
-    Asks ``mincore`` (:func:`_resident_share`), which starts no I/O.  Where that is
+    Asks ``mincore`` (:func:`resident_share`), which starts no I/O.  Where that is
     refused, reads one byte at :data:`CACHE_SAMPLES` spread offsets with
     ``RWF_NOWAIT``, which fails with ``EAGAIN`` instead of waiting for the disk (a
     refused read may still start readahead, which can fill pages a later probe
@@ -264,7 +264,7 @@ def mostly_uncached(fd: int, header: ShardHeader) -> bool:
     data = header.file_bytes - header.data_start
     if data < DIRECT_MIN_FILE_BYTES:
         return False
-    share = _resident_share(fd, header.data_start, data)
+    share = resident_share(fd, header.data_start, data)
     if share is not None:
         return share < 0.5
     if not RWF_NOWAIT:

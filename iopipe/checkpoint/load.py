@@ -48,7 +48,7 @@ from iopipe.checkpoint.io import (
 from iopipe.io.files import open_regular
 from iopipe.runtime.threads import WorkerPool
 
-__all__ = ["iter_checkpoint", "load_checkpoint"]
+__all__ = ["cast"]
 
 #: Default bound on staging memory and on not-yet-yielded tensors.
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * MiB
@@ -110,7 +110,7 @@ class _Loader:
         headers: list[ShardHeader],
         *,
         device: torch.device,
-        dtype: torch.dtype | None,
+        dtype: torch.dtype | list[torch.dtype | None] | None,
         budget: int | None,
         max_inflight_bytes: int,
         concurrency: int,
@@ -120,7 +120,8 @@ class _Loader:
         self.specs = [spec for header in headers for spec in header.tensors]
         self.device = device
         self.cuda = device.type == "cuda"
-        self.dtype = dtype
+        # The dtype each tensor is cast to (floating point only), or None: keep it.
+        self.casts = dtype if isinstance(dtype, list) else [dtype] * len(self.specs)
         self.budget = budget
         self.concurrency = concurrency
         if self.cuda:
@@ -346,8 +347,7 @@ class _Loader:
         self.pending_bytes -= self.specs[index].nbytes
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
-            tensor = tensor.to(self.dtype)
+        tensor = cast(tensor, self.casts[index])
         if tensor.device != self.device and self.device.type not in ("cpu", "cuda"):
             tensor = tensor.to(self.device)
         return index, tensor
@@ -362,6 +362,13 @@ class _Loader:
             path=path,
             tensor=names[0],
         )
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` cast to ``dtype`` if it is floating point (float8 included), else as is."""
+    if dtype is None or tensor.dtype == dtype or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
 
 
 def _open(path: str) -> int:
@@ -399,91 +406,3 @@ def _named(loader: _Loader) -> Generator[tuple[str, torch.Tensor], None, None]:
     with contextlib.closing(loader.run()) as pairs:
         for index, tensor in pairs:
             yield loader.specs[index].name, tensor
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
-    concurrency: int | None = DEFAULT_CONCURRENCY,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> dict[str, torch.Tensor]:
-    """Load a safetensors checkpoint into freshly allocated tensors.
-
-    Every header is parsed and validated first; then each tensor is allocated once on
-    ``device`` and filled by concurrent ``preadv`` calls (CPU), or through a bounded
-    ring of pinned staging buffers whose host-to-device copies overlap the next reads
-    (CUDA). Blocks until everything is loaded. The result owns its memory: no file
-    stays open or mapped.
-
-    Args:
-        path: A ``.safetensors`` file, a ``*.safetensors.index.json`` (Hugging Face
-            sharded layout), or a folder (its index if it has one, else all its
-            ``*.safetensors`` files).
-        device: Where the tensors go. ``"cpu"`` and ``"cuda[:N]"`` are read directly;
-            any other device is read to CPU and moved tensor by tensor.
-        dtype: If given, floating-point tensors (float8 included) are cast to it after
-            reading; integer, bool and complex tensors keep their dtype.
-        max_inflight_bytes: Bound on the pinned staging ring (CUDA).
-        concurrency: Reads in flight at once; default: one per CPU core, 4 to 16.
-        chunk_bytes: Largest single read; adjacent small tensors share one read.
-
-    Returns:
-        Tensor name -> tensor, in file order (shards in order, tensors by offset).
-
-    Raises:
-        CheckpointError: The checkpoint is missing, corrupt, or a read failed; the
-            message names the file and, where it applies, the tensor.
-        ValueError, TypeError: An argument is invalid.
-    """
-    loader = _make_loader(
-        path,
-        device=device,
-        dtype=dtype,
-        budget=False,
-        max_inflight_bytes=max_inflight_bytes,
-        concurrency=concurrency,
-        chunk_bytes=chunk_bytes,
-    )
-    # Keys in file order, whatever order the reads complete in.
-    out: dict[str, Any] = dict.fromkeys(spec.name for spec in loader.specs)
-    with contextlib.closing(_named(loader)) as pairs:
-        out.update(pairs)
-    return out
-
-
-def iter_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
-    concurrency: int | None = DEFAULT_CONCURRENCY,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Generator[tuple[str, torch.Tensor], None, None]:
-    """Yield ``(name, tensor)`` pairs as tensors finish loading, with bounded memory.
-
-    Same arguments, reading and guarantees as :func:`load_checkpoint`. Headers and
-    arguments are validated by this call, before it returns the iterator. Pairs come in completion
-    order (roughly file order). Tensors allocated but not yet yielded never exceed
-    ``max_inflight_bytes`` (one larger tensor is admitted alone), so memory beyond what
-    the caller keeps stays bounded. Reads continue in the background while the caller
-    works on a yielded tensor.
-
-    The pool threads and open files live until the iterator is exhausted, fails, or is
-    closed; ``close()`` waits for the reads in flight, then closes every file. To stop
-    early without waiting for garbage collection, close it (``with
-    contextlib.closing(iter_checkpoint(path)) as pairs: ...``).
-    """
-    loader = _make_loader(
-        path,
-        device=device,
-        dtype=dtype,
-        budget=True,
-        max_inflight_bytes=max_inflight_bytes,
-        concurrency=concurrency,
-        chunk_bytes=chunk_bytes,
-    )
-    return _named(loader)

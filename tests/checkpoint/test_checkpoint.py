@@ -173,7 +173,7 @@ def test_result_owns_its_memory(tmp_path: Path) -> None:
     tensors = _mixed(seed=2, count=10)
     path = tmp_path / "own.safetensors"
     save_file(tensors, path)
-    got = load_checkpoint(path)
+    got = load_checkpoint(path, copy=True)  # cached, but copy=True: owned memory
     assert _fds_under(tmp_path) == []
     assert str(path) not in Path("/proc/self/maps").read_text()
     path.write_bytes(b"\0" * path.stat().st_size)  # clobber the file: the result must not see it
@@ -250,13 +250,13 @@ def test_the_cache_probe_reads_nothing_and_has_a_fallback(
     data = header.file_bytes - header.data_start
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert ckpt_io._resident_share(fd, header.data_start, data) == 1.0  # just written
+        assert ckpt_io.resident_share(fd, header.data_start, data) == 1.0  # just written
         with monkeypatch.context() as mp:
-            mp.setattr(ckpt_io, "_resident_share", lambda *a: None)
+            mp.setattr(ckpt_io, "resident_share", lambda *a: None)
             assert not ckpt_io.mostly_uncached(fd, header)  # the RWF_NOWAIT probe agrees
         _evict(path)
         for _ in range(3):  # asking again does not bring the pages back
-            share = ckpt_io._resident_share(fd, header.data_start, data)
+            share = ckpt_io.resident_share(fd, header.data_start, data)
             assert share is not None
             assert share < 0.5
     finally:
@@ -319,7 +319,9 @@ def test_iter_keeps_unyielded_bytes_under_budget(tmp_path: Path) -> None:
 
 def test_iter_threads_are_named_and_early_close_cleans_up(tmp_path: Path) -> None:
     save_file(_mixed(seed=5), tmp_path / "e.safetensors")
-    stream = iter_checkpoint(tmp_path / "e.safetensors", chunk_bytes=4096, concurrency=2)
+    stream = iter_checkpoint(
+        tmp_path / "e.safetensors", chunk_bytes=4096, concurrency=2, copy=True
+    )
     next(stream)
     names = {t.name for t in threading.enumerate() if t.name.startswith("iopipe-ckpt")}
     assert names <= {"iopipe-ckpt_0", "iopipe-ckpt_1"}, names
@@ -335,7 +337,7 @@ def test_consumer_error_midway_releases_everything(tmp_path: Path) -> None:
 
     def failing() -> None:
         with contextlib.closing(
-            iter_checkpoint(tmp_path / "f.safetensors", chunk_bytes=4096)
+            iter_checkpoint(tmp_path / "f.safetensors", chunk_bytes=4096, copy=True)
         ) as pairs:
             for _ in pairs:
                 raise KeyError("consumer failed")
@@ -679,10 +681,11 @@ mode, path, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(1)
 before = status("VmRSS")
 if mode == "load":
-    out = iopipe.load_checkpoint(path, max_inflight_bytes=budget)
+    out = iopipe.load_checkpoint(path, max_inflight_bytes=budget, copy=True)
     total = sum(t.nbytes for t in out.values())
 else:
-    total = sum(t.nbytes for _, t in iopipe.iter_checkpoint(path, max_inflight_bytes=budget))
+    pairs = iopipe.iter_checkpoint(path, max_inflight_bytes=budget, copy=True)
+    total = sum(t.nbytes for _, t in pairs)
 print(json.dumps({"before": before, "peak": status("VmHWM"), "total": total}))
 """
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from iopipe.checkpoint.io import _resident_share
+from iopipe.checkpoint.io import resident_share
 from iopipe.probe.cli import main
 from iopipe.probe.probe import evict, warm
 
@@ -45,7 +45,7 @@ def resident_pages(path: Path) -> tuple[int, int]:
     pages = -(-size // mmap.PAGESIZE)
     fd = os.open(path, os.O_RDONLY)
     try:
-        share = _resident_share(fd, 0, size)
+        share = resident_share(fd, 0, size)
     finally:
         os.close(fd)
     if share is None:

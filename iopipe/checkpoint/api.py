@@ -1,0 +1,222 @@
+"""Load a checkpoint: the fastest path picked per shard, subsets, renames and ranks.
+
+Each shard goes the way that suits where its bytes are and where they go:
+
+* **mapped** (CPU destination, ``copy=False``, shard mostly in the page cache): the
+  tensors are copy-on-write views of a private mapping of the file
+  (:mod:`iopipe.checkpoint.mapped`); nothing is copied, as with safetensors.
+* **read** (everything else): concurrent ``preadv`` into owned tensors, ``O_DIRECT``
+  for large shards mostly not cached, and for CUDA a ring of pinned staging buffers
+  (:mod:`iopipe.checkpoint.load`).
+* **distributed** (``distributed=True``): each rank reads a disjoint share of the
+  bytes and the ranks exchange them (:mod:`iopipe.checkpoint.dist`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator, Mapping
+from typing import Any
+
+import torch
+
+from iopipe.checkpoint.dist import load_shared
+from iopipe.checkpoint.header import ShardHeader, plan_checkpoint
+from iopipe.checkpoint.load import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    _Loader,
+    _named,
+    _validate,
+    cast,
+)
+from iopipe.checkpoint.mapped import is_cached, map_shard
+from iopipe.checkpoint.select import Names, Rename, renamed, select
+
+__all__ = ["iter_checkpoint", "load_checkpoint", "planned", "stream"]
+
+#: The dtype to cast each tensor to, by name (None: keep it), or one for all.
+Casts = torch.dtype | None | Mapping[str, torch.dtype | None]
+
+
+def planned(
+    path: str | os.PathLike[str], names: Names | None, rename: Rename | None
+) -> list[ShardHeader]:
+    """The validated headers of ``path``, cut to ``names`` and renamed by ``rename``."""
+    return renamed(select(plan_checkpoint(path), names), rename)
+
+
+def stream(
+    headers: list[ShardHeader],
+    *,
+    device: torch.device,
+    casts: Casts,
+    copy: bool,
+    budget: int | None,
+    max_inflight_bytes: int,
+    concurrency: int,
+    chunk_bytes: int,
+) -> Generator[tuple[str, torch.Tensor], None, None]:
+    """Yield ``(name, tensor)`` for every tensor of ``headers``, each shard by its path.
+
+    Mapped shards come first (they cost no reads), then the read ones in completion
+    order. ``budget`` bounds the read tensors not yet yielded (see ``_Loader``).
+    """
+
+    def dtype_of(name: str) -> torch.dtype | None:
+        return casts.get(name) if isinstance(casts, Mapping) else casts
+
+    can_map = device.type == "cpu" and not copy
+    mapped = [h for h in headers if can_map and is_cached(h)]
+    taken = {id(h) for h in mapped}
+    rest = [h for h in headers if id(h) not in taken]
+    for header in mapped:
+        for spec, tensor in zip(header.tensors, map_shard(header), strict=True):
+            yield spec.name, cast(tensor, dtype_of(spec.name))
+    if not rest:
+        return
+    loader = _Loader(
+        rest,
+        device=device,
+        dtype=[dtype_of(spec.name) for h in rest for spec in h.tensors],
+        budget=budget,
+        max_inflight_bytes=max_inflight_bytes,
+        concurrency=concurrency,
+        chunk_bytes=chunk_bytes,
+    )
+    with contextlib.closing(_named(loader)) as pairs:
+        yield from pairs
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    names: Names | None = None,
+    rename: Rename | None = None,
+    copy: bool = False,
+    distributed: bool = False,
+    group: Any = None,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    concurrency: int | None = DEFAULT_CONCURRENCY,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint, picking the fastest safe path for each shard.
+
+    Every header is parsed and validated first. Then, per shard: to CPU with
+    ``copy=False``, a shard mostly in the page cache is *mapped* privately (each
+    tensor a copy-on-write view of the file: nothing is copied, and writing a tensor
+    never writes the file); any other shard is *read* by concurrent ``preadv``
+    straight into owned tensors (``O_DIRECT`` when it is large and not cached), or,
+    for CUDA, through a bounded ring of pinned staging buffers whose host-to-device
+    copies overlap the next reads. Blocks until everything is loaded.
+
+    A mapped tensor keeps its mapping (no file descriptor) alive while it lives. If
+    the file is rewritten in place meanwhile, pages not yet written show the new
+    bytes, and a truncated file raises ``SIGBUS`` on touch: pass ``copy=True`` when
+    the files may change (writers that replace a file by renaming are safe).
+
+    Args:
+        path: A ``.safetensors`` file, a ``*.safetensors.index.json`` (Hugging Face
+            sharded layout), or a folder (its index if it has one, else all its
+            ``*.safetensors`` files).
+        device: Where the tensors go. ``"cpu"`` and ``"cuda[:N]"`` are read directly;
+            any other device is read to CPU and moved tensor by tensor.
+        dtype: If given, floating-point tensors (float8 included) are cast to it after
+            reading; integer, bool and complex tensors keep their dtype.
+        names: Load only these tensors: a list of exact names (each must exist), a
+            glob pattern (``"model.layers.1.*"``) or a predicate over names. Only
+            their bytes are read. Under ``torch.distributed``, passing each rank the
+            names it needs loads just those on each rank.
+        rename: Rename the loaded tensors: a function of the name, or a prefix map
+            such as ``{"model.": ""}`` (the longest matching prefix wins). Two
+            tensors given the same name are refused before anything is read.
+        copy: Always read into owned memory, never map.
+        distributed: Under an initialised ``torch.distributed`` process group, each
+            rank reads about ``1/world_size`` of the bytes and the ranks exchange
+            them (gloo on CPU, NCCL on CUDA); every rank gets the whole result. All
+            ranks must call it with the same arguments. The tensors of one rank
+            share one buffer (see :func:`iopipe.save_checkpoint`, which accepts that).
+        group: The process group for ``distributed``; default: the world.
+        max_inflight_bytes: Bound on the pinned staging ring (CUDA).
+        concurrency: Reads in flight at once; default: one per CPU core, 4 to 16.
+        chunk_bytes: Largest single read; adjacent small tensors share one read.
+
+    Returns:
+        Tensor name -> tensor, in file order (shards in order, tensors by offset).
+
+    Raises:
+        CheckpointError: The checkpoint is missing or corrupt, a read failed, or
+            ``names``/``rename`` do not fit it; the message names the file and, where
+            it applies, the tensor.
+        ValueError, TypeError: An argument is invalid.
+    """
+    dev, threads = _validate(device, dtype, max_inflight_bytes, concurrency, chunk_bytes)
+    if distributed:
+        return load_shared(
+            lambda: planned(path, names, rename),
+            device=dev,
+            dtype=dtype,
+            group=group,
+            concurrency=threads,
+            chunk_bytes=chunk_bytes,
+        )
+    headers = planned(path, names, rename)
+    # Keys in file order, whatever order the reads complete in.
+    out: dict[str, Any] = dict.fromkeys(spec.name for h in headers for spec in h.tensors)
+    pairs = stream(
+        headers,
+        device=dev,
+        casts=dtype,
+        copy=copy,
+        budget=None,
+        max_inflight_bytes=max_inflight_bytes,
+        concurrency=threads,
+        chunk_bytes=chunk_bytes,
+    )
+    with contextlib.closing(pairs):
+        out.update(pairs)
+    return out
+
+
+def iter_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    names: Names | None = None,
+    rename: Rename | None = None,
+    copy: bool = False,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    concurrency: int | None = DEFAULT_CONCURRENCY,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Generator[tuple[str, torch.Tensor], None, None]:
+    """Yield ``(name, tensor)`` pairs as tensors finish loading, with bounded memory.
+
+    Same arguments, paths and guarantees as :func:`load_checkpoint`. Headers and
+    arguments are validated by this call, before it returns the iterator. Mapped
+    shards' tensors come first (they cost no memory of their own), then the read
+    ones in completion order (roughly file order). Read tensors allocated but not
+    yet yielded never exceed ``max_inflight_bytes`` (one larger tensor is admitted
+    alone), so memory beyond what the caller keeps stays bounded. Reads continue in
+    the background while the caller works on a yielded tensor.
+
+    The pool threads and open files live until the iterator is exhausted, fails, or is
+    closed; ``close()`` waits for the reads in flight, then closes every file. To stop
+    early without waiting for garbage collection, close it (``with
+    contextlib.closing(iter_checkpoint(path)) as pairs: ...``).
+    """
+    dev, threads = _validate(device, dtype, max_inflight_bytes, concurrency, chunk_bytes)
+    return stream(
+        planned(path, names, rename),
+        device=dev,
+        casts=dtype,
+        copy=copy,
+        budget=max_inflight_bytes,
+        max_inflight_bytes=max_inflight_bytes,
+        concurrency=threads,
+        chunk_bytes=chunk_bytes,
+    )
