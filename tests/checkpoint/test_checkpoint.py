@@ -319,9 +319,7 @@ def test_iter_keeps_unyielded_bytes_under_budget(tmp_path: Path) -> None:
 
 def test_iter_threads_are_named_and_early_close_cleans_up(tmp_path: Path) -> None:
     save_file(_mixed(seed=5), tmp_path / "e.safetensors")
-    stream = iter_checkpoint(
-        tmp_path / "e.safetensors", chunk_bytes=4096, concurrency=2, copy=True
-    )
+    stream = iter_checkpoint(tmp_path / "e.safetensors", chunk_bytes=4096, concurrency=2, copy=True)
     next(stream)
     names = {t.name for t in threading.enumerate() if t.name.startswith("iopipe-ckpt")}
     assert names <= {"iopipe-ckpt_0", "iopipe-ckpt_1"}, names
