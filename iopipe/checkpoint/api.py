@@ -32,7 +32,7 @@ from iopipe.checkpoint.load import (
     _validate,
     cast,
 )
-from iopipe.checkpoint.mapped import is_cached, map_shard
+from iopipe.checkpoint.mapped import is_cached, map_shards
 from iopipe.checkpoint.select import Names, Rename, renamed, select
 
 __all__ = ["iter_checkpoint", "load_checkpoint", "planned", "stream"]
@@ -72,8 +72,8 @@ def stream(
     mapped = [h for h in headers if can_map and is_cached(h)]
     taken = {id(h) for h in mapped}
     rest = [h for h in headers if id(h) not in taken]
-    for header in mapped:
-        for spec, tensor in zip(header.tensors, map_shard(header), strict=True):
+    for header, tensors in zip(mapped, map_shards(mapped, concurrency), strict=True):
+        for spec, tensor in zip(header.tensors, tensors, strict=True):
             yield spec.name, cast(tensor, dtype_of(spec.name))
     if not rest:
         return

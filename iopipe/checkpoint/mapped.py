@@ -26,11 +26,16 @@ import torch
 from iopipe.checkpoint.header import CheckpointError, ShardHeader
 from iopipe.checkpoint.io import resident_share
 from iopipe.io.files import open_regular
+from iopipe.runtime.threads import WorkerPool
 
-__all__ = ["MAPPED_MIN_SHARE", "is_cached", "map_shard"]
+__all__ = ["MAPPED_MIN_SHARE", "is_cached", "map_shard", "map_shards"]
 
 #: Share of a shard's data pages that must be cached for it to be mapped.
 MAPPED_MIN_SHARE = 0.5
+#: Windows :func:`is_cached` samples in a large shard, and the bytes of each.
+_SAMPLES, _WINDOW = 32, 256 << 10
+#: Largest piece of one ``madvise`` call (pieces are spread over threads).
+_POPULATE_PIECE = 32 << 20
 #: ``madvise(MADV_POPULATE_READ)`` (Linux 5.14): fill the page tables from the cache
 #: in one call, without breaking copy-on-write; older kernels refuse it (then pages
 #: fault in on first touch, 16 at a time by fault-around).
@@ -55,10 +60,28 @@ def is_cached(header: ShardHeader) -> bool:
     except OSError:
         return False  # the reader reports it, with its own message
     try:
-        share = resident_share(fd, start, data)
+        share = _sampled_share(fd, start, data)
     finally:
         os.close(fd)
     return share is not None and share >= MAPPED_MIN_SHARE
+
+
+def _sampled_share(fd: int, start: int, length: int) -> float | None:
+    """:func:`resident_share` of ``_SAMPLES`` windows spread over a large range.
+
+    ``mincore`` of a whole multi-GB shard walks every page (~5 ms per 400 MB here,
+    as long as safetensors takes to map the file); evenly spread windows answer
+    "mostly cached?" as well at a fraction of the cost.
+    """
+    if length <= _SAMPLES * _WINDOW * 4:
+        return resident_share(fd, start, length)
+    shares = []
+    for k in range(_SAMPLES):
+        share = resident_share(fd, start + (length - _WINDOW) * k // (_SAMPLES - 1), _WINDOW)
+        if share is None:
+            return None
+        shares.append(share)
+    return sum(shares) / len(shares)
 
 
 def _madvise() -> Any:
@@ -77,10 +100,9 @@ def _madvise() -> Any:
 _MADVISE = _madvise()
 
 
-def _populate(address: int, header: ShardHeader) -> None:
-    """Map the cached pages of ``header``'s tensors (only those: a subset stays a subset)."""
-    if _MADVISE is None:
-        return
+def _runs(address: int, header: ShardHeader) -> list[tuple[int, int]]:
+    """The page runs of ``header``'s tensors (only those: a subset stays a subset),
+    cut into pieces of at most :data:`_POPULATE_PIECE` bytes, as (address, length)."""
     page = mmap.PAGESIZE
     runs: list[list[int]] = []
     for spec in header.tensors:
@@ -89,9 +111,41 @@ def _populate(address: int, header: ShardHeader) -> None:
             runs[-1][1] = max(runs[-1][1], end)
         elif spec.nbytes:
             runs.append([start, end])
-    for start, end in runs:
-        if _MADVISE(address + start, end - start, _POPULATE_READ) != 0:
-            return  # an older kernel: pages fault in as they are touched
+    return [
+        (address + at, min(_POPULATE_PIECE, end - at))
+        for start, end in runs
+        for at in range(start, end, _POPULATE_PIECE)
+    ]
+
+
+def _populate(pieces: list[tuple[int, int]]) -> bool:
+    """Map the cached pages of ``pieces``; False once the kernel refuses (then stop)."""
+    if _MADVISE is None:
+        return False
+    return all(_MADVISE(address, length, _POPULATE_READ) == 0 for address, length in pieces)
+
+
+def map_shards(headers: list[ShardHeader], threads: int) -> list[list[torch.Tensor]]:
+    """:func:`map_shard` of each header, their page tables filled by ``threads`` threads.
+
+    Filling page tables from the page cache is CPU work in the kernel that scales
+    with threads (0.8 GB here: 22 ms on one thread, 13 ms on two).
+    """
+    flats = [_map(h) for h in headers]
+    pieces = [p for h, flat in zip(headers, flats, strict=True) for p in _runs(flat.data_ptr(), h)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    workers = max(1, min(threads, cores, len(pieces)))
+    if workers == 1:
+        _populate(pieces)
+    else:
+        pool = WorkerPool(workers, "iopipe-ckpt")
+        try:
+            jobs = [pool.submit(_populate, pieces[k::workers]) for k in range(workers)]
+            for job in jobs:
+                job.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [_views(h, flat) for h, flat in zip(headers, flats, strict=True)]
 
 
 def map_shard(header: ShardHeader) -> list[torch.Tensor]:
@@ -105,6 +159,11 @@ def map_shard(header: ShardHeader) -> list[torch.Tensor]:
         CheckpointError: The file cannot be mapped, or its size changed since the
             header was read.
     """
+    return map_shards([header], 1)[0]
+
+
+def _map(header: ShardHeader) -> torch.Tensor:
+    """The whole file of ``header``, mapped privately, as a flat uint8 tensor."""
     path = header.path
     try:
         size = os.stat(path).st_size
@@ -118,8 +177,10 @@ def map_shard(header: ShardHeader) -> list[torch.Tensor]:
         storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot map {path}: {exc}", path=path) from exc
-    flat = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
-    _populate(flat.data_ptr(), header)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+
+
+def _views(header: ShardHeader, flat: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for spec in header.tensors:
         piece = flat[spec.offset : spec.offset + spec.nbytes]
