@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Generator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,23 +33,36 @@ from iopipe.checkpoint.load import (
     cast,
 )
 from iopipe.checkpoint.mapped import is_cached, map_shards
+from iopipe.checkpoint.remote import is_remote, new_client, plan_remote, remote_pairs
 from iopipe.checkpoint.select import Names, Rename, renamed, select
 
-__all__ = ["iter_checkpoint", "load_checkpoint", "planned", "stream"]
+__all__ = ["Planned", "iter_checkpoint", "load_checkpoint", "planned", "stream"]
 
 #: The dtype to cast each tensor to, by name (None: keep it), or one for all.
 Casts = torch.dtype | None | Mapping[str, torch.dtype | None]
 
 
-def planned(
-    path: str | os.PathLike[str], names: Names | None, rename: Rename | None
-) -> list[ShardHeader]:
+class Planned(NamedTuple):
+    """A checkpoint's headers, and the client that reads them (None: local files)."""
+
+    headers: list[ShardHeader]
+    client: Any
+
+
+def planned(path: str | os.PathLike[str], names: Names | None, rename: Rename | None) -> Planned:
     """The validated headers of ``path``, cut to ``names`` and renamed by ``rename``."""
-    return renamed(select(plan_checkpoint(path), names), rename)
+    client = None
+    if isinstance(path, str) and is_remote(path):
+        client = new_client()
+        headers = plan_remote(client, path)
+    else:
+        headers = plan_checkpoint(path)
+    return Planned(renamed(select(headers, names), rename), client)
 
 
 def stream(
     headers: list[ShardHeader],
+    client: Any,
     *,
     device: torch.device,
     casts: Casts,
@@ -64,6 +77,17 @@ def stream(
     Mapped shards come first (they cost no reads), then the read ones in completion
     order. ``budget`` bounds the read tensors not yet yielded (see ``_Loader``).
     """
+
+    if client is not None:
+        yield from remote_pairs(
+            headers,
+            client,
+            device=device,
+            casts=casts,
+            concurrency=concurrency,
+            chunk_bytes=chunk_bytes,
+        )
+        return
 
     def dtype_of(name: str) -> torch.dtype | None:
         return casts.get(name) if isinstance(casts, Mapping) else casts
@@ -164,11 +188,12 @@ def load_checkpoint(
             concurrency=threads,
             chunk_bytes=chunk_bytes,
         )
-    headers = planned(path, names, rename)
+    headers, client = planned(path, names, rename)
     # Keys in file order, whatever order the reads complete in.
     out: dict[str, Any] = dict.fromkeys(spec.name for h in headers for spec in h.tensors)
     pairs = stream(
         headers,
+        client,
         device=dev,
         casts=dtype,
         copy=copy,
@@ -211,7 +236,7 @@ def iter_checkpoint(
     """
     dev, threads = _validate(device, dtype, max_inflight_bytes, concurrency, chunk_bytes)
     return stream(
-        planned(path, names, rename),
+        *planned(path, names, rename),
         device=dev,
         casts=dtype,
         copy=copy,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from iopipe.checkpoint.header import CheckpointError, ShardHeader, TensorSpec
 from iopipe.checkpoint.io import Request, bytes_of, read_into
 from iopipe.checkpoint.load import cast
+from iopipe.checkpoint.remote import fetch_into
 from iopipe.io.files import open_regular
 from iopipe.runtime.threads import WorkerPool
 
@@ -136,32 +138,28 @@ def _same_plan(dist: Any, group: Any, layout: _Layout) -> None:
 
 
 def _read_share(
-    layout: _Layout, requests: list[Request], view: memoryview, base: int, concurrency: int
+    layout: _Layout,
+    client: Any,
+    requests: list[Request],
+    view: memoryview,
+    base: int,
+    concurrency: int,
 ) -> None:
     """Run ``requests`` into ``view`` (flat buffer bytes from position ``base``)."""
-    fds: dict[int, int] = {}
     pool = WorkerPool(concurrency, "iopipe-ckpt")
+    files = _Files(layout.headers, client)
     try:
-        for request in requests:
-            if request.file not in fds:
-                path = layout.headers[request.file].path
-                try:
-                    fds[request.file] = open_regular(path)
-                except OSError as exc:
-                    raise CheckpointError(f"cannot open {path}: {exc.strerror}", path=path) from exc
         futures: list[tuple[Any, Request]] = []
         for request in requests:
             buffers = [
                 view[layout.at[i] + s - base : layout.at[i] + s - base + n]
                 for i, s, n in request.pieces
             ]
-            end = request.offset + request.nbytes
-            job = pool.submit(read_into, fds[request.file], buffers, request.offset, end)
-            futures.append((job, request))
+            futures.append((pool.submit(files.read, request, buffers), request))
         for job, request in futures:
             try:
                 job.result()
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, ValueError) as exc:
                 path = layout.headers[request.file].path
                 name = layout.specs[request.pieces[0][0]].name
                 raise CheckpointError(
@@ -172,12 +170,39 @@ def _read_share(
                 ) from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for fd in fds.values():
-            os.close(fd)
+        files.close()
+
+
+class _Files:
+    """Reads of the shards' bytes, local (one descriptor per file, opened on first use)
+    or remote (ranged GETs); :meth:`read` runs on pool threads."""
+
+    def __init__(self, headers: list[ShardHeader], client: Any) -> None:
+        self.headers = headers
+        self.client = client
+        self.fds: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def read(self, request: Request, buffers: list[memoryview]) -> None:
+        path = self.headers[request.file].path
+        if self.client is not None:
+            fetch_into(self.client, path, request.offset, request.nbytes, buffers)
+            return
+        with self.lock:
+            fd = self.fds.get(request.file)
+            if fd is None:
+                fd = self.fds[request.file] = open_regular(path)
+        read_into(fd, buffers, request.offset, request.offset + request.nbytes)
+
+    def close(self) -> None:
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
 
 
 def load_shared(
-    plan: Callable[[], list[ShardHeader]],
+    plan: Callable[[], tuple[list[ShardHeader], Any]],
     *,
     device: torch.device,
     dtype: torch.dtype | None,
@@ -189,8 +214,10 @@ def load_shared(
     dist = _dist()
     layout: _Layout | None = None
     failure: BaseException | None = None
+    client = None
     try:
-        layout = _Layout(plan())
+        headers, client = plan()
+        layout = _Layout(headers)
     except Exception as exc:  # every rank must hear of it, or the others would wait
         failure = exc
     _agree(dist, group, failure, "plan the checkpoint")
@@ -202,8 +229,8 @@ def load_shared(
     home = device if device.type == "cuda" else torch.device("cpu")
     flat = torch.empty(layout.total, dtype=torch.uint8, device=home)
     try:
-        _fill_share(layout, flat, edges[rank : rank + 2], bounds[rank : rank + 2], concurrency,
-                    chunk_bytes)  # fmt: skip
+        _fill_share(layout, client, flat, edges[rank : rank + 2], bounds[rank : rank + 2],
+                    concurrency, chunk_bytes)  # fmt: skip
     except Exception as exc:
         failure = exc
     _agree(dist, group, failure, "read its share")
@@ -221,6 +248,7 @@ def load_shared(
 
 def _fill_share(
     layout: _Layout,
+    client: Any,
     flat: torch.Tensor,
     edges: list[int],
     bounds: list[int],
@@ -230,9 +258,9 @@ def _fill_share(
     """Read this rank's data bytes ``bounds`` into ``flat[edges[0]:edges[1]]``."""
     requests = layout.requests(bounds[0], bounds[1], chunk_bytes)
     if flat.device.type == "cpu":
-        _read_share(layout, requests, bytes_of(flat), 0, concurrency)
+        _read_share(layout, client, requests, bytes_of(flat), 0, concurrency)
         return
     lo, hi = edges
     stage = torch.empty(hi - lo, dtype=torch.uint8, pin_memory=True)
-    _read_share(layout, requests, bytes_of(stage), lo, concurrency)
+    _read_share(layout, client, requests, bytes_of(stage), lo, concurrency)
     flat[lo:hi].copy_(stage)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,28 +142,37 @@ def read_header(path: str) -> ShardHeader:
     except OSError as exc:
         raise CheckpointError(f"cannot open {path}: {exc.strerror}", path=path) from exc
     try:
-        file_bytes = os.fstat(fd).st_size
-        if file_bytes < 8:
-            raise CheckpointError(
-                f"{path}: truncated file: {file_bytes} bytes, too short for the 8-byte "
-                "header length",
-                path=path,
-            )
-        header_bytes = int.from_bytes(os.pread(fd, 8, 0), "little")
-        if header_bytes > file_bytes - 8:
-            raise CheckpointError(
-                f"{path}: header length {header_bytes} runs past the end of the file "
-                f"({file_bytes} bytes); truncated or not a safetensors file",
-                path=path,
-            )
-        if header_bytes > MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{path}: header length {header_bytes} exceeds the {MAX_HEADER_BYTES}-byte limit",
-                path=path,
-            )
-        raw = _pread_exact(fd, header_bytes, 8)
+        return header_from(path, os.fstat(fd).st_size, lambda at, n: _pread_exact(fd, n, at))
     finally:
         os.close(fd)
+
+
+def header_from(path: str, file_bytes: int, read: Callable[[int, int], bytes]) -> ShardHeader:
+    """Validate the header of the ``file_bytes``-byte shard at ``path``, read by ``read``.
+
+    ``read(offset, n)`` returns the ``n`` bytes at ``offset`` (a local file, an object).
+
+    Raises:
+        CheckpointError: Truncated, or the header is invalid.
+    """
+    if file_bytes < 8:
+        raise CheckpointError(
+            f"{path}: truncated file: {file_bytes} bytes, too short for the 8-byte header length",
+            path=path,
+        )
+    header_bytes = int.from_bytes(read(0, 8), "little")
+    if header_bytes > file_bytes - 8:
+        raise CheckpointError(
+            f"{path}: header length {header_bytes} runs past the end of the file "
+            f"({file_bytes} bytes); truncated or not a safetensors file",
+            path=path,
+        )
+    if header_bytes > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path}: header length {header_bytes} exceeds the {MAX_HEADER_BYTES}-byte limit",
+            path=path,
+        )
+    raw = read(8, header_bytes)
     data_start = 8 + header_bytes
     tensors, metadata = _parse_header(path, raw, data_start, file_bytes - data_start)
     return ShardHeader(path, file_bytes, data_start, tensors, metadata)
@@ -316,15 +326,8 @@ def plan_checkpoint(path: str | os.PathLike[str]) -> list[ShardHeader]:
 
 
 def _plan_index(index: Path) -> list[ShardHeader]:
-    where = str(index)
-    by_shard: dict[str, set[str]] = {}
-    for name, shard in _read_weight_map(index).items():
-        try:
-            contained(shard, f"{where}: weight_map[{show(name)}]")
-        except ValueError as exc:
-            raise CheckpointError(str(exc), path=where, tensor=name) from None
-        by_shard.setdefault(shard, set()).add(name)
-    return [_index_shard(index, shard, by_shard[shard]) for shard in sorted(by_shard)]
+    shards = by_shard(_read_weight_map(index))
+    return [_index_shard(index, shard, names) for shard, names in shards.items()]
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -336,6 +339,11 @@ def _read_weight_map(index: Path) -> dict[str, str]:
         raise CheckpointError(f"cannot read index {where}: {exc.strerror}", path=where) from exc
     except ValueError as exc:
         raise CheckpointError(f"index {exc}", path=where) from None
+    return weight_map_of(raw, where)
+
+
+def weight_map_of(raw: bytes, where: str) -> dict[str, str]:
+    """Parse an index's bytes: its ``weight_map``, each shard name checked by :func:`contained`."""
     try:
         content = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except RecursionError:
@@ -347,7 +355,35 @@ def _read_weight_map(index: Path) -> dict[str, str]:
         raise CheckpointError(
             f"{where}: index has no weight_map object of tensor name -> shard file", path=where
         )
+    for name, shard in weight_map.items():
+        try:
+            contained(shard, f"{where}: weight_map[{show(name)}]")
+        except ValueError as exc:
+            raise CheckpointError(str(exc), path=where, tensor=name) from None
     return weight_map
+
+
+def by_shard(weight_map: dict[str, str]) -> dict[str, set[str]]:
+    """Shard name -> the tensor names the index maps to it, shards sorted by name."""
+    out: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        out.setdefault(shard, set()).add(name)
+    return dict(sorted(out.items()))
+
+
+def keep_wanted(header: ShardHeader, wanted: set[str], where: str, shard: str) -> ShardHeader:
+    """``header`` cut to the tensors an index maps to it; each of them must be there."""
+    present = {spec.name for spec in header.tensors}
+    missing = sorted(wanted - present)
+    if missing:
+        raise CheckpointError(
+            f"{where}: tensor {show(missing[0])} is mapped to shard {show(shard)}, which has "
+            f"no such tensor ({len(missing)} missing in that shard)",
+            path=where,
+            tensor=missing[0],
+        )
+    kept = tuple(spec for spec in header.tensors if spec.name in wanted)
+    return ShardHeader(header.path, header.file_bytes, header.data_start, kept, header.metadata)
 
 
 def _index_shard(index: Path, shard: str, wanted: set[str]) -> ShardHeader:
@@ -365,17 +401,7 @@ def _index_shard(index: Path, shard: str, wanted: set[str]) -> ShardHeader:
             f"{where}: cannot open shard {show(shard)}: {exc.strerror}", path=where
         ) from exc
     header = read_header(str(shard_path))  # refuses a FIFO, a device, a folder
-    present = {spec.name for spec in header.tensors}
-    missing = sorted(wanted - present)
-    if missing:
-        raise CheckpointError(
-            f"{where}: tensor {show(missing[0])} is mapped to shard {show(shard)}, which has "
-            f"no such tensor ({len(missing)} missing in that shard)",
-            path=where,
-            tensor=missing[0],
-        )
-    kept = tuple(spec for spec in header.tensors if spec.name in wanted)
-    return ShardHeader(header.path, header.file_bytes, header.data_start, kept, header.metadata)
+    return keep_wanted(header, wanted, where, shard)
 
 
 def _unique_names(headers: list[ShardHeader]) -> list[ShardHeader]:

@@ -172,12 +172,14 @@ def load_into(
         raise ValueError(f"dtype must be a torch.dtype, 'module' or None, got {dtype!r}")
     fixed = None if isinstance(dtype, str) else dtype
     dev, threads = _validate(target, fixed, max_inflight_bytes, concurrency, chunk_bytes)
-    targets = _targets(module, planned(path, None, rename), strict)
+    plan = planned(path, None, rename)
+    targets = _targets(module, plan.headers, strict)
     casts: Any = fixed
     if module_dtype:
         casts = {key: slot.current.dtype for key, slot in targets.slots.items()}
     pairs = stream(
         targets.wanted,
+        plan.client,
         device=dev,
         casts=casts,
         copy=copy,
