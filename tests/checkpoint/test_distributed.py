@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ import iopipe
 from iopipe import CheckpointError
 
 rank, world, store, ckpt, scenario = sys.argv[1:6]
+source = sys.argv[6] if len(sys.argv) > 6 else ckpt  # a URL: the ranks read over HTTP
 rank, world = int(rank), int(world)
 torch.set_num_threads(1)
 dist.init_process_group(
@@ -47,6 +49,13 @@ def preadv(fd, buffers, offset, *rest):
     with lock:
         counts["data"] += got
     return got
+import iopipe.checkpoint.dist as dist_mod
+real_fetch = dist_mod.fetch_into
+def fetch_into(client, url, offset, nbytes, buffers):
+    real_fetch(client, url, offset, nbytes, buffers)
+    with lock:
+        counts["data"] += nbytes
+dist_mod.fetch_into = fetch_into
 def pread(fd, size, offset):
     got = real_pread(fd, size, offset)
     with lock:
@@ -59,7 +68,7 @@ def raw(t):
 out = {}
 if scenario == "full":
     os.preadv, os.pread = preadv, pread
-    got = iopipe.load_checkpoint(ckpt, distributed=True)
+    got = iopipe.load_checkpoint(source, distributed=True)
     os.preadv, os.pread = real_preadv, real_pread
     want = {}
     for name in sorted(os.listdir(ckpt)):
@@ -79,7 +88,7 @@ if scenario == "full":
         out["resaved"] = all(torch.equal(raw(back[k]), raw(want[k])) for k in want)
     counts["data"] = 0
     os.preadv = preadv
-    sub = iopipe.load_checkpoint(ckpt, distributed=True, names="*.bias", rename={"layer": "L"})
+    sub = iopipe.load_checkpoint(source, distributed=True, names="*.bias", rename={"layer": "L"})
     os.preadv = real_preadv
     out["subset_names"] = sorted(sub)
     out["subset_data"] = counts["data"]
@@ -113,12 +122,19 @@ def _tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _run(tmp_path: Path, world: int, scenario: str) -> list[dict[str, Any]]:
+def _run(
+    tmp_path: Path, world: int, scenario: str, serve: tuple[str, Path] | None = None
+) -> list[dict[str, Any]]:
     ckpt = tmp_path / "ckpt"
     save_checkpoint(_tensors(), ckpt, max_shard_bytes=300_000)
+    source: list[str] = []
+    if serve is not None:  # the same files, served by nginx
+        base, www = serve
+        shutil.copytree(ckpt, www / tmp_path.name)
+        source = [f"{base}/{tmp_path.name}/model.safetensors.index.json"]
     store = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = [str(world), str(store), str(ckpt), scenario]
+    args = [str(world), str(store), str(ckpt), scenario, *source]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANK_SCRIPT, str(rank), *args],
@@ -159,6 +175,18 @@ def test_each_rank_reads_its_share_and_all_get_every_byte(tmp_path: Path, world:
     assert ranks[0]["resaved"]
     biases = sum(t.nbytes for name, t in _tensors().items() if name.endswith(".bias"))
     assert sum(out["subset_data"] for out in ranks) == biases  # only the subset's bytes
+
+
+@pytest.mark.slow
+def test_ranks_read_their_shares_over_http(tmp_path: Path, nginx: tuple[str, Path]) -> None:
+    pytest.importorskip("obstore")
+    ranks = _run(tmp_path, 2, "full", serve=nginx)
+    total = ranks[0]["total"]
+    for out in ranks:
+        assert out["same"]
+        assert out["data"] <= total / 2 * 1.1
+        assert out["subset_same"]
+    assert sum(out["data"] for out in ranks) == total
 
 
 @pytest.mark.slow
