@@ -91,6 +91,32 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     return bad
 
 
+def v2_checks(folder: Path, index: Path, ref: dict[str, torch.Tensor]) -> list[str]:
+    """Checkpoints v2 on CUDA: a subset, a save from CUDA tensors, a one-rank NCCL load."""
+    import torch.distributed as dist
+
+    bad = []
+    names = [n for n in ref if n.endswith("1")][:5] or list(ref)[:3]
+    subset = iopipe.load_checkpoint(index, device="cuda", names=names)
+    bad += same({n: ref[n] for n in names}, subset)
+    on_gpu = iopipe.load_checkpoint(index, device="cuda")
+    saved = folder / "resaved"
+    iopipe.save_checkpoint(on_gpu, saved, max_shard_bytes=256 << 20)
+    bad += same(ref, iopipe.load_checkpoint(saved, copy=True))
+    print(f"subset cuda, save from cuda: {'ok' if not bad else 'MISMATCH'}")
+    if dist.is_available() and dist.is_nccl_available():
+        store = folder / "nccl-store"
+        dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+        try:
+            shared = iopipe.load_checkpoint(index, device="cuda", distributed=True)
+        finally:
+            dist.destroy_process_group()
+        wrong = same(ref, shared)
+        print(f"distributed=True on one NCCL rank: {'ok' if not wrong else 'MISMATCH'}")
+        bad += wrong
+    return bad
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, help="folder for the checkpoint (default: temp)")
@@ -153,6 +179,7 @@ def main() -> int:
                 )
                 print(f"  concurrency={threads:2} {device:4}: {total / t / 1e9:6.2f} GB/s")
         bad = same(ref, cpu) + same(cpu, gpu) + same(ref, streamed) + same(ref, cold_gpu)
+        bad += v2_checks(folder, index, ref)
     if bad:
         print(f"MISMATCH in {len(bad)} tensors, e.g. {bad[:5]}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ Each shard goes the way that suits where its bytes are and where they go:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Generator, Mapping
 from typing import Any, NamedTuple
@@ -130,81 +131,50 @@ def load_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """Load a safetensors checkpoint, picking the fastest safe path for each shard.
 
-    Every header is parsed and validated first. Then, per shard: to CPU with
-    ``copy=False``, a shard mostly in the page cache is *mapped* privately (each
-    tensor a copy-on-write view of the file: nothing is copied, and writing a tensor
-    never writes the file); any other shard is *read* by concurrent ``preadv``
-    straight into owned tensors (``O_DIRECT`` when it is large and not cached), or,
-    for CUDA, through a bounded ring of pinned staging buffers whose host-to-device
-    copies overlap the next reads. Blocks until everything is loaded.
-
-    A mapped tensor keeps its mapping (no file descriptor) alive while it lives. If
-    the file is rewritten in place meanwhile, pages not yet written show the new
-    bytes, and a truncated file raises ``SIGBUS`` on touch: pass ``copy=True`` when
-    the files may change (writers that replace a file by renaming are safe).
+    Headers are validated first. To CPU with ``copy=False``, a shard mostly in the
+    page cache is *mapped* (copy-on-write views: nothing copied, the file never
+    written; a file rewritten in place under live tensors shows through, so pass
+    ``copy=True`` if files may change); other shards are read by concurrent
+    ``preadv`` into owned tensors (``O_DIRECT`` when uncached), through pinned
+    staging for CUDA, or by ranged GETs for URLs. See docs/llm.md.
 
     Args:
-        path: A ``.safetensors`` file, a ``*.safetensors.index.json`` (Hugging Face
-            sharded layout), or a folder (its index if it has one, else all its
-            ``*.safetensors`` files).
-        device: Where the tensors go. ``"cpu"`` and ``"cuda[:N]"`` are read directly;
-            any other device is read to CPU and moved tensor by tensor.
-        dtype: If given, floating-point tensors (float8 included) are cast to it after
-            reading; integer, bool and complex tensors keep their dtype.
-        names: Load only these tensors: a list of exact names (each must exist), a
-            glob pattern (``"model.layers.1.*"``) or a predicate over names. Only
-            their bytes are read. Under ``torch.distributed``, passing each rank the
-            names it needs loads just those on each rank.
-        rename: Rename the loaded tensors: a function of the name, or a prefix map
-            such as ``{"model.": ""}`` (the longest matching prefix wins). Two
-            tensors given the same name are refused before anything is read.
-        copy: Always read into owned memory, never map.
-        distributed: Under an initialised ``torch.distributed`` process group, each
-            rank reads about ``1/world_size`` of the bytes and the ranks exchange
-            them (gloo on CPU, NCCL on CUDA); every rank gets the whole result. All
-            ranks must call it with the same arguments. The tensors of one rank
-            share one buffer (see :func:`iopipe.save_checkpoint`, which accepts that).
-        group: The process group for ``distributed``; default: the world.
+        path: A ``.safetensors`` file, a ``*.safetensors.index.json``, a folder (its
+            index, else its ``*.safetensors``), or such an ``http(s)://``/``s3://`` URL.
+        device: Where the tensors go (other than CPU/CUDA: read to CPU, then moved).
+        dtype: Cast floating-point tensors (float8 included) to it; others keep theirs.
+        names: Only these tensors, and only their bytes are read: exact names (each
+            must exist), a glob (``"model.layers.1.*"``) or a predicate.
+        rename: A function of the name or a prefix map (``{"model.": ""}``, longest
+            prefix wins); collisions are refused before anything is read.
+        copy: Always owned memory, never mapped.
+        distributed: Under ``torch.distributed``, each rank reads ~1/world_size of the
+            bytes and the ranks exchange them; every rank gets everything, its tensors
+            views of one buffer. All ranks must pass the same arguments.
+        group: The process group for ``distributed`` (default: the world).
         max_inflight_bytes: Bound on the pinned staging ring (CUDA).
-        concurrency: Reads in flight at once; default: one per CPU core, 4 to 16.
-        chunk_bytes: Largest single read; adjacent small tensors share one read.
+        concurrency, chunk_bytes: Reads in flight (default: one per core, 4 to 16) and
+            the largest read (adjacent small tensors share one).
 
     Returns:
-        Tensor name -> tensor, in file order (shards in order, tensors by offset).
+        Tensor name -> tensor, in file order.
 
     Raises:
-        CheckpointError: The checkpoint is missing or corrupt, a read failed, or
-            ``names``/``rename`` do not fit it; the message names the file and, where
-            it applies, the tensor.
+        CheckpointError: Missing, corrupt, a failed read, or ``names``/``rename`` do
+            not fit; names the file and, where it applies, the tensor.
         ValueError, TypeError: An argument is invalid.
     """
     dev, threads = _validate(device, dtype, max_inflight_bytes, concurrency, chunk_bytes)
+    plan = functools.partial(planned, path, names, rename)
+    sizes = {"concurrency": threads, "chunk_bytes": chunk_bytes}
     if distributed:
-        return load_shared(
-            lambda: planned(path, names, rename),
-            device=dev,
-            dtype=dtype,
-            group=group,
-            concurrency=threads,
-            chunk_bytes=chunk_bytes,
-        )
-    headers, client = planned(path, names, rename)
-    # Keys in file order, whatever order the reads complete in.
+        return load_shared(plan, device=dev, dtype=dtype, group=group, **sizes)
+    headers, client = plan()  # keys in file order, whatever order reads complete in:
     out: dict[str, Any] = dict.fromkeys(spec.name for h in headers for spec in h.tensors)
-    pairs = stream(
-        headers,
-        client,
-        device=dev,
-        casts=dtype,
-        copy=copy,
-        budget=None,
-        max_inflight_bytes=max_inflight_bytes,
-        concurrency=threads,
-        chunk_bytes=chunk_bytes,
-    )
+    pairs = stream(headers, client, device=dev, casts=dtype, copy=copy, budget=None,
+                   max_inflight_bytes=max_inflight_bytes, **sizes)  # fmt: skip
     with contextlib.closing(pairs):
-        out.update(pairs)
-    return out
+        return out | dict(pairs)
 
 
 def iter_checkpoint(

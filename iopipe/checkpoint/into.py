@@ -129,65 +129,44 @@ def load_into(
     """Fill ``module``'s parameters and persistent buffers from a checkpoint.
 
     Semantics are ``module.load_state_dict(..., assign=True)``: each loaded tensor
-    *becomes* the parameter (wrapped in ``nn.Parameter`` with the old ``requires_grad``)
-    or buffer, so a module built on the meta device is materialised without ever
-    allocating its weights twice. Tensors stream from :func:`iter_checkpoint` and are
-    assigned one by one, so at most ``max_inflight_bytes`` of loaded-but-unassigned
-    data exists besides the module itself. Keys and shapes are checked against the
-    headers before any tensor is read.
-
-    Tied weights (one tensor under several keys, such as an embedding shared with the
-    output layer) stay tied when the checkpoint holds one of the keys: the loaded tensor
-    is assigned to all of them, and the others are not reported missing. If the
-    checkpoint holds several of the keys, each gets its own tensor, as with torch.
+    *becomes* the parameter (``nn.Parameter`` with the old ``requires_grad``) or
+    buffer, so a module on the meta device is materialised without allocating its
+    weights twice; tensors are assigned as they stream in (at most
+    ``max_inflight_bytes`` loaded but unassigned). Keys and shapes are checked before
+    any tensor is read. Tied weights stay tied when the checkpoint holds one of their
+    keys (the others are not reported missing). Mapped parameters (cached shards,
+    ``copy=False``) are copy-on-write: training them never writes the file.
 
     Args:
         module: The module to fill (any device, ``meta`` included).
-        path: As for :func:`load_checkpoint`.
+        path, rename, copy: As for :func:`load_checkpoint`; ``rename`` maps the
+            checkpoint's names onto the module's keys.
         strict: Raise if the checkpoint and ``module.state_dict()`` keys differ.
-        device: Where the tensors go; default: the device of the module's first
-            non-meta parameter or buffer, else ``"cpu"``.
-        dtype: Cast floating-point tensors to this dtype; ``"module"``: to the dtype
-            of the parameter or buffer each one replaces (a bf16 checkpoint into a
-            model whose norms stay float32); default: keep the checkpoint's dtypes
-            (as ``assign=True`` does).
-        rename: Rename the checkpoint's tensors before matching them to the
-            module's keys, as for :func:`load_checkpoint` (``{"model.": ""}``).
-        copy: As for :func:`load_checkpoint`: never map a cached shard. Mapped
-            parameters are copy-on-write views of the file: training them writes
-            private copies of the pages it touches, never the file.
+        device: Default: the device of the module's first non-meta tensor, else CPU.
+        dtype: Cast floating-point tensors to it; ``"module"``: to the dtype of the
+            tensor each one replaces; default: keep the checkpoint's dtypes.
         max_inflight_bytes, concurrency, chunk_bytes: As for :func:`iter_checkpoint`.
 
     Returns:
         The missing and unexpected keys (both empty when ``strict``).
 
     Raises:
-        CheckpointError: The checkpoint is corrupt; or keys differ (``strict``) or a
-            shape differs, with a message in the style of ``load_state_dict``; nothing
-            has been assigned then.
+        CheckpointError: The checkpoint is corrupt, or keys differ (``strict``) or a
+            shape differs (``load_state_dict``'s wording); nothing is assigned then.
     """
     target = _default_device(module) if device is None else device
-    module_dtype = isinstance(dtype, str)
-    if module_dtype and dtype != "module":
+    if isinstance(dtype, str) and dtype != "module":
         raise ValueError(f"dtype must be a torch.dtype, 'module' or None, got {dtype!r}")
     fixed = None if isinstance(dtype, str) else dtype
     dev, threads = _validate(target, fixed, max_inflight_bytes, concurrency, chunk_bytes)
     plan = planned(path, None, rename)
     targets = _targets(module, plan.headers, strict)
     casts: Any = fixed
-    if module_dtype:
+    if dtype == "module":
         casts = {key: slot.current.dtype for key, slot in targets.slots.items()}
-    pairs = stream(
-        targets.wanted,
-        plan.client,
-        device=dev,
-        casts=casts,
-        copy=copy,
-        budget=max_inflight_bytes,
-        max_inflight_bytes=max_inflight_bytes,
-        concurrency=threads,
-        chunk_bytes=chunk_bytes,
-    )
+    pairs = stream(targets.wanted, plan.client, device=dev, casts=casts, copy=copy,
+                   budget=max_inflight_bytes, max_inflight_bytes=max_inflight_bytes,
+                   concurrency=threads, chunk_bytes=chunk_bytes)  # fmt: skip
     _assign_streamed(pairs, targets)
     return targets.result
 

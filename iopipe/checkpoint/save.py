@@ -155,14 +155,11 @@ def save_checkpoint(
 ) -> list[str]:
     """Save ``state_dict`` as safetensors, sharded, fsynced, renamed into place at the end.
 
-    ``path`` ending in ``.safetensors`` gets one file (``max_shard_bytes`` does not
-    apply); any other ``path`` is a folder holding ``model.safetensors``, or, over
-    ``max_shard_bytes``, ``model-0000i-of-0000N.safetensors`` shards and the Hugging
-    Face index ``model.safetensors.index.json``: what ``safetensors.torch.load_file``,
-    ``transformers`` and :func:`load_checkpoint` read. Shards are written by
-    ``concurrency`` threads at once. Tensors may live on any device with data and need
-    not be contiguous; tensors are stored in ``state_dict`` order within each shard
-    except that wider dtypes come first (so every tensor stays aligned).
+    ``path`` ending in ``.safetensors`` is one file (``max_shard_bytes`` does not
+    apply); any other ``path`` is a folder with ``model.safetensors``, or over
+    ``max_shard_bytes``, ``model-0000i-of-0000N.safetensors`` shards plus the Hugging
+    Face ``model.safetensors.index.json``. Tensors may be on any device and need not
+    be contiguous; wider dtypes come first in each shard (every tensor aligned).
 
     Args:
         state_dict: Name -> tensor. Two names over the same memory (tied weights) are
@@ -178,8 +175,8 @@ def save_checkpoint(
 
     Raises:
         CheckpointError: A tensor cannot be saved, or ``path`` exists (without
-            ``overwrite``); nothing is left under ``path`` then.
-        OSError: Writing failed; nothing is left under ``path`` either.
+            ``overwrite``). OSError: writing failed. Either way nothing is left
+            under ``path`` (or, with ``overwrite``, the old checkpoint is).
     """
     entries = _checked(state_dict)
     meta = _metadata(metadata)
@@ -195,23 +192,36 @@ def save_checkpoint(
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.iopipe-", dir=final.parent))
     try:
         names = _file_names(len(groups), final.name if single else None)
-        with ThreadPoolExecutor(min(concurrency, len(groups)), "iopipe-save") as pool:
-            jobs = [
-                pool.submit(_write_shard, work / n, [entries[i] for i in g], meta)
-                for n, g in zip(names, groups, strict=True)
-            ]
-            sizes = [job.result() for job in jobs]
-        if len(groups) > 1:
-            weight_map = {entries[i][0]: n for n, g in zip(names, groups, strict=True) for i in g}
-            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-            _write_small(work / _INDEX, json.dumps(index, indent=2).encode())
-            names.append(_INDEX)
-        _sync_dir(work)
+        names = _write_files(work, entries, groups, names, meta, concurrency)
         written = _publish(work, final, single, overwrite)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return [str(written / n) for n in names] if not single else [str(written)]
+
+
+def _write_files(
+    work: Path,
+    entries: list[tuple[str, torch.Tensor]],
+    groups: list[list[int]],
+    names: list[str],
+    meta: dict[str, str],
+    concurrency: int,
+) -> list[str]:
+    """Write each shard (``concurrency`` at once) and the index into ``work``; fsync all."""
+    with ThreadPoolExecutor(min(concurrency, len(groups)), "iopipe-save") as pool:
+        jobs = [
+            pool.submit(_write_shard, work / n, [entries[i] for i in g], meta)
+            for n, g in zip(names, groups, strict=True)
+        ]
+        sizes = [job.result() for job in jobs]
+    if len(groups) > 1:
+        weight_map = {entries[i][0]: n for n, g in zip(names, groups, strict=True) for i in g}
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        _write_small(work / _INDEX, json.dumps(index, indent=2).encode())
+        names = [*names, _INDEX]
+    _sync_dir(work)
+    return names
 
 
 def _metadata(extra: Mapping[str, str] | None) -> dict[str, str]:
